@@ -1,0 +1,7 @@
+"""``python -m kphi`` is the ``kphi`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

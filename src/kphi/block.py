@@ -1,0 +1,216 @@
+"""The grouped pointwise block: the one idea of kphi-3, in one small file.
+
+A dense projection ``y = x @ W`` with ``W`` of shape ``[in, out]`` costs ``in * out`` parameters and
+multiply-adds per token. kphi-3 replaces it with two *grouped* pointwise convolutions (grouped linear
+layers) whose outputs are summed; the second one sees a channel-interleaved copy of the input, so that
+every output channel mixes information from every group:
+
+    y = GL_first(x) + GL_second(interleave(x))          # G > 1, parameters 2 * in * out / G
+    y = x @ W                                          # G == 1 (no second branch)
+
+Definitions (``G`` groups, ``s = in / G`` input channels per group, ``o = out / G`` output channels per group):
+
+* grouped linear, weight ``W: [G, s, o]``:  with ``x`` viewed as ``[..., G, s]``,
+  ``y[..., g, :] = x[..., g, :] @ W[g]``, flattened back to ``[..., out]``. No bias.
+* ``interleave(x)``: view the last dim as ``[s, G]``, transpose to ``[G, s]``, flatten; i.e. for
+  ``a in [0, G)``, ``b in [0, s)``: ``interleave(x)[a*s + b] = x[b*G + a]``.
+* group count rule (:func:`group_count`): the largest ``d`` with ``1 <= d <= min(in, out, in // m)`` that
+  divides both ``in`` and ``out``, where ``m`` is ``min_channels_per_group``.
+
+The parameter names (``first_pointwise_conv``, ``second_pointwise_conv``, ``group_layers.0``) are those of
+the report's published checkpoints, so their ``model.safetensors`` files load without key renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "group_count",
+    "interleave",
+    "GroupedLinear",
+    "SingleGroupLinear",
+    "GroupedPointwiseBlock",
+    "grouped_block_forward",
+]
+
+
+def group_count(in_features: int, out_features: int, min_channels_per_group: int) -> int:
+    """Number of groups ``G`` for a projection ``in_features -> out_features``.
+
+    The largest ``d`` with ``1 <= d <= min(in, out, in // m)`` dividing both ``in`` and ``out``; at least 1.
+    ``m <= 0`` is not a grouping setting (``m < 0`` means "dense" and is handled by the caller).
+    """
+    if in_features <= 0 or out_features <= 0:
+        raise ValueError(f"projection sizes must be positive, got in={in_features}, out={out_features}")
+    if min_channels_per_group <= 0:
+        raise ValueError(f"min_channels_per_group must be positive to group, got {min_channels_per_group}")
+    upper = min(in_features, out_features, in_features // min_channels_per_group)
+    for d in range(max(upper, 1), 0, -1):
+        if in_features % d == 0 and out_features % d == 0:
+            return d
+    return 1
+
+
+def interleave(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Channel interleave of the last dimension: ``[..., s*G] -> [..., G*s]`` with ``out[a*s+b] = x[b*G+a]``.
+
+    This materialises a copy; the block's fast path never calls it (it reads ``x`` through a strided view).
+    """
+    *lead, channels = x.shape
+    if channels % groups:
+        raise ValueError(f"interleave: {channels} channels are not divisible by {groups} groups")
+    step = channels // groups
+    return x.reshape(*lead, step, groups).transpose(-1, -2).reshape(*lead, channels)
+
+
+def _check_last_dim(x: torch.Tensor, expected: int, layer: str) -> None:
+    if x.shape[-1] != expected:
+        raise ValueError(
+            f"{layer}: expected input with last dimension {expected}, got shape {tuple(x.shape)} "
+            f"(last dimension {x.shape[-1]})"
+        )
+
+
+class GroupedLinear(nn.Module):
+    """Grouped pointwise convolution ``in -> out`` with ``G`` groups; weight ``[G, in/G, out/G]``, no bias.
+
+    Input ``[..., in]`` -> output ``[..., out]``. The weight is created empty: the owning
+    :class:`~transformers.PreTrainedModel` initialises it in ``_init_weights`` (see ``kphi.model``), or call
+    :meth:`reset_parameters` when using the layer on its own.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, *, device=None, dtype=None):
+        super().__init__()
+        if groups < 1 or in_features % groups or out_features % groups:
+            raise ValueError(
+                f"GroupedLinear: {groups} groups must divide in_features={in_features} and out_features={out_features}"
+            )
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(
+            torch.empty(groups, in_features // groups, out_features // groups, device=device, dtype=dtype)
+        )
+
+    def reset_parameters(self, scheme: str = "scaled_normal", std: float = 0.02) -> None:
+        """Initialise in place; see :func:`init_grouped_weight` for the schemes."""
+        with torch.no_grad():
+            init_grouped_weight(self.weight, scheme, std)
+
+    def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference: one matmul per group, straight from the definition."""
+        _check_last_dim(x, self.in_features, "GroupedLinear")
+        step = self.in_features // self.groups
+        parts = [x[..., g * step : (g + 1) * step] @ self.weight[g] for g in range(self.groups)]
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_last_dim(x, self.in_features, "GroupedLinear")
+        lead = x.shape[:-1]
+        xg = x.reshape(-1, self.groups, self.in_features // self.groups).transpose(0, 1)  # [G, N, s]
+        y = torch.bmm(xg, self.weight)  # [G, N, o]
+        return y.transpose(0, 1).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
+
+
+class SingleGroupLinear(nn.Module):
+    """The ``G == 1`` case: a plain dense projection ``in -> out`` (weight ``[out, in]``, no bias).
+
+    It wraps the ``nn.Linear`` in ``group_layers[0]`` only so that the parameter is named
+    ``first_pointwise_conv.group_layers.0.weight``, as in the report's checkpoints.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.groups = in_features, out_features, 1
+        self.group_layers = nn.ModuleList([nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)])
+
+    def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_last_dim(x, self.in_features, "SingleGroupLinear")
+        return x @ self.group_layers[0].weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_last_dim(x, self.in_features, "SingleGroupLinear")
+        return self.group_layers[0](x)
+
+
+def init_grouped_weight(weight: torch.Tensor, scheme: str, std: float) -> torch.Tensor:
+    """Initialise a grouped weight ``[G, s, o]`` in place.
+
+    * ``"scaled_normal"`` (default): ``N(0, (std * sqrt(G / 2))^2)``. Each output of the block sums
+      ``2 * in / G`` products instead of the dense layer's ``in``, so this scale gives the block the output
+      variance of a dense layer initialised with ``N(0, std^2)`` (phi-3's ``initializer_range``): the model
+      starts from the same signal scale as the baseline it is compared with.
+    * ``"kaiming_uniform"``: the reference implementation's init, ``kaiming_uniform_(a=sqrt(5))`` applied to
+      the 3-d tensor, so torch computes ``fan_in = s * o``, i.e. ``U(-1/sqrt(s*o), 1/sqrt(s*o))``.
+    """
+    groups = weight.shape[0]
+    if scheme == "scaled_normal":
+        return weight.normal_(0.0, std * math.sqrt(groups / 2))
+    if scheme == "kaiming_uniform":
+        return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    raise ValueError(f"unknown grouped init scheme {scheme!r}; choose 'scaled_normal' or 'kaiming_uniform'")
+
+
+def grouped_block_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor) -> torch.Tensor:
+    """``GL_first(x) + GL_second(interleave(x))`` without materialising ``interleave(x)``.
+
+    ``x: [N, in]``, ``w_first, w_second: [G, s, o]`` -> ``[N, G*o]``. The interleaved input's group ``a`` is
+    ``x.view(N, s, G)[:, :, a]``, so both branches read ``x`` through views:
+    ``[G, N, s]`` from ``x.view(N, G, s)`` and from ``x.view(N, s, G)``; two batched matmuls accumulate into
+    one ``[G, N, o]`` buffer.
+    """
+    n, in_features = x.shape
+    groups, step, out_per_group = w_first.shape
+    first = x.reshape(n, groups, step).transpose(0, 1)  # [G, N, s]
+    second = x.reshape(n, step, groups).permute(2, 0, 1)  # [G, N, s], interleaved
+    y = torch.bmm(first, w_first)
+    y = torch.baddbmm(y, second, w_second)
+    return y.transpose(0, 1).reshape(n, groups * out_per_group)
+
+
+class GroupedPointwiseBlock(nn.Module):
+    """kphi-3's replacement for a dense projection ``in -> out`` (input ``[..., in]``, output ``[..., out]``).
+
+    ``G > 1``: ``y = GL_first(x) + GL_second(interleave(x))`` with two :class:`GroupedLinear` of ``G`` groups
+    (``2 * in * out / G`` parameters). ``G == 1``: one dense projection (:class:`SingleGroupLinear`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, *, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        if groups == 1:
+            self.first_pointwise_conv = SingleGroupLinear(in_features, out_features, device=device, dtype=dtype)
+            self.second_pointwise_conv = None
+        else:
+            self.first_pointwise_conv = GroupedLinear(in_features, out_features, groups, device=device, dtype=dtype)
+            self.second_pointwise_conv = GroupedLinear(in_features, out_features, groups, device=device, dtype=dtype)
+
+    @classmethod
+    def from_min_channels(cls, in_features: int, out_features: int, min_channels_per_group: int, **kw):
+        """Block with ``G = group_count(in, out, m)`` groups."""
+        return cls(in_features, out_features, group_count(in_features, out_features, min_channels_per_group), **kw)
+
+    def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference path: per-group loops and an explicit interleaved copy, straight from the definition."""
+        y = self.first_pointwise_conv.naive_forward(x)
+        if self.second_pointwise_conv is not None:
+            y = y + self.second_pointwise_conv.naive_forward(interleave(x, self.groups))
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.second_pointwise_conv is None:
+            return self.first_pointwise_conv(x)
+        _check_last_dim(x, self.in_features, "GroupedPointwiseBlock")
+        lead = x.shape[:-1]
+        y = grouped_block_forward(
+            x.reshape(-1, self.in_features), self.first_pointwise_conv.weight, self.second_pointwise_conv.weight
+        )
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"

@@ -1,0 +1,260 @@
+"""KPhi-3: transformers' Phi-3 decoder with its dense projections replaced by grouped pointwise blocks.
+
+Everything except the four projections of each decoder layer (``self_attn.qkv_proj``, ``self_attn.o_proj``,
+``mlp.gate_up_proj``, ``mlp.down_proj``) is transformers' own Phi-3 code: attention (eager/SDPA/flash),
+RoPE, KV cache, gradient checkpointing and ``generate()``. The model is built the way PEFT injects
+adapters: construct Phi-3's modules, then :func:`replace_projections` swaps each targeted ``nn.Linear``
+for the module :func:`make_projection` chooses.
+
+Data flow (``E`` = ``embed_size``, ``H`` = ``hidden_size``; ``embed_to_hidden``/``hidden_to_embed`` exist
+only when ``E != H``)::
+
+    input_ids [B, T] -> embed_tokens [B, T, E] -> dropout(embd_pdrop) -> embed_to_hidden [B, T, H]
+      -> decoder layers -> final RMSNorm -> hidden_to_embed [B, T, E] -> lm_head [B, T, vocab]
+
+``min_channels_per_group < 0`` gives plain dense ``nn.Linear`` projections: the phi-3 baseline, with the
+same parameter names (and logits) as ``transformers.Phi3ForCausalLM``.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    Phi3Config,
+)
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import (
+    Phi3DecoderLayer,
+    Phi3ForCausalLM,
+    Phi3Model,
+    Phi3PreTrainedModel,
+    Phi3RMSNorm,
+    Phi3RotaryEmbedding,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+
+from .block import GroupedLinear, GroupedPointwiseBlock, group_count
+
+__all__ = [
+    "KPhi3Config",
+    "KPhi3Model",
+    "KPhi3ForCausalLM",
+    "PROJECTION_TARGETS",
+    "make_projection",
+    "replace_projections",
+]
+
+#: Names of the dense projections (module-name suffixes) that kphi-3 replaces in every decoder layer.
+PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+GROUPED_INIT_SCHEMES = ("scaled_normal", "kaiming_uniform")
+
+
+@strict
+class KPhi3Config(Phi3Config):
+    r"""Configuration of a kphi-3 model: every field of [`Phi3Config`] plus the grouping settings.
+
+    embed_size (`int`, *optional*):
+        Width of the token embedding and of ``lm_head``'s input. ``None`` means ``hidden_size``. When it
+        differs from ``hidden_size`` the model adds the blocks ``embed_to_hidden`` and ``hidden_to_embed``.
+    min_channels_per_group (`int`, defaults to 256):
+        ``m`` in the group rule of :func:`kphi.block.group_count`. A negative value means no grouping:
+        dense ``nn.Linear`` projections, i.e. the phi-3 baseline.
+    grouped_init (`str`, defaults to ``"scaled_normal"``):
+        Initialisation of grouped weights: ``"scaled_normal"`` (``N(0, (initializer_range*sqrt(G/2))^2)``,
+        matching a dense layer's output scale) or ``"kaiming_uniform"`` (the reference implementation's).
+
+    Fields that reference checkpoints carry and transformers 5 renamed or dropped (``rope_theta``,
+    ``rope_scaling``, ``ffn_dim``, ``do_layer_norm_before``, ``torch_dtype``, ...) are accepted; the rope
+    fields are folded into ``rope_parameters``, the rest are kept as plain attributes.
+    """
+
+    model_type = "kphi3"
+
+    embed_size: int | None = None
+    min_channels_per_group: int = 256
+    grouped_init: str = "scaled_normal"
+
+    def __post_init__(self, **kwargs):
+        if self.embed_size is None:
+            self.embed_size = self.hidden_size
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Raise ``ValueError`` with the offending fields when the shapes cannot build a model."""
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.embed_size is not None and self.embed_size <= 0:
+            raise ValueError(f"embed_size must be a positive integer, got {self.embed_size!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.num_key_value_heads is not None and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.min_channels_per_group == 0:
+            raise ValueError("min_channels_per_group must be positive (grouped) or negative (dense), not 0")
+        if self.grouped_init not in GROUPED_INIT_SCHEMES:
+            raise ValueError(f"grouped_init must be one of {GROUPED_INIT_SCHEMES}, got {self.grouped_init!r}")
+
+    @property
+    def is_grouped(self) -> bool:
+        return self.min_channels_per_group > 0
+
+
+def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
+    """The module that maps ``in_features -> out_features`` in a model built from ``config``.
+
+    Dense ``nn.Linear`` (no bias) when ``min_channels_per_group < 0``, else a :class:`GroupedPointwiseBlock`
+    with ``G = group_count(in, out, min_channels_per_group)`` groups.
+    """
+    if not config.is_grouped:
+        return nn.Linear(in_features, out_features, bias=False)
+    groups = group_count(in_features, out_features, config.min_channels_per_group)
+    return GroupedPointwiseBlock(in_features, out_features, groups)
+
+
+def replace_projections(module: nn.Module, config: KPhi3Config, targets=PROJECTION_TARGETS) -> list[str]:
+    """Swap every ``nn.Linear`` whose name ends with one of ``targets`` for ``make_projection(...)``.
+
+    The walk over ``named_modules()`` is the whole mechanism, so any decoder whose projections carry these
+    names can be converted. Returns the qualified names that were replaced.
+    """
+    replaced = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if child.bias is not None:
+            raise ValueError(f"{name}: projections with a bias are not supported by the grouped block")
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, make_projection(child.in_features, child.out_features, config))
+        replaced.append(name)
+    return replaced
+
+
+class KPhi3PreTrainedModel(Phi3PreTrainedModel):
+    config_class = KPhi3Config
+    config: KPhi3Config
+    _no_split_modules = ["Phi3DecoderLayer"]
+
+    def _init_weights(self, module):
+        """Phi-3's init for everything, plus the grouped weights (scheme from ``config.grouped_init``)."""
+        super()._init_weights(module)
+        if isinstance(module, GroupedLinear):
+            std = self.config.initializer_range
+            if self.config.grouped_init == "kaiming_uniform":
+                init.kaiming_uniform_(module.weight, a=5**0.5)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std * (module.groups / 2) ** 0.5)
+
+
+class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
+    """Phi-3's decoder stack with grouped projections and an optional ``embed_to_hidden`` block.
+
+    ``forward`` embeds the tokens, applies ``embd_pdrop`` dropout and ``embed_to_hidden``, then runs
+    Phi-3's own forward on the embeddings (``inputs_embeds`` given by a caller are ``embed_size`` wide).
+    """
+
+    def __init__(self, config: KPhi3Config):
+        # Phi3Model.__init__ is skipped on purpose: it would allocate and initialise dense layers only to
+        # throw them away. The modules below are the same ones, built by Phi-3's own classes.
+        KPhi3PreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_size, self.padding_idx)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        if config.embed_size != config.hidden_size:
+            self.embed_to_hidden = make_projection(config.embed_size, config.hidden_size, config)
+        else:
+            self.embed_to_hidden = None
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        replace_projections(self.layers, config)
+        self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Phi3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden = self.embed_dropout(inputs_embeds)
+        if self.embed_to_hidden is not None:
+            hidden = self.embed_to_hidden(hidden)
+        return super().forward(
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=hidden, **kwargs
+        )
+
+
+class KPhi3ForCausalLM(KPhi3PreTrainedModel, Phi3ForCausalLM):
+    """Causal LM head on :class:`KPhi3Model`; generation, caching and loss come from ``Phi3ForCausalLM``.
+
+    ``logits = lm_head(hidden_to_embed(model(...)))`` with ``hidden_to_embed`` only when
+    ``embed_size != hidden_size``. Shapes: ``input_ids [B, T]`` -> ``logits [B, T, vocab_size]``.
+    """
+
+    def __init__(self, config: KPhi3Config):
+        KPhi3PreTrainedModel.__init__(self, config)
+        self.model = KPhi3Model(config)
+        self.vocab_size = config.vocab_size
+        if config.embed_size != config.hidden_size:
+            self.hidden_to_embed = make_projection(config.hidden_size, config.embed_size, config)
+        else:
+            self.hidden_to_embed = None
+        self.lm_head = nn.Linear(config.embed_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if cache is None and "past_key_values" in kwargs:  # transformers < 5.40 name of the cache argument
+            cache = kwargs.pop("past_key_values")
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        if self.hidden_to_embed is not None:
+            hidden = self.hidden_to_embed(hidden)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+AutoConfig.register("kphi3", KPhi3Config, exist_ok=True)
+AutoModel.register(KPhi3Config, KPhi3Model, exist_ok=True)
+AutoModelForCausalLM.register(KPhi3Config, KPhi3ForCausalLM, exist_ok=True)

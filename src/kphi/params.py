@@ -1,0 +1,79 @@
+"""Parameter accounting, as the report counts it, without allocating weights (meta device).
+
+``embedding`` = input embedding + ``lm_head`` (once if tied); ``non_embedding = total - embedding``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .model import KPhi3Config, KPhi3ForCausalLM
+
+__all__ = ["ParamReport", "count_parameters", "dense_counterpart", "parameter_report"]
+
+
+@dataclass
+class ParamReport:
+    """Parameter counts of one configuration. ``percent_*`` are non-embedding percentages."""
+
+    layers: int
+    intermediate_size: int
+    hidden_size: int
+    total: int
+    embedding: int
+    non_embedding: int
+    dense_same_shape_non_embedding: int
+    percent_of_dense_same_shape: float
+    baseline: str | None = None
+    baseline_non_embedding: int | None = None
+    percent_of_baseline: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_parameters(config: KPhi3Config) -> tuple[int, int]:
+    """``(total, embedding)`` parameter counts of ``KPhi3ForCausalLM(config)``, built on the meta device."""
+    with torch.device("meta"):
+        model = KPhi3ForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+    embedding = model.get_input_embeddings().weight.numel()
+    if model.lm_head.weight is not model.get_input_embeddings().weight:
+        embedding += model.lm_head.weight.numel()
+    return total, embedding
+
+
+def dense_counterpart(config: KPhi3Config) -> KPhi3Config:
+    """The same shape with dense projections (``min_channels_per_group = -1``)."""
+    fields = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    fields["min_channels_per_group"] = -1
+    return KPhi3Config(**fields)
+
+
+def parameter_report(config: KPhi3Config, baseline: tuple[str, KPhi3Config] | None = None) -> ParamReport:
+    """Counts for ``config``, its dense counterpart, and optionally a named baseline configuration."""
+    total, embedding = count_parameters(config)
+    non_embedding = total - embedding
+    dense_total, dense_embedding = count_parameters(dense_counterpart(config))
+    dense_non_embedding = dense_total - dense_embedding
+    report = ParamReport(
+        layers=config.num_hidden_layers,
+        intermediate_size=config.intermediate_size,
+        hidden_size=config.hidden_size,
+        total=total,
+        embedding=embedding,
+        non_embedding=non_embedding,
+        dense_same_shape_non_embedding=dense_non_embedding,
+        percent_of_dense_same_shape=round(100.0 * non_embedding / dense_non_embedding, 2),
+    )
+    if baseline is not None:
+        name, base_config = baseline
+        base_total, base_embedding = count_parameters(base_config)
+        report.baseline = name
+        report.baseline_non_embedding = base_total - base_embedding
+        report.percent_of_baseline = round(100.0 * non_embedding / report.baseline_non_embedding, 2)
+    return report

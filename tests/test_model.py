@@ -1,0 +1,176 @@
+"""KPhi3Config / KPhi3ForCausalLM as transformers models (issue: the kphi package, deliverables 3 and 5)."""
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, Trainer, TrainingArguments
+
+from kphi import GroupedPointwiseBlock, KPhi3Config, KPhi3ForCausalLM
+from kphi.block import GroupedLinear
+from conftest import tiny_config
+
+
+def test_auto_classes_know_kphi3_without_remote_code(tmp_path):
+    config = tiny_config()
+    assert isinstance(AutoConfig.for_model("kphi3", hidden_size=64, num_attention_heads=4), KPhi3Config)
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, KPhi3ForCausalLM)
+
+
+def test_projections_are_grouped_blocks_with_expected_groups():
+    model = KPhi3ForCausalLM(tiny_config())
+    layer = model.model.layers[0]
+    groups = {
+        "qkv": layer.self_attn.qkv_proj.groups,
+        "o": layer.self_attn.o_proj.groups,
+        "gate_up": layer.mlp.gate_up_proj.groups,
+        "down": layer.mlp.down_proj.groups,
+    }
+    assert groups == {"qkv": 4, "o": 4, "gate_up": 4, "down": 8}
+    assert all(isinstance(m, GroupedPointwiseBlock) for m in (layer.self_attn.qkv_proj, layer.mlp.down_proj))
+    assert model.model.embed_to_hidden is None and model.hidden_to_embed is None
+
+
+def test_embed_size_adds_embed_blocks_in_order():
+    model = KPhi3ForCausalLM(tiny_config(embed_size=32)).eval()
+    assert model.model.embed_tokens.weight.shape == (97, 32)
+    assert (model.model.embed_to_hidden.in_features, model.model.embed_to_hidden.out_features) == (32, 64)
+    assert (model.hidden_to_embed.in_features, model.hidden_to_embed.out_features) == (64, 32)
+    assert model.lm_head.weight.shape == (97, 32)
+    ids = torch.randint(0, 97, (2, 7))
+    assert model(ids).logits.shape == (2, 7, 97)
+
+
+def _random_dense_weights(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+
+
+def test_dense_setting_is_transformers_phi3():
+    config = tiny_config(min_channels_per_group=-1)
+    ours = KPhi3ForCausalLM(config).eval()
+    _random_dense_weights(ours)
+    phi3_fields = {k: v for k, v in config.to_dict().items() if k in Phi3Config.__dataclass_fields__}
+    theirs = Phi3ForCausalLM(Phi3Config(**phi3_fields)).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_load_round_trip_with_safetensors(tmp_path):
+    model = KPhi3ForCausalLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, KPhi3ForCausalLM)
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+
+
+def test_from_pretrained_initialises_weights_missing_from_the_checkpoint(tmp_path):
+    """transformers 5 builds on the meta device; missing grouped weights must be initialised, not garbage."""
+    from safetensors.torch import load_file, save_file
+
+    model = KPhi3ForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    dropped = "model.layers.1.mlp.down_proj.second_pointwise_conv.weight"
+    del state[dropped]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert dropped in info["missing_keys"]
+    weight = loaded.get_parameter(dropped)
+    assert torch.isfinite(weight).all()
+    expected_std = 0.02 * (8 / 2) ** 0.5  # scaled_normal for G = 8
+    assert weight.std().item() == pytest.approx(expected_std, rel=0.25)
+
+
+def test_default_and_reference_initialisation():
+    model = KPhi3ForCausalLM(tiny_config(intermediate_size=512))
+    w = model.model.layers[0].mlp.gate_up_proj.first_pointwise_conv.weight  # G = 4
+    assert w.std().item() == pytest.approx(0.02 * (4 / 2) ** 0.5, rel=0.1)
+    ref = KPhi3ForCausalLM(tiny_config(intermediate_size=512, grouped_init="kaiming_uniform"))
+    w = ref.model.layers[0].mlp.gate_up_proj.first_pointwise_conv.weight  # [4, 16, 256]
+    bound = 1 / (16 * 256) ** 0.5
+    assert w.abs().max().item() <= bound and w.abs().max().item() > 0.9 * bound
+
+
+def test_generate_with_cache_equals_without():
+    model = KPhi3ForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, 97, (2, 5))
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with_cache = model.generate(ids, use_cache=True, **kwargs)
+    without = model.generate(ids, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 13)
+    assert torch.equal(with_cache, without)
+
+
+def test_sdpa_and_eager_attention_agree():
+    model = KPhi3ForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 10))
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        sdpa = model(ids).logits
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(ids).logits
+    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = KPhi3ForCausalLM(tiny_config())
+    ids = torch.randint(0, 97, (2, 12))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.train()
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    checkpointed = grads()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_trains_a_few_steps(tmp_path):
+    model = KPhi3ForCausalLM(tiny_config())
+    ids = torch.randint(3, 97, (16, 16))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    before = model.model.layers[0].self_attn.qkv_proj.first_pointwise_conv.weight.detach().clone()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+    )
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = model.model.layers[0].self_attn.qkv_proj.first_pointwise_conv.weight
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(hidden_size=65), "divisible by num_attention_heads"),
+        (dict(min_channels_per_group=0), "min_channels_per_group"),
+        (dict(grouped_init="xavier"), "grouped_init"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+    ],
+)
+def test_bad_dimensions_give_clear_errors(fields, message):
+    with pytest.raises((ValueError, StrictDataclassError), match=message):
+        tiny_config(**fields)
+
+
+def test_grouped_linear_is_not_an_nn_linear():
+    """Tools that see an nn.Linear assume x @ W.T + b; the grouped layers must not pretend to be one."""
+    model = KPhi3ForCausalLM(tiny_config())
+    grouped = [m for m in model.modules() if isinstance(m, GroupedLinear)]
+    assert grouped and not any(isinstance(m, torch.nn.Linear) for m in grouped)

@@ -1,0 +1,86 @@
+"""Parameter accounting and presets (issue: the kphi package, deliverables 6 and 7)."""
+
+import pytest
+
+from kphi.block import GroupedPointwiseBlock
+from kphi.model import KPhi3ForCausalLM
+from kphi.params import count_parameters, parameter_report
+from kphi.presets import PresetError, list_presets, load_preset, resolve_config
+
+
+@pytest.mark.parametrize(
+    "name,layers,intermediate,non_embedding,percent",
+    [
+        ("JP47D54C", 2, 8192, 226_507_776, 100.0),
+        ("JP47D55C", 2, 9216, 35_011_584, 15.46),
+        ("JP47D56C", 3, 9216, 52_515_840, 23.19),
+    ],
+)
+def test_report_presets_match_the_report(name, layers, intermediate, non_embedding, percent):
+    preset = load_preset(name)
+    baseline = load_preset(preset.baseline)
+    report = parameter_report(preset.config, (baseline.name, baseline.config))
+    assert (report.layers, report.intermediate_size) == (layers, intermediate)
+    assert report.non_embedding == non_embedding
+    assert report.embedding == 2 * 32064 * 3072
+    assert report.total == report.embedding + report.non_embedding
+    assert report.percent_of_baseline == percent
+
+
+def naive_non_embedding(config):
+    """Hand count: per layer the four projections + two norms, plus the final norm."""
+    h, i = config.hidden_size, config.intermediate_size
+
+    def proj(a, b):
+        if config.min_channels_per_group < 0:
+            return a * b
+        block = GroupedPointwiseBlock.from_min_channels(a, b, config.min_channels_per_group, device="meta")
+        return sum(p.numel() for p in block.parameters())
+
+    per_layer = proj(h, 3 * h) + proj(h, h) + proj(h, 2 * i) + proj(i, h) + 2 * h
+    return config.num_hidden_layers * per_layer + h
+
+
+@pytest.mark.parametrize("name", ["JP47D54C", "JP47D55C", "JP47D56C", "tiny-phi3", "tiny-kphi3"])
+def test_counts_agree_with_hand_count(name):
+    config = load_preset(name).config
+    total, embedding = count_parameters(config)
+    assert total - embedding == naive_non_embedding(config)
+
+
+def test_tiny_presets_are_small_and_tiny_kphi3_is_really_grouped():
+    assert {"tiny-phi3", "tiny-kphi3", "JP47D54C", "JP47D55C", "JP47D56C"} <= set(list_presets())
+    for name in ("tiny-phi3", "tiny-kphi3"):
+        total, _ = count_parameters(load_preset(name).config)
+        assert total < 1_000_000
+    model = KPhi3ForCausalLM(load_preset("tiny-kphi3").config)
+    blocks = [m for m in model.modules() if isinstance(m, GroupedPointwiseBlock)]
+    assert blocks and all(b.groups > 1 for b in blocks)
+
+
+def test_count_parameters_allocates_nothing():
+    """The paper presets are counted on the meta device: a 3-layer phi-3-width model in well under a second."""
+    import time
+
+    start = time.perf_counter()
+    count_parameters(load_preset("JP47D56C").config)
+    assert time.perf_counter() - start < 5
+
+
+def test_resolve_config_accepts_model_dirs_and_config_json(tmp_path):
+    model = KPhi3ForCausalLM(load_preset("tiny-kphi3").config)
+    model.save_pretrained(tmp_path / "m")
+    preset = resolve_config(tmp_path / "m")
+    assert preset.config.min_channels_per_group == 16
+    assert resolve_config(tmp_path / "m" / "config.json").config.hidden_size == 64
+
+
+def test_unknown_preset_and_bad_yaml_name_the_problem(tmp_path):
+    with pytest.raises(PresetError, match="unknown preset 'nope'; available: .*tiny-kphi3"):
+        load_preset("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("config:\n  hidden_size: 65\n  num_attention_heads: 4\n")
+    with pytest.raises(PresetError, match="divisible by num_attention_heads"):
+        load_preset(bad)
+    with pytest.raises(PresetError, match="without a config.json"):
+        resolve_config(tmp_path)
