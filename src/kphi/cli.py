@@ -55,6 +55,38 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import resolve_settings, train
+
+    overrides = {
+        "out": args.out,
+        "data": args.data,
+        "tokenizer": args.tokenizer,
+        "vocab_size": args.vocab_size,
+        "context_length": args.context_length,
+        "max_rows": args.max_rows,
+        "max_steps": args.max_steps,
+        "max_tokens": args.max_tokens,
+        "max_minutes": args.max_minutes,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "eval_steps": args.eval_steps,
+        "save_steps": args.save_steps,
+        "seed": args.seed,
+        "precision": args.precision,
+        "progress": False if args.quiet else None,
+    }
+    settings = resolve_settings(args.preset, **overrides)
+    result = train(settings, resume=args.resume)
+    m = result.metrics
+    if m:
+        print(
+            f"trained {m['steps']} steps ({m['tokens']:,} tokens) in {m['wall_seconds']:.0f} s: "
+            f"train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}; model in {result.out}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -66,6 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("presets", nargs="*", metavar="PRESET_OR_CONFIG", help="preset name, preset YAML, config.json or model dir (default: all presets)")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one preset)")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("train", help="train one model; the output directory becomes a model directory")
+    p.add_argument("--preset", required=True, help="preset name or YAML, config.json or model dir")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
+    p.add_argument("--data", help="prepared data dir, or a source: default | lamini | PATH (default: the preset's, else 'default')")
+    p.add_argument("--tokenizer", help="bpe | phi3 | phi3-hub | PATH, when preparing data")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
+    p.add_argument("--context-length", type=int)
+    p.add_argument("--max-rows", type=int, help="read at most this many pairs from the source")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--max-tokens", type=int)
+    budget.add_argument("--max-minutes", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--eval-steps", type=int)
+    p.add_argument("--save-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -73,7 +127,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .presets import PresetError
 
     errors: list[type[BaseException]] = [PresetError, FileNotFoundError, NotADirectoryError, PermissionError]
-    for module, name in (("kphi.data.sources", "DataError"), ("kphi.data.tokenizers", "TokenizerError")):
+    for module, name in (
+        ("kphi.data.sources", "DataError"),
+        ("kphi.data.tokenizers", "TokenizerError"),
+        ("kphi.train", "TrainError"),
+    ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -1,0 +1,137 @@
+"""Trainer callbacks for kphi runs: CSV log with tokens/s, divergence guard, time limit, complete checkpoints.
+
+Each one is a small `transformers.TrainerCallback`; the training loop itself is `transformers.Trainer`'s.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+__all__ = [
+    "COMPLETE_MARKER",
+    "CheckpointMarker",
+    "CsvLogger",
+    "DivergenceGuard",
+    "TimeLimit",
+    "is_complete_checkpoint",
+]
+
+#: File written into ``checkpoint-N/`` once everything else in it has been written.
+COMPLETE_MARKER = "kphi-complete.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks ``checkpoint-N`` complete after Trainer has written all of it (``on_save`` runs after saving).
+
+    A process killed during a save leaves a directory without the marker; ``--resume`` ignores and
+    removes such directories instead of loading a checkpoint that looks complete but is not.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+
+
+class CsvLogger(TrainerCallback):
+    """Appends one row per log event to ``log.csv``: step, tokens, train loss, val loss, lr, tokens/s.
+
+    ``tokens_per_step`` is the global number of tokens in one optimizer step (batch x context x
+    accumulation x processes); tokens/s is measured over the interval since the previous training log.
+    """
+
+    FIELDS = ["step", "tokens", "elapsed_s", "train_loss", "val_loss", "learning_rate", "tokens_per_second"]
+
+    def __init__(self, path: Path, tokens_per_step: int):
+        self.path = Path(path)
+        self.tokens_per_step = tokens_per_step
+        self._last_time: float | None = None
+        self._last_step = 0
+        self._start = time.perf_counter()
+        self.last_tokens_per_second: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.perf_counter()
+        self._last_step = state.global_step
+        if state.is_world_process_zero and not self.path.exists():
+            with open(self.path, "w", newline="") as handle:
+                csv.writer(handle).writerow(self.FIELDS)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step}
+        now = time.perf_counter()
+        row["elapsed_s"] = round(now - self._start, 3)
+        if "loss" in logs:
+            row["train_loss"] = logs["loss"]
+            row["learning_rate"] = logs.get("learning_rate")
+            steps = state.global_step - self._last_step
+            if self._last_time is not None and steps > 0 and now > self._last_time:
+                self.last_tokens_per_second = steps * self.tokens_per_step / (now - self._last_time)
+                row["tokens_per_second"] = round(self.last_tokens_per_second, 1)
+            self._last_time, self._last_step = now, state.global_step
+        elif "eval_loss" in logs:
+            row["val_loss"] = logs["eval_loss"]
+            # evaluation time is not training time
+            self._last_time = time.perf_counter()
+        else:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self.FIELDS).writerow(row)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops training at the first NaN or infinite training loss, without saving the diverged state."""
+
+    def __init__(self):
+        self.diverged_at: int | None = None
+        self.value: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.diverged_at, self.value = state.global_step, loss
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training (and saves a checkpoint) once ``minutes`` of training time have passed."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60.0
+        self._start: float | None = None
+        self.reached = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None and time.perf_counter() - self._start >= self.seconds:
+            self.reached = True
+            control.should_training_stop = True
+            control.should_save = True

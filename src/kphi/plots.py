@@ -1,0 +1,85 @@
+"""PNG plots of training runs and comparisons (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "read_log"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``log.csv`` -> ``{"train_loss": [(tokens, loss), ...], "val_loss": [...]}``."""
+    series: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key in series:
+                if row.get(key):
+                    series[key].append((int(row["tokens"]), float(row[key])))
+    return series
+
+
+def plot_loss_curve(log_csv: Path, out_png: Path, title: str) -> Path:
+    """Train and validation loss against tokens seen, for one run."""
+    plt = _pyplot()
+    series = read_log(log_csv)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+        if series[key]:
+            xs, ys = zip(*series[key])
+            ax.plot(xs, ys, style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_compare_curves(curves: dict[str, list[tuple[int, float]]], out_png: Path, title: str) -> Path:
+    """Validation loss against tokens, one line per arm (``label -> [(tokens, loss)]``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, "o-", label=label, markersize=3)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_params_vs_loss(points: list[dict], out_png: Path, title: str) -> Path:
+    """Non-embedding parameters (log x) against final validation loss; ``points`` have label, params, loss, spread."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for p in points:
+        ax.errorbar(p["params"], p["loss"], yerr=p.get("spread") or 0.0, fmt="o", capsize=3, label=p["label"])
+        ax.annotate(p["label"], (p["params"], p["loss"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

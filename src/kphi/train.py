@@ -1,0 +1,446 @@
+"""``kphi train``: one model, one run directory, on transformers' ``Trainer`` (accelerate underneath).
+
+The loop, optimizer (AdamW), schedulers, mixed precision, DDP/FSDP/DeepSpeed and checkpoint contents
+(weights, optimizer, scheduler, RNG states, data position) are Trainer's. kphi adds what a run directory
+needs around it:
+
+* settings resolved from a preset's ``training:`` section plus overrides (:class:`TrainSettings`);
+* a run directory that refuses to mix runs (``kphi-run.json``), checkpoints marked complete only once
+  fully written, ``--resume`` from the newest complete one;
+* a divergence guard (NaN/inf loss stops the run, the last good checkpoint stays), a time limit;
+* at the end ``DIR`` is a self-contained model directory (config, safetensors, tokenizer with chat
+  template, generation config) plus ``metrics.json``, ``log.csv`` and ``loss.png``.
+
+Layout of ``DIR``::
+
+    kphi-run.json  log.csv  checkpoint-*/  runs/ (TensorBoard)  config.json  model.safetensors
+    generation_config.json  tokenizer.json ...  metrics.json  loss.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callbacks import (
+    CheckpointMarker,
+    CsvLogger,
+    DivergenceGuard,
+    TimeLimit,
+    atomic_write_text,
+    is_complete_checkpoint,
+)
+from .model import KPhi3Config, KPhi3ForCausalLM
+from .presets import PresetError, resolve_config
+
+__all__ = ["TrainError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
+
+RUN_FILE = "kphi-run.json"
+METRICS_FILE = "metrics.json"
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run. Presets set defaults in their ``training:`` section."""
+
+    preset: str = "tiny-kphi3"
+    """Preset name, preset YAML, config.json or model directory (its config; weights are not loaded)."""
+    out: str = "runs/train"
+    """Run directory; at the end it is a model directory loadable with ``from_pretrained``."""
+    data: str = "default"
+    """A prepared data directory (``kphi data prepare``) or a source: ``default``, ``lamini`` or a file path."""
+    tokenizer: str = "bpe"
+    """Tokenizer when preparing data: ``bpe`` (trained), ``phi3`` (exact, offline), ``phi3-hub`` or a path."""
+    vocab_size: int = 4096
+    """Vocabulary size of a trained BPE tokenizer."""
+    context_length: int = 256
+    """Tokens per training row."""
+    validation_rows: int = 5000
+    """Instruction/response pairs held out for validation when preparing data."""
+    max_rows: int | None = None
+    """Cap on pairs read from the source (quick runs)."""
+    max_steps: int | None = None
+    """Optimizer steps to train; or give ``max_tokens`` / ``max_minutes``."""
+    max_tokens: int | None = None
+    """Training tokens (global); converted to steps."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint) after this much training time."""
+    batch_size: int = 8
+    """Rows per device per step (the report: 1)."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    """Peak learning rate (the report: 1e-4, constant)."""
+    lr_scheduler: str = "constant"
+    """Any ``transformers`` scheduler name: constant, constant_with_warmup, cosine, linear, ..."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_rows: int | None = None
+    """Use only the first this-many validation rows for evaluation (``None``: all)."""
+    save_steps: int = 50
+    save_total_limit: int = 2
+    """Checkpoints kept (the newest ones)."""
+    logging_steps: int = 10
+    seed: int = 42
+    precision: str = "auto"
+    """``auto`` (bf16 on a GPU that supports it, else float32), ``fp32``, ``bf16`` or ``fp16``."""
+    gradient_checkpointing: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """KPhi3Config fields to change from the preset (e.g. ``min_channels_per_group``)."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "context_length", "batch_size", "gradient_accumulation_steps", "eval_steps",
+                    "save_steps", "logging_steps", "save_total_limit"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise TrainError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise TrainError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise TrainError(f"max_minutes must be positive, got {self.max_minutes!r}")
+        if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
+            raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise TrainError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not self.learning_rate > 0:
+            raise TrainError(f"learning_rate must be positive, got {self.learning_rate!r}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make a run what it is: a resume must match them (budgets may change)."""
+        d = dataclasses.asdict(self)
+        for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit"):
+            d.pop(key)
+        return d
+
+
+def resolve_settings(preset: str, **overrides: Any) -> TrainSettings:
+    """Defaults <- the preset's ``training:`` section <- ``overrides`` (``None`` values are ignored)."""
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    spec = resolve_config(preset)
+    values: dict[str, Any] = {}
+    for key, value in spec.training.items():
+        if key not in known:
+            raise PresetError(f"preset {spec.name}: unknown training setting {key!r}")
+        values[key] = value
+    for key, value in overrides.items():
+        if key not in known:
+            raise TrainError(f"unknown training setting {key!r}")
+        if value is not None:
+            values[key] = value
+    values["preset"] = preset
+    if any(k in overrides and overrides[k] is not None for k in ("max_steps", "max_tokens", "max_minutes")):
+        for k in ("max_steps", "max_tokens", "max_minutes"):  # an explicit budget replaces the preset's
+            if overrides.get(k) is None:
+                values[k] = None
+    settings = TrainSettings(**values)
+    settings.validate()
+    return settings
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _check_run_dir(out: Path, settings: TrainSettings, resume: bool) -> None:
+    """Refuse to mix runs: a directory holds one run, identified by ``kphi-run.json``."""
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise TrainError(f"{run_file} is unreadable ({err}); move the directory away or choose another --out")
+        if not resume:
+            state = "finished" if (out / METRICS_FILE).is_file() else "unfinished"
+            raise TrainError(
+                f"{out} already holds a {state} run; pass --resume to continue it or choose another --out"
+            )
+        if previous.get("identity") != settings.identity():
+            changed = sorted(
+                k for k in set(previous.get("identity", {})) | set(settings.identity())
+                if previous.get("identity", {}).get(k) != settings.identity().get(k)
+            )
+            raise TrainError(f"{out} holds a different run (settings differ: {', '.join(changed)}); choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise TrainError(f"{out} is not empty and holds no kphi run; refusing to write into it (choose another --out)")
+    elif resume:
+        raise TrainError(f"nothing to resume in {out}: it holds no kphi run")
+
+
+def _newest_complete_checkpoint(out: Path) -> Path | None:
+    """The highest-numbered complete ``checkpoint-N``; incomplete ones (killed mid-save) are removed."""
+    complete = []
+    for folder in out.glob("checkpoint-*"):
+        suffix = folder.name.split("-", 1)[1]
+        if not folder.is_dir() or not suffix.isdigit():
+            continue
+        if is_complete_checkpoint(folder):
+            complete.append((int(suffix), folder))
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
+def _validate_checkpoint(folder: Path, config: KPhi3Config) -> None:
+    """A resume target must hold a trainer state and weights of the same architecture."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+        saved = json.loads((folder / "config.json").read_text())
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            keys = set(handle.keys())
+    except Exception as err:  # noqa: BLE001 - any failure means the checkpoint is unusable
+        raise TrainError(f"checkpoint {folder} is corrupt or incomplete ({type(err).__name__}: {err})") from None
+    with torch.device("meta"):
+        expected = set(KPhi3ForCausalLM(config).state_dict())
+    fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "min_channels_per_group", "vocab_size")
+    mismatched = [f for f in fields if saved.get(f) != getattr(config, f)]
+    if mismatched or not expected <= keys | {"lm_head.weight"}:
+        raise TrainError(f"checkpoint {folder} does not match this model ({', '.join(mismatched) or 'weights differ'})")
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def _load_data(settings: TrainSettings):
+    from .data.prepare import PrepareSettings, load_prepared, prepare_dataset
+
+    data_path = Path(settings.data)
+    if data_path.is_dir() and (data_path / "stats.json").is_file():
+        return load_prepared(data_path)
+    prepared = prepare_dataset(
+        PrepareSettings(
+            source=settings.data,
+            tokenizer=settings.tokenizer,
+            vocab_size=settings.vocab_size,
+            context_length=settings.context_length,
+            validation_rows=settings.validation_rows,
+            seed=42,
+            max_rows=settings.max_rows,
+        ),
+        progress=settings.progress,
+    )
+    return load_prepared(prepared)
+
+
+def build_model_config(settings: TrainSettings, tokenizer) -> KPhi3Config:
+    """The preset's config with overrides, sized to the tokenizer and the context length."""
+    base = resolve_config(settings.preset).config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        base.pop(key, None)
+    base.update(settings.config_overrides)
+    base["vocab_size"] = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        base[name] = value
+    if base["pad_token_id"] is None:
+        base["pad_token_id"] = base["eos_token_id"]
+    base["max_position_embeddings"] = max(base.get("max_position_embeddings") or 0, settings.context_length)
+    base["original_max_position_embeddings"] = max(base.get("original_max_position_embeddings") or 0, settings.context_length)
+    return KPhi3Config(**base)
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
+    """Train one model as ``settings`` say; returns the run directory and its metrics."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    settings.validate()
+    out = Path(settings.out)
+    _check_run_dir(out, settings, resume)
+
+    train_rows, val_rows, tokenizer, data_stats = _load_data(settings)
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise TrainError("the prepared data has an empty training or validation split")
+    row_length = len(train_rows[0]["input_ids"])
+    if row_length != settings.context_length:
+        raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
+    eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
+    config = build_model_config(settings, tokenizer)
+
+    tokens_per_step = settings.batch_size * settings.gradient_accumulation_steps * settings.context_length * _world_size()
+    max_steps = settings.max_steps
+    if max_steps is None and settings.max_tokens is not None:
+        max_steps = math.ceil(settings.max_tokens / tokens_per_step)
+    if max_steps is None:  # time-limited: a step budget large enough never to bind
+        max_steps = 10**9
+
+    checkpoint = None
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        checkpoint = _newest_complete_checkpoint(out)
+        if checkpoint is not None:
+            _validate_checkpoint(checkpoint, config)
+    atomic_write_text(out / RUN_FILE, json.dumps({"identity": settings.identity(), "settings": dataclasses.asdict(settings)}, indent=2))
+
+    torch.manual_seed(settings.seed)
+    model = KPhi3ForCausalLM(config)
+    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        optim="adamw_torch",
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        logging_steps=settings.logging_steps,
+        logging_nan_inf_filter=False,
+        report_to=report_to,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=settings.gradient_checkpointing,
+        disable_tqdm=not settings.progress,
+        dataloader_drop_last=True,
+        **_precision_flags(settings.precision),
+    )
+    csv_logger = CsvLogger(out / "log.csv", tokens_per_step)
+    guard = DivergenceGuard()
+    callbacks = [CheckpointMarker(), csv_logger, guard]
+    time_limit = None
+    if settings.max_minutes is not None:
+        time_limit = TimeLimit(settings.max_minutes)
+        callbacks.append(time_limit)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (RuntimeError, KeyError, ValueError) as err:
+        if checkpoint is not None and "checkpoint" in str(err).lower():
+            raise TrainError(f"cannot resume from {checkpoint}: {err}") from None
+        raise
+    wall = time.perf_counter() - start
+
+    if guard.diverged_at is not None:
+        last_good = _newest_complete_checkpoint(out)
+        raise TrainError(
+            f"training loss became {guard.value} at step {guard.diverged_at}; stopped. "
+            + (f"The last good checkpoint is {last_good}." if last_good else "No checkpoint was saved before it.")
+            + " Lower the learning rate or use fp32."
+        )
+
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
+        trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return TrainResult(out=out, metrics={})
+    metrics = _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall)
+    _write_model_dir(trainer, tokenizer, out)
+    from .plots import plot_loss_curve
+
+    if (out / "log.csv").is_file():
+        plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset).name}: loss vs tokens")
+    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
+    return TrainResult(out=out, metrics=metrics)
+
+
+def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall) -> dict:
+    from .params import count_parameters
+
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    total, embedding = count_parameters(config)
+    steps = trainer.state.global_step
+    return {
+        "preset": settings.preset,
+        "steps": steps,
+        "tokens": steps * tokens_per_step,
+        "train_loss": train_losses[-1] if train_losses else None,
+        "val_loss": evals[-1]["eval_loss"],
+        "val_curve": [(h["step"] * tokens_per_step, h["eval_loss"]) for h in evals],
+        "tokens_per_second": csv_logger.last_tokens_per_second,
+        "wall_seconds": round(wall, 2),
+        "total_params": total,
+        "embedding_params": embedding,
+        "non_embedding_params": total - embedding,
+        "layers": config.num_hidden_layers,
+        "intermediate_size": config.intermediate_size,
+        "hidden_size": config.hidden_size,
+        "min_channels_per_group": config.min_channels_per_group,
+        "data": {k: data_stats.get(k) for k in ("train_rows", "validation_rows", "train_tokens", "validation_tokens")},
+    }
+
+
+def _write_model_dir(trainer, tokenizer, out: Path) -> None:
+    """Model, tokenizer and generation config into ``out``, each file replaced atomically.
+
+    Generation stops at ``<|end|>`` (end of an assistant turn) or end of text, and samples with the
+    report's settings (top_p 0.5, repetition penalty 1.2).
+    """
+    from transformers import GenerationConfig
+
+    config = trainer.model.config
+    staging = out / ".final-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    end_id = end_id if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else None
+    eos = [i for i in (end_id, config.eos_token_id) if i is not None]
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),
+        pad_token_id=config.pad_token_id,
+        do_sample=True,
+        top_p=0.5,
+        repetition_penalty=1.2,
+        max_new_tokens=128,
+    ).save_pretrained(staging)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
