@@ -59,7 +59,9 @@ class CsvLogger(TrainerCallback):
     """Appends one row per log event to ``log.csv``: step, tokens, train loss, val loss, lr, tokens/s.
 
     ``tokens_per_step`` is the global number of tokens in one optimizer step (batch x context x
-    accumulation x processes); tokens/s is measured over the interval since the previous training log.
+    accumulation x processes). tokens/s in a row covers the steps since the previous training log;
+    :attr:`tokens_per_second` covers the whole run. Both count training steps only (evaluation, saving and
+    start-up excluded), timed from ``on_step_begin`` to ``on_step_end``.
     """
 
     FIELDS = ["step", "tokens", "elapsed_s", "train_loss", "val_loss", "learning_rate", "tokens_per_second"]
@@ -67,36 +69,47 @@ class CsvLogger(TrainerCallback):
     def __init__(self, path: Path, tokens_per_step: int):
         self.path = Path(path)
         self.tokens_per_step = tokens_per_step
-        self._last_time: float | None = None
-        self._last_step = 0
         self._start = time.perf_counter()
-        self.last_tokens_per_second: float | None = None
+        self._step_start: float | None = None
+        self.train_seconds = 0.0  # summed step time of this process's run
+        self.steps_timed = 0
+        self._window_seconds = 0.0
+        self._window_steps = 0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.steps_timed * self.tokens_per_step / self.train_seconds if self.train_seconds else None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last_time = time.perf_counter()
-        self._last_step = state.global_step
         if state.is_world_process_zero and not self.path.exists():
             with open(self.path, "w", newline="") as handle:
                 csv.writer(handle).writerow(self.FIELDS)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_start is not None:
+            spent = time.perf_counter() - self._step_start
+            self.train_seconds += spent
+            self._window_seconds += spent
+            self.steps_timed += 1
+            self._window_steps += 1
+            self._step_start = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step}
-        now = time.perf_counter()
-        row["elapsed_s"] = round(now - self._start, 3)
+        row["elapsed_s"] = round(time.perf_counter() - self._start, 3)
         if "loss" in logs:
             row["train_loss"] = logs["loss"]
             row["learning_rate"] = logs.get("learning_rate")
-            steps = state.global_step - self._last_step
-            if self._last_time is not None and steps > 0 and now > self._last_time:
-                self.last_tokens_per_second = steps * self.tokens_per_step / (now - self._last_time)
-                row["tokens_per_second"] = round(self.last_tokens_per_second, 1)
-            self._last_time, self._last_step = now, state.global_step
+            if self._window_seconds > 0:
+                row["tokens_per_second"] = round(self._window_steps * self.tokens_per_step / self._window_seconds, 1)
+            self._window_seconds, self._window_steps = 0.0, 0
         elif "eval_loss" in logs:
             row["val_loss"] = logs["eval_loss"]
-            # evaluation time is not training time
-            self._last_time = time.perf_counter()
         else:
             return
         with open(self.path, "a", newline="") as handle:

@@ -87,6 +87,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import format_table, load_suite, run_compare
+
+    suite = load_suite(args.suite)
+    out = args.out or f"runs/compare-{suite.name}"
+    log = (lambda *a, **k: None) if args.quiet else print
+    results = run_compare(
+        suite, out, seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=log
+    )
+    print(format_table(results))
+    print(f"\nresults: {out}/results.json, {out}/results.md, plots: {out}/val_loss.png, {out}/params_vs_loss.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -120,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train the arms of a suite and print the report's table")
+    p.add_argument("--suite", default="cpu", help="cpu (default, ~10 min on 2 cores) | smoke | paper | a suite YAML")
+    p.add_argument("--seeds", type=int, help="repeat every arm with this many seeds (mean and spread)")
+    p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
+    p.add_argument("--data", help="override the suite's data source: default | lamini | PATH")
+    p.add_argument("--max-tokens", type=int, help="override the training budget per arm")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -131,6 +154,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("kphi.data.sources", "DataError"),
         ("kphi.data.tokenizers", "TokenizerError"),
         ("kphi.train", "TrainError"),
+        ("kphi.compare", "CompareError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

@@ -39,6 +39,7 @@ from transformers.models.phi3.modeling_phi3 import (
 from transformers.modeling_utils import slice_logits_to_keep
 
 from .block import GroupedLinear, GroupedPointwiseBlock, group_count
+from .lowrank import LowRankLinear, rank_for_fraction
 
 __all__ = [
     "KPhi3Config",
@@ -68,6 +69,10 @@ class KPhi3Config(Phi3Config):
     grouped_init (`str`, defaults to ``"scaled_normal"``):
         Initialisation of grouped weights: ``"scaled_normal"`` (``N(0, (initializer_range*sqrt(G/2))^2)``,
         matching a dense layer's output scale) or ``"kaiming_uniform"`` (the reference implementation's).
+    low_rank_fraction (`float`, *optional*):
+        Only with dense projections (``min_channels_per_group < 0``): factorise every projection
+        ``in -> out`` through rank ``r = round(f * in * out / (in + out))``, keeping about a fraction ``f``
+        of its parameters (:class:`kphi.lowrank.LowRankLinear`). A control for experiments.
 
     Fields that reference checkpoints carry and transformers 5 renamed or dropped (``rope_theta``,
     ``rope_scaling``, ``ffn_dim``, ``do_layer_norm_before``, ``torch_dtype``, ...) are accepted; the rope
@@ -79,6 +84,7 @@ class KPhi3Config(Phi3Config):
     embed_size: int | None = None
     min_channels_per_group: int = 256
     grouped_init: str = "scaled_normal"
+    low_rank_fraction: float | None = None
 
     def __post_init__(self, **kwargs):
         if self.embed_size is None:
@@ -104,6 +110,11 @@ class KPhi3Config(Phi3Config):
             )
         if self.min_channels_per_group == 0:
             raise ValueError("min_channels_per_group must be positive (grouped) or negative (dense), not 0")
+        if self.low_rank_fraction is not None:
+            if not 0 < self.low_rank_fraction <= 1:
+                raise ValueError(f"low_rank_fraction must be in (0, 1], got {self.low_rank_fraction!r}")
+            if self.min_channels_per_group > 0:
+                raise ValueError("low_rank_fraction needs dense projections (min_channels_per_group < 0)")
         if self.grouped_init not in GROUPED_INIT_SCHEMES:
             raise ValueError(f"grouped_init must be one of {GROUPED_INIT_SCHEMES}, got {self.grouped_init!r}")
 
@@ -115,10 +126,14 @@ class KPhi3Config(Phi3Config):
 def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
     """The module that maps ``in_features -> out_features`` in a model built from ``config``.
 
-    Dense ``nn.Linear`` (no bias) when ``min_channels_per_group < 0``, else a :class:`GroupedPointwiseBlock`
-    with ``G = group_count(in, out, min_channels_per_group)`` groups.
+    Dense ``nn.Linear`` (no bias) when ``min_channels_per_group < 0`` (or a :class:`LowRankLinear` when
+    ``low_rank_fraction`` is set), else a :class:`GroupedPointwiseBlock` with
+    ``G = group_count(in, out, min_channels_per_group)`` groups.
     """
     if not config.is_grouped:
+        if config.low_rank_fraction is not None:
+            rank = rank_for_fraction(in_features, out_features, config.low_rank_fraction)
+            return LowRankLinear(in_features, out_features, rank)
         return nn.Linear(in_features, out_features, bias=False)
     groups = group_count(in_features, out_features, config.min_channels_per_group)
     return GroupedPointwiseBlock(in_features, out_features, groups)
@@ -149,8 +164,15 @@ class KPhi3PreTrainedModel(Phi3PreTrainedModel):
     _no_split_modules = ["Phi3DecoderLayer"]
 
     def _init_weights(self, module):
-        """Phi-3's init for everything, plus the grouped weights (scheme from ``config.grouped_init``)."""
+        """Phi-3's init for everything, plus the grouped weights (scheme from ``config.grouped_init``).
+
+        Low-rank factors: ``down ~ N(0, 1/in)`` keeps the bottleneck at unit scale and
+        ``up ~ N(0, std^2 * in / r)`` gives the product a dense layer's output variance (``in * std^2``).
+        """
         super()._init_weights(module)
+        if isinstance(module, LowRankLinear):
+            init.normal_(module.down_weight, mean=0.0, std=module.in_features**-0.5)
+            init.normal_(module.up_weight, mean=0.0, std=self.config.initializer_range * (module.in_features / module.rank) ** 0.5)
         if isinstance(module, GroupedLinear):
             std = self.config.initializer_range
             if self.config.grouped_init == "kaiming_uniform":

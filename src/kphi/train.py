@@ -398,12 +398,14 @@ def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per
     steps = trainer.state.global_step
     return {
         "preset": settings.preset,
+        "seed": settings.seed,
         "steps": steps,
         "tokens": steps * tokens_per_step,
         "train_loss": train_losses[-1] if train_losses else None,
         "val_loss": evals[-1]["eval_loss"],
         "val_curve": [(h["step"] * tokens_per_step, h["eval_loss"]) for h in evals],
-        "tokens_per_second": csv_logger.last_tokens_per_second,
+        "tokens_per_second": csv_logger.tokens_per_second,
+        "train_seconds": round(csv_logger.train_seconds, 2),
         "wall_seconds": round(wall, 2),
         "total_params": total,
         "embedding_params": embedding,

@@ -1,0 +1,542 @@
+"""Tokenizers for kphi models, all returned as ``transformers.PreTrainedTokenizerFast``.
+
+Three tokenizers, because the project runs in three situations:
+
+``"phi3"`` -- the exact phi-3 tokenizer, built offline.
+    Phi-3 uses the Llama-2 sentencepiece vocabulary (32,000 pieces, BPE with byte
+    fallback) plus chat tokens such as ``<|user|>``=32010, 32,064 ids in all. The
+    Hugging Face hub is not always reachable, but PyPI is: the source distribution of
+    ``llama-cpp-python`` ships that vocabulary as ``ggml-vocab-phi-3.gguf`` together
+    with reference tokenizations made by the hub tokenizer. :func:`fetch_phi3_gguf`
+    downloads and caches those files and :func:`phi3_tokenizer_from_gguf` turns the
+    GGUF vocabulary into a ``tokenizers`` BPE model that reproduces every reference.
+    Use it to train models that are token-compatible with phi-3.
+
+``"phi3-hub"`` -- the same tokenizer from the hub (:func:`load_hub_phi3_tokenizer`),
+    for machines that can reach it.
+
+``"bpe"`` -- a small byte-level BPE trained on the project's own texts
+    (:func:`train_bpe_tokenizer`), 4,096 tokens by default. A 32k vocabulary dominates
+    the parameter count of the tiny models trained in CPU experiments; a 4k one keeps
+    the embedding small and still carries every phi-3 special token, so the same data
+    formatting and chat template work unchanged.
+
+Every tokenizer carries :data:`CHAT_TEMPLATE`, which renders a conversation the way
+the training data is formatted: ``<|user|>{instruction}<|end|><|assistant|>{response}<|end|>``,
+with no newlines between turns. :func:`build_tokenizer` resolves a spec string to one
+of the above (or to a saved tokenizer directory / a ``.gguf`` file) and is what the
+rest of the project calls.
+
+Runtime requirements: ``tokenizers`` and ``transformers``; reading a ``.gguf`` file
+also needs ``gguf`` (the ``offline`` extra), and fetching it needs ``pip``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "PHI3_GGUF_NAME",
+    "PHI3_SDIST",
+    "PHI3_SPECIAL_TOKENS",
+    "TOKENIZER_SPECS",
+    "TokenizerError",
+    "build_tokenizer",
+    "default_cache_dir",
+    "describe_tokenizer",
+    "fetch_phi3_gguf",
+    "load_hub_phi3_tokenizer",
+    "load_reference_tokenizations",
+    "phi3_tokenizer_from_gguf",
+    "train_bpe_tokenizer",
+]
+
+#: The phi-3 special tokens and their ids in the phi-3 vocabulary, in id order.
+#: The trained BPE tokenizer puts them at the *start* of its vocabulary, in this order
+#: (``<unk>``=0, ``<s>``=1, ..., ``<|user|>``=13).
+PHI3_SPECIAL_TOKENS: dict[str, int] = {
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<|endoftext|>": 32000,
+    "<|assistant|>": 32001,
+    "<|placeholder1|>": 32002,
+    "<|placeholder2|>": 32003,
+    "<|placeholder3|>": 32004,
+    "<|placeholder4|>": 32005,
+    "<|system|>": 32006,
+    "<|end|>": 32007,
+    "<|placeholder5|>": 32008,
+    "<|placeholder6|>": 32009,
+    "<|user|>": 32010,
+}
+
+#: Phi-3's roles of the special tokens (as in its GGUF metadata: pad is ``<|endoftext|>``).
+BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, PAD_TOKEN = "<s>", "<|endoftext|>", "<unk>", "<|endoftext|>"
+
+#: Chat template shared by every kphi tokenizer. It matches the training data format
+#: ``<|user|>{instruction}<|end|><|assistant|>{response}<|end|>`` exactly: no BOS and no
+#: newlines (phi-3's own template adds both; ours must agree with the data instead).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+#: The sdist that carries the phi-3 vocabulary, and where inside it the files are.
+PHI3_SDIST = "llama-cpp-python==0.3.36"
+PHI3_GGUF_NAME = "ggml-vocab-phi-3.gguf"
+_SDIST_VOCAB_DIR = ("vendor", "llama.cpp", "models")
+_PHI3_FILES = (PHI3_GGUF_NAME + ".inp", PHI3_GGUF_NAME + ".out", PHI3_GGUF_NAME)  # gguf last
+_MAX_MEMBER_BYTES = 64 << 20  # the real files are < 1 MB; refuse anything absurd
+_PIP_TIMEOUT_S = 1800
+
+#: Separator between test texts in llama.cpp's ``.inp`` files.
+_VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
+
+HUB_PHI3_NAME = "microsoft/Phi-3-mini-4k-instruct"
+TOKENIZER_SPECS = ("bpe", "phi3", "phi3-hub")
+DEFAULT_VOCAB_SIZE = 4096
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer could not be built, fetched or loaded; the message says why."""
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def default_cache_dir() -> Path:
+    """The kphi cache directory: ``$KPHI_CACHE`` if set, else ``~/.cache/kphi``."""
+    env = os.environ.get("KPHI_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kphi"
+
+
+def fetch_phi3_gguf(cache_dir: Path | None = None) -> Path:
+    """Return the path of a cached ``ggml-vocab-phi-3.gguf``, downloading it if needed.
+
+    The file (and its reference tokenizations ``.inp``/``.out``, stored beside it) comes
+    from the ``llama-cpp-python`` sdist on PyPI, fetched with ``pip download`` in a
+    subprocess so that pip's own index configuration, proxies and cache apply. Only the
+    three files are extracted; the sdist is deleted afterwards.
+
+    Args:
+        cache_dir: Cache root; defaults to :func:`default_cache_dir`. The files live in
+            ``<cache_dir>/phi3-vocab/``.
+
+    Raises:
+        TokenizerError: pip failed (message starts with ``"could not download"``) or the
+            sdist does not contain the files.
+    """
+    target = Path(cache_dir or default_cache_dir()).expanduser() / "phi3-vocab"
+    gguf_path = target / PHI3_GGUF_NAME
+    if all((target / name).is_file() for name in _PHI3_FILES):
+        return gguf_path
+
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kphi-sdist-") as tmp:
+        _pip_download_sdist(Path(tmp))
+        sdists = sorted(Path(tmp).glob("*.tar.gz"))
+        if not sdists:
+            raise TokenizerError(f"pip download of {PHI3_SDIST} produced no .tar.gz in {tmp}")
+        _extract_vocab_files(sdists[0], target)
+    return gguf_path
+
+
+def _pip_download_sdist(dest: Path) -> None:
+    # --no-binary only for this package: its build requirements (needed by pip to read
+    # the sdist's metadata) may come as wheels, which is much faster than ":all:".
+    package = PHI3_SDIST.split("==")[0]
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+        "--no-binary", package, "--dest", str(dest), PHI3_SDIST,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TokenizerError(f"could not download {PHI3_SDIST} with pip: {exc}") from exc
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise TokenizerError(f"could not download {PHI3_SDIST} with pip (exit {done.returncode}): {tail}")
+
+
+def _extract_vocab_files(sdist: Path, dest: Path) -> None:
+    """Copy the phi-3 vocabulary files out of ``sdist`` into ``dest``, atomically.
+
+    Archive member names are only *matched*, never used as output paths, so a crafted
+    archive cannot write outside ``dest``.
+    """
+    wanted = {name: None for name in _PHI3_FILES}
+    with tarfile.open(sdist, "r:*") as tar:
+        for member in tar:
+            parts = PurePosixPath(member.name).parts
+            if (
+                member.isreg()
+                and len(parts) >= 4
+                and parts[-4:-1] == _SDIST_VOCAB_DIR
+                and parts[-1] in wanted
+                and ".." not in parts
+                and member.size <= _MAX_MEMBER_BYTES
+            ):
+                wanted[parts[-1]] = tar.extractfile(member).read()
+                if all(data is not None for data in wanted.values()):
+                    break
+    missing = [name for name, data in wanted.items() if data is None]
+    if missing:
+        raise TokenizerError(f"{sdist.name} does not contain {', '.join(missing)} under {'/'.join(_SDIST_VOCAB_DIR)}/")
+    for name in _PHI3_FILES:  # the .gguf is written last: its presence means "complete"
+        _atomic_write(dest / name, wanted[name])
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached files are ordinary readable files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_reference_tokenizations(gguf_path: Path) -> list[tuple[str, list[int]]]:
+    """Read llama.cpp's reference tokenizations stored beside a vocabulary file.
+
+    ``<name>.gguf.inp`` holds texts, each followed by a ``__ggml_vocab_test__`` line;
+    ``<name>.gguf.out`` holds, line by line, the ids the original (hub) tokenizer gave
+    each text without special tokens. Returns ``(text, ids)`` pairs.
+    """
+    gguf_path = Path(gguf_path)
+    inp = gguf_path.with_name(gguf_path.name + ".inp").read_text(encoding="utf-8")
+    out = gguf_path.with_name(gguf_path.name + ".out").read_text(encoding="utf-8")
+    texts = inp.split(_VOCAB_TEST_SEPARATOR)
+    if texts and texts[-1] == "":  # every text, the last included, ends with a separator
+        texts.pop()
+    ids = [[int(tok) for tok in line.split()] for line in out.split("\n")]
+    if ids and out.endswith("\n"):
+        ids.pop()
+    if len(texts) != len(ids):
+        raise TokenizerError(f"{gguf_path.name}: {len(texts)} test texts but {len(ids)} id lines")
+    return list(zip(texts, ids))
+
+
+# ------------------------------------------------------------------- GGUF -> tokenizer
+
+# Token types in GGUF files (gguf.TokenType), spelled out so that the gguf package is
+# only needed to read a file.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass
+class _GGUFVocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]
+    meta: dict[str, Any]  # scalar metadata, e.g. "tokenizer.ggml.bos_token_id"
+
+
+def _read_gguf_vocab(path: Path) -> _GGUFVocab:
+    try:
+        from gguf import GGUFReader, GGUFValueType
+    except ImportError as exc:
+        raise TokenizerError("reading a .gguf vocabulary needs the 'gguf' package: pip install gguf") from exc
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError/OSError/struct.error on bad files
+        raise TokenizerError(f"cannot read GGUF file {path}: {exc}") from exc
+
+    def value(field):
+        # field.data indexes the parts that hold the value; this works on old and new gguf.
+        parts = [field.parts[i] for i in field.data]
+        if field.types[0] == GGUFValueType.ARRAY:
+            if field.types[-1] == GGUFValueType.STRING:
+                return [bytes(p).decode("utf-8") for p in parts]
+            return [x for p in parts for x in p.tolist()]
+        if field.types[0] == GGUFValueType.STRING:
+            return bytes(parts[0]).decode("utf-8")
+        return parts[0][0].item()
+
+    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    missing = [key for key in arrays if key not in reader.fields]
+    if missing:
+        raise TokenizerError(f"{path} has no tokenizer vocabulary (missing {', '.join(missing)})")
+    tokens, scores, types = (value(reader.fields[key]) for key in arrays)
+    meta = {
+        key: value(field)
+        for key, field in reader.fields.items()
+        if key not in arrays and field.types and field.types[0] != GGUFValueType.ARRAY
+    }
+    return _GGUFVocab(tokens, scores, types, meta)
+
+
+def _sentencepiece_merges(vocab: _GGUFVocab) -> list[tuple[str, str]]:
+    """BPE merges equivalent to sentencepiece's score-driven merging.
+
+    Sentencepiece BPE repeatedly joins the adjacent pair whose concatenation is the
+    highest-scoring piece; ``tokenizers`` BPE applies merges by rank. So every split of
+    every normal piece into two normal pieces becomes a merge, ranked by the score of the
+    piece it makes. Ordering by piece *id* instead is wrong for Llama's whitespace pieces
+    ("▁▁" is id 259 but scores -1e9): " Hello" would become "▁▁"+"Hello" instead of
+    "▁"+"▁Hello". The 16 whitespace pieces all score -1e9; among equal scores we order by
+    piece id, then by the ids of the two halves. That reproduces sentencepiece's
+    leftmost-first tie breaking for runs of spaces (16-space pieces first, from the left;
+    checked against a direct sentencepiece-BPE encoder in the tests) and is the order of
+    Hugging Face's sentencepiece converter (61,249 merges for this vocabulary).
+    """
+    normal = {tok: i for i, (tok, kind) in enumerate(zip(vocab.tokens, vocab.types)) if kind == _NORMAL}
+    ranked = []
+    for piece, piece_id in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-vocab.scores[piece_id], piece_id, normal[left], normal[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _is_phi3(meta: dict[str, Any]) -> bool:
+    names = (str(meta.get("general.architecture", "")), str(meta.get("general.name", "")))
+    return any(key in name.lower() for name in names for key in ("phi3", "phi-3"))
+
+
+def phi3_tokenizer_from_gguf(path: Path) -> PreTrainedTokenizerFast:
+    """Build the exact phi-3 tokenizer from a GGUF vocabulary (e.g. :func:`fetch_phi3_gguf`).
+
+    Works for any GGUF with a sentencepiece ("llama") vocabulary; the phi-3 specific
+    behaviour (see below) applies when the file names phi-3 as its model.
+
+    The pipeline is Llama's: normalize by prepending "▁" and replacing every space with
+    "▁" (no other normalization, no pre-tokenizer split), BPE with byte fallback for
+    characters outside the vocabulary, and a decoder that undoes it all. Tokens of GGUF
+    type CONTROL are special tokens and USER_DEFINED ones (phi-3's ``</s>``) plain added
+    tokens; both are atomic. Like the hub phi-3 tokenizer (and llama.cpp, which keys this
+    on the model name), phi-3's chat tokens swallow the whitespace that follows them
+    (``rstrip``), except ``<unk>``, ``<s>`` and ``<|endoftext|>``. bos/eos/unk/pad and
+    whether BOS/EOS are added come from the file's metadata (phi-3: ``<s>`` added,
+    eos = pad = ``<|endoftext|>``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"GGUF vocabulary not found: {path}")
+    vocab = _read_gguf_vocab(path)
+    meta = vocab.meta
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "llama":
+        raise TokenizerError(f"{path.name}: tokenizer model {kind!r} is not supported, only sentencepiece ('llama')")
+    if len(set(vocab.tokens)) != len(vocab.tokens):
+        raise TokenizerError(f"{path.name}: the vocabulary has duplicate token strings")
+
+    def token_at(key: str, default: int | None = None) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}_token_id", default)
+        return None if index is None or index >= len(vocab.tokens) else vocab.tokens[index]
+
+    unk = token_at("unknown", 0)
+    backend = Tokenizer(
+        models.BPE(
+            vocab={tok: i for i, tok in enumerate(vocab.tokens)},
+            merges=_sentencepiece_merges(vocab),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    prefix = [normalizers.Prepend("▁")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
+    backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            *([decoders.Strip(" ", 1, 0)] if prefix else []),
+        ]
+    )
+
+    keep_whitespace = {"<unk>", "<s>", "<|endoftext|>"}
+    strip_right = _is_phi3(meta)
+    added = {
+        tok: AddedToken(
+            tok,
+            special=token_type == _CONTROL,
+            normalized=False,
+            rstrip=strip_right and tok not in keep_whitespace,
+        )
+        for tok, token_type in zip(vocab.tokens, vocab.types)
+        if token_type in (_CONTROL, _USER_DEFINED)
+    }
+    backend.add_special_tokens([t for t in added.values() if t.special])
+    backend.add_tokens([t for t in added.values() if not t.special])
+
+    named = {
+        "bos_token": token_at("bos"),
+        "eos_token": token_at("eos"),
+        "unk_token": unk,
+        "pad_token": token_at("padding") or token_at("eos"),
+    }
+    named = {key: added.get(tok, tok) for key, tok in named.items() if tok is not None}
+    extra = [t for t in added.values() if t.special and str(t) not in map(str, named.values())]
+    context = meta.get(f"{meta.get('general.architecture', '')}.context_length")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **named,
+        extra_special_tokens=extra,
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        clean_up_tokenization_spaces=False,
+        **({"model_max_length": int(context)} if context else {}),
+    )
+    return _with_chat_template(tokenizer)
+
+
+# ------------------------------------------------------------------------ hub / trained
+
+
+def load_hub_phi3_tokenizer(name: str = HUB_PHI3_NAME) -> PreTrainedTokenizerFast:
+    """Load the phi-3 tokenizer with ``AutoTokenizer.from_pretrained`` (hub id or local dir).
+
+    Its chat template is replaced by :data:`CHAT_TEMPLATE` so that it formats chats like
+    the training data.
+    """
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(
+            f"could not load tokenizer {name!r} with AutoTokenizer ({exc}); without network "
+            "access use the offline copy, spec 'phi3'"
+        ) from exc
+    return _with_chat_template(tokenizer)
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, show_progress: bool = False
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts``.
+
+    The phi-3 special tokens take the first ids, in :data:`PHI3_SPECIAL_TOKENS` order
+    (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<|endoftext|>``=3, ..., ``<|user|>``=13),
+    then the 256 byte symbols, then the learned merges, up to ``vocab_size`` ids in all.
+    Byte-level means no text is unknown and decoding is lossless. Roles follow phi-3:
+    bos ``<s>`` (added when encoding with special tokens), eos = pad = ``<|endoftext|>``.
+    Training is deterministic: the same texts give the same vocabulary and merges.
+    """
+    minimum = len(PHI3_SPECIAL_TOKENS) + 256
+    if vocab_size < minimum:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {minimum}")
+    special = [AddedToken(tok, special=True, normalized=False) for tok in PHI3_SPECIAL_TOKENS]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(iter(texts), trainer=trainer)
+    by_name = {str(t): t for t in special}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=by_name[BOS_TOKEN],
+        eos_token=by_name[EOS_TOKEN],
+        unk_token=by_name[UNK_TOKEN],
+        pad_token=by_name[PAD_TOKEN],
+        extra_special_tokens=[t for t in special if str(t) not in (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)],
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+    )
+    return _with_chat_template(tokenizer)
+
+
+def _with_chat_template(tokenizer: Any) -> PreTrainedTokenizerFast:
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise TokenizerError(f"expected a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ------------------------------------------------------------------------- resolver
+
+
+def build_tokenizer(
+    spec: str, training_texts: Iterable[str] | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
+    """Resolve a tokenizer spec; every result carries :data:`CHAT_TEMPLATE`.
+
+    Args:
+        spec: ``"bpe"`` (train on ``training_texts``), ``"phi3"`` (exact phi-3, offline),
+            ``"phi3-hub"`` (phi-3 from the Hugging Face hub; ``$KPHI_PHI3_HUB``, if set,
+            names another repo id or a local snapshot to load instead), a directory written by
+            ``save_pretrained``, or a ``.gguf`` vocabulary file.
+        training_texts: Texts for ``"bpe"``; ignored otherwise.
+        vocab_size: Vocabulary size for ``"bpe"``; ignored otherwise.
+
+    Raises:
+        TokenizerError: unknown spec, ``"bpe"`` without texts, or loading failed.
+    """
+    if spec == "bpe":
+        if training_texts is None:
+            raise TokenizerError("tokenizer spec 'bpe' trains a new tokenizer and needs training_texts")
+        return train_bpe_tokenizer(training_texts, vocab_size=vocab_size)
+    if spec == "phi3":
+        return phi3_tokenizer_from_gguf(fetch_phi3_gguf())
+    if spec == "phi3-hub":
+        return load_hub_phi3_tokenizer(os.environ.get("KPHI_PHI3_HUB") or HUB_PHI3_NAME)
+    path = Path(spec).expanduser()
+    if spec.strip() and path.is_dir():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise TokenizerError(f"could not load a tokenizer from directory {path}: {exc}") from exc
+        return _with_chat_template(tokenizer)
+    if path.is_file() and path.suffix == ".gguf":
+        return phi3_tokenizer_from_gguf(path)
+    raise TokenizerError(
+        f"unknown tokenizer spec {spec!r}: expected one of {', '.join(repr(s) for s in TOKENIZER_SPECS)}, "
+        "a directory saved with save_pretrained, or a path to a .gguf file"
+    )
+
+
+def describe_tokenizer(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """Summarize a tokenizer as a JSON-serializable dict (for ``kphi tokenizer info``)."""
+    # Probe what encoding adds rather than read tok.add_bos_token: transformers 5 does not
+    # save that flag, so after save/load it reads False while tokenizer.json still adds BOS.
+    plain = tok.encode("a", add_special_tokens=False)
+    full = tok.encode("a")
+    adds_bos = tok.bos_token_id is not None and len(full) > len(plain) and full[0] == tok.bos_token_id
+    adds_eos = tok.eos_token_id is not None and len(full) > len(plain) and full[-1] == tok.eos_token_id
+    vocab = tok.get_vocab()
+    special = {str(t): vocab[str(t)] for t in tok.all_special_tokens if str(t) in vocab}
+    special.update({t: vocab[t] for t in PHI3_SPECIAL_TOKENS if t in vocab})
+    info: dict[str, Any] = {
+        "class": type(tok).__name__,
+        "vocab_size": len(tok),
+        "base_vocab_size": tok.vocab_size,
+        "special_tokens": dict(sorted(special.items(), key=lambda kv: kv[1])),
+        "adds_bos_token": adds_bos,
+        "adds_eos_token": adds_eos,
+        "has_chat_template": tok.chat_template is not None,
+    }
+    for role in ("bos", "eos", "unk", "pad"):
+        token = getattr(tok, f"{role}_token")
+        info[f"{role}_token"] = None if token is None else str(token)
+        info[f"{role}_token_id"] = getattr(tok, f"{role}_token_id")
+    return info
