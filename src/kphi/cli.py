@@ -72,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "learning_rate": args.learning_rate,
         "eval_steps": args.eval_steps,
         "save_steps": args.save_steps,
+        "logging_steps": args.logging_steps,
         "seed": args.seed,
         "precision": args.precision,
         "progress": False if args.quiet else None,
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--eval-steps", type=int)
     p.add_argument("--save-steps", type=int)
+    p.add_argument("--logging-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")

@@ -1,0 +1,663 @@
+"""Prepare (and cache) a packed, tokenised instruction corpus for training.
+
+:func:`prepare_dataset` runs the recipe of :mod:`kphi.data.recipe` on a source of
+:mod:`kphi.data.sources` and writes a directory holding:
+
+``train/``, ``validation/``
+    ``datasets.Dataset.save_to_disk`` output with columns ``input_ids`` and
+    ``labels`` (int32 lists of exactly ``context_length``; ``labels`` equals
+    ``input_ids`` where the loss applies and is -100 elsewhere; a causal LM shifts
+    them itself). ``with_format("torch")`` yields int64 tensors.
+``tokenizer/``
+    The tokenizer, ``save_pretrained`` format (a ``"bpe"`` tokenizer is trained on
+    the training split only).
+``settings.json``
+    The :class:`PrepareSettings` plus ``cache_key``, ``source_fingerprint`` and
+    ``format_version``.
+``stats.json``
+    Counts of every step (see :func:`format_stats`).
+
+The result is cached under ``$KPHI_CACHE/data`` (default ``~/.cache/kphi/data``)
+in a directory named after the source and a hash of the settings, the source's
+fingerprint and the tokenizer spec; a second call with the same settings returns
+that directory at once. Directories are built in a temporary sibling and renamed
+into place at the end, so a failure never leaves a half-written result.
+:func:`load_prepared` reads a prepared directory back for training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from . import recipe
+from .recipe import DEFAULT_FILTERS, EOS, IGNORE_INDEX
+from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
+
+#: Bumped whenever the on-disk layout or the recipe changes output for the same settings.
+FORMAT_VERSION = 1
+PACKINGS = ("tokens", "reference")
+LOSS_ON = ("all", "assistant")
+_TOKENIZE_BATCH = 1_000
+_WRITE_BATCH = 1_024
+_REQUIRED = ("settings.json", "stats.json", "train", "validation", "tokenizer")
+
+
+@dataclass
+class PrepareSettings:
+    """Every knob of the preparation recipe (all of them enter the cache key).
+
+    Attributes:
+        source: data source spec, see :func:`kphi.data.sources.open_source`:
+            ``"default"`` (offline chitchat + chatterbot corpus), ``"lamini"``,
+            ``"chitchat"``, ``"chatterbot"``, ``"hf:OWNER/NAME[:SPLIT]"``, or a path
+            to a parquet/jsonl/json/csv file or a directory of them.
+        columns: (instruction column, response column) for files and hub datasets.
+        tokenizer: tokenizer spec for ``kphi.data.tokenizers.build_tokenizer``:
+            ``"bpe"`` (trained here on the training split), ``"phi3"``,
+            ``"phi3-hub"`` or a path.
+        vocab_size: vocabulary size of a ``"bpe"`` tokenizer.
+        context_length: tokens per packed row.
+        validation_rows: number of samples (instruction/response pairs) held out
+            for validation.
+        seed: seed of the train/validation split.
+        filters: phrases whose presence drops a sample (empty: no filtering).
+        packing: ``"tokens"`` (concatenate the token streams of the samples, each
+            ending in ``<|endoftext|>``, and cut full rows; the last partial row is
+            dropped; encoded without the tokenizer's own BOS/EOS additions) or
+            ``"reference"`` (the report's packing by ``chars_per_token *
+            context_length`` characters, each row then tokenised with the
+            tokenizer's defaults -- a phi-3 tokenizer prepends ``<s>`` -- and
+            truncated or right-padded with the pad token).
+        loss_on: ``"all"`` (every position, including padding with reference
+            packing) or ``"assistant"`` (response tokens and ``<|endoftext|>`` only).
+        max_rows: read at most this many pairs from the source (before filtering);
+            None reads everything. For quick runs.
+        chars_per_token: characters per token assumed by reference packing.
+    """
+
+    source: str = "default"
+    columns: tuple[str, str] = DEFAULT_COLUMNS
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    context_length: int = 256
+    validation_rows: int = 5000
+    seed: int = 42
+    filters: tuple[str, ...] = DEFAULT_FILTERS
+    packing: str = "tokens"
+    loss_on: str = "all"
+    max_rows: int | None = None
+    chars_per_token: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, os.PathLike):
+            self.source = os.fspath(self.source)
+        if isinstance(self.columns, str):
+            self.columns = tuple(c.strip() for c in self.columns.split(","))  # type: ignore[assignment]
+        self.columns = tuple(self.columns)  # type: ignore[assignment]
+        if isinstance(self.filters, str):
+            self.filters = (self.filters,)
+        self.filters = tuple(self.filters)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`DataError` naming the first invalid field."""
+
+        def bad(name: str, why: str) -> DataError:
+            return DataError(f"invalid setting {name}={getattr(self, name)!r}: {why}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise bad("source", "name a data source")
+        if len(self.columns) != 2 or not all(isinstance(c, str) and c for c in self.columns):
+            raise bad("columns", "give two column names (instruction, response)")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise bad("tokenizer", "name a tokenizer spec")
+        if not is_int(self.vocab_size) or self.vocab_size < 1:
+            raise bad("vocab_size", "must be a positive integer")
+        if not is_int(self.context_length) or self.context_length < 2:
+            raise bad("context_length", "must be an integer >= 2")
+        if not is_int(self.validation_rows) or self.validation_rows < 0:
+            raise bad("validation_rows", "must be an integer >= 0")
+        if not is_int(self.seed):
+            raise bad("seed", "must be an integer")
+        if not all(isinstance(f, str) and f for f in self.filters):
+            raise bad("filters", "must be non-empty strings")
+        if self.packing not in PACKINGS:
+            raise bad("packing", f"use one of {', '.join(PACKINGS)}")
+        if self.loss_on not in LOSS_ON:
+            raise bad("loss_on", f"use one of {', '.join(LOSS_ON)}")
+        if self.max_rows is not None and (not is_int(self.max_rows) or self.max_rows < 1):
+            raise bad("max_rows", "must be a positive integer or None")
+        if not is_int(self.chars_per_token) or self.chars_per_token < 1:
+            raise bad("chars_per_token", "must be a positive integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["columns"] = list(self.columns)
+        d["filters"] = list(self.filters)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrepareSettings":
+        """Build from a dict (e.g. ``settings.json``); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def default_cache_dir() -> Path:
+    """``$KPHI_CACHE/data`` if ``KPHI_CACHE`` is set, else ``~/.cache/kphi/data``."""
+    root = os.environ.get("KPHI_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "kphi") / "data"
+
+
+def _tokenizer_fingerprint(spec: str) -> str:
+    p = Path(spec).expanduser()
+    if p.exists():
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        h = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "path:" + h.hexdigest()[:24]
+    return spec
+
+
+def cache_key(settings: PrepareSettings, source_fingerprint: str) -> str:
+    """Hex digest identifying a preparation: settings + source + tokenizer + format."""
+    material = {
+        "settings": settings.to_dict(),
+        "source": source_fingerprint,
+        "tokenizer": _tokenizer_fingerprint(settings.tokenizer),
+        "format_version": FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _slug(text: str) -> str:
+    if os.sep in text:
+        text = Path(text).name or text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:40] or "data"
+
+
+def _entry_name(settings: PrepareSettings, key: str) -> str:
+    return f"{_slug(settings.source)}-{_slug(settings.tokenizer)}-ctx{settings.context_length}-{key[:16]}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _prepared_key(path: Path) -> str | None:
+    """The cache key of a complete prepared directory, or None if ``path`` is not one."""
+    if not path.is_dir() or not all((path / name).exists() for name in _REQUIRED):
+        return None
+    data = _read_json(path / "settings.json")
+    return data.get("cache_key") if data else None
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _build_tokenizer(spec: str, training_texts: Iterable[str] | None, vocab_size: int):
+    """Build the tokenizer through ``kphi.data.tokenizers.build_tokenizer`` (imported lazily)."""
+    try:
+        from kphi.data import tokenizers
+    except ModuleNotFoundError as exc:
+        if exc.name in ("kphi.data.tokenizers", "kphi"):
+            raise DataError("the tokenizer module kphi.data.tokenizers is not available") from exc
+        raise
+    known = getattr(tokenizers, "TokenizerError", None)
+    try:
+        return tokenizers.build_tokenizer(spec, training_texts=training_texts, vocab_size=vocab_size)
+    except Exception as exc:
+        if known is not None and isinstance(exc, known):
+            raise DataError(str(exc)) from exc  # one kind of error for the CLI to report
+        raise
+
+
+@dataclass
+class _TokenIds:
+    user: int
+    assistant: int
+    end: int
+    eos: int
+    pad: int
+
+
+def _special_ids(tokenizer: Any, spec: str) -> _TokenIds:
+    ids = {}
+    for name, token in (("user", recipe.USER), ("assistant", recipe.ASSISTANT), ("end", recipe.END), ("eos", EOS)):
+        enc = tokenizer.encode(token, add_special_tokens=False)
+        if len(enc) != 1:
+            raise DataError(f"tokenizer {spec!r} does not encode {token} as one token (got {enc}); "
+                            f"it needs the special tokens {recipe.USER} {recipe.ASSISTANT} {recipe.END} {EOS}")
+        ids[name] = enc[0]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    ids["pad"] = ids["eos"] if pad is None else pad
+    return _TokenIds(**ids)
+
+
+def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
+                     verbose=False)["input_ids"]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _RowWriter:
+    """Stream packed rows into an Arrow file, then save it as a ``datasets`` directory."""
+
+    def __init__(self, scratch: Path):
+        import datasets
+        import pyarrow as pa
+
+        self._pa = pa
+        self.features = datasets.Features({
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+        })
+        self.schema = self.features.arrow_schema
+        self.path = scratch
+        self._sink = pa.OSFile(str(scratch), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        self._ids: list[list[int]] = []
+        self._labels: list[list[int]] = []
+        self.rows = 0
+
+    def add(self, ids: list[int], labels: list[int]) -> None:
+        self._ids.append(ids)
+        self._labels.append(labels)
+        self.rows += 1
+        if len(self._ids) >= _WRITE_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._ids:
+            return
+        pa = self._pa
+        batch = pa.record_batch(
+            [pa.array(self._ids, type=pa.list_(pa.int32())), pa.array(self._labels, type=pa.list_(pa.int32()))],
+            schema=self.schema,
+        )
+        self._writer.write_batch(batch)
+        self._ids, self._labels = [], []
+
+    def close(self) -> None:
+        """Close the scratch file (idempotent)."""
+        if not self._sink.closed:
+            self._writer.close()
+            self._sink.close()
+
+    def save(self, directory: Path) -> None:
+        import datasets
+
+        self._flush()
+        self.close()
+        ds = datasets.Dataset.from_file(str(self.path))
+        # an empty split needs one explicit (empty) shard to load back
+        ds.save_to_disk(str(directory), num_shards=1 if self.rows == 0 else None)
+        del ds
+        self.path.unlink()
+
+
+@dataclass
+class _SplitStats:
+    samples: int = 0
+    rows: int = 0
+    tokens: int = 0  # real (non-padding) tokens in the rows
+    loss_tokens: int = 0  # positions whose label is not -100
+    dropped_tokens: int = 0  # tail (tokens packing) or truncated (reference packing)
+    pad_tokens: int = 0
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start:start + size])
+
+
+def _pack_split(name: str, texts: list[str], tokenizer: Any, ids: _TokenIds, settings: PrepareSettings,
+                writer: _RowWriter, progress: bool) -> _SplitStats:
+    from tqdm import tqdm
+
+    ctx = settings.context_length
+    st = _SplitStats(samples=len(texts))
+    assistant = settings.loss_on == "assistant"
+
+    def labels_for(seq: list[int]) -> list[int]:
+        return recipe.assistant_labels(seq, ids.assistant, ids.end, ids.eos) if assistant else seq
+
+    def emit(row: list[int], labels: list[int]) -> None:
+        writer.add(row, labels)
+        st.rows += 1
+        st.loss_tokens += sum(1 for x in labels if x != IGNORE_INDEX)
+
+    if settings.packing == "tokens":
+        packer = recipe.TokenPacker(ctx)
+        bar = tqdm(total=len(texts), desc=f"tokenizing {name}", unit="sample", disable=not progress)
+        for batch in _chunks(texts, _TOKENIZE_BATCH):
+            for seq in _encode(tokenizer, [t + EOS for t in batch]):
+                for row, labels in packer.add(seq, labels_for(seq)):
+                    emit(row, labels)
+            bar.update(len(batch))
+        bar.close()
+        st.tokens = st.rows * ctx
+        st.dropped_tokens = packer.dropped_tokens
+    else:
+        rows = list(recipe.pack_characters((t + EOS for t in texts), settings.chars_per_token * ctx))
+        bar = tqdm(total=len(rows), desc=f"tokenizing {name}", unit="row", disable=not progress)
+        for batch in _chunks(rows, _TOKENIZE_BATCH):
+            # as the reference, with the tokenizer's defaults (a phi-3 tokenizer adds <s> to each row)
+            for seq in _encode(tokenizer, batch, add_special_tokens=True):
+                kept = seq[:ctx]
+                row, real, truncated = recipe.pad_or_truncate(kept, ctx, ids.pad)
+                if assistant:
+                    labels = labels_for(kept) + [IGNORE_INDEX] * (ctx - len(kept))
+                else:
+                    labels = row  # the reference puts the loss on every position, padding included
+                st.tokens += real
+                st.pad_tokens += ctx - real
+                st.dropped_tokens += len(seq) - len(kept)
+                emit(row, labels)
+            bar.update(len(batch))
+        bar.close()
+    return st
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _read_samples(source: PairSource, settings: PrepareSettings, progress: bool) -> tuple[list[str], int]:
+    from tqdm import tqdm
+
+    total = source.total if settings.max_rows is None else min(settings.max_rows, source.total or settings.max_rows)
+    samples: list[str] = []
+    bar = tqdm(total=total, desc=f"reading {settings.source}", unit="pair", disable=not progress)
+    for instruction, response in source:
+        samples.append(recipe.format_sample(instruction, response))
+        bar.update(1)
+        if settings.max_rows is not None and len(samples) >= settings.max_rows:
+            break
+    bar.close()
+    return samples, len(samples)
+
+
+def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    samples, pairs_read = _read_samples(source, settings, progress)
+    per_source = {name: {"pairs": c.pairs, "malformed": c.malformed} for name, c in source.counts.items()}
+    if not samples:
+        raise DataError(f"source {settings.source!r} gave no usable pairs "
+                        f"({source.malformed} malformed rows skipped)")
+
+    filtered = recipe.apply_filters(
+        tqdm(samples, desc="filtering", unit="sample", disable=not progress), settings.filters)
+    del samples
+    kept = filtered.kept
+    if not kept:
+        raise DataError(f"no samples left after filtering: all {pairs_read} pairs read from "
+                        f"{settings.source!r} contain a filter phrase "
+                        f"({', '.join(f'{k!r}: {v}' for k, v in filtered.dropped.items() if v)})")
+    if settings.validation_rows >= len(kept):
+        raise DataError(f"only {len(kept)} samples remain after filtering, too few for "
+                        f"validation_rows={settings.validation_rows} plus a training split; "
+                        f"lower validation_rows (or raise max_rows)")
+    train_texts, val_texts = recipe.split_samples(kept, settings.validation_rows, settings.seed)
+    filtered.kept = []
+    del kept
+
+    tokenizer = _build_tokenizer(settings.tokenizer, train_texts if settings.tokenizer == "bpe" else None,
+                                 settings.vocab_size)
+    ids = _special_ids(tokenizer, settings.tokenizer)
+
+    split_stats = {}
+    for name, texts in (("train", train_texts), ("validation", val_texts)):
+        writer = _RowWriter(work / f".{name}.arrow")
+        try:
+            st = _pack_split(name, texts, tokenizer, ids, settings, writer, progress)
+        except BaseException:
+            writer.close()
+            raise
+        if st.samples and not st.rows:
+            writer.close()
+            raise DataError(f"the {name} split ({st.samples} samples, {st.dropped_tokens} tokens) is too small "
+                            f"for one row of context_length={settings.context_length}")
+        writer.save(work / name)
+        split_stats[name] = st
+
+    tokenizer.save_pretrained(str(work / "tokenizer"))
+    tr, va = split_stats["train"], split_stats["validation"]
+    stats: dict[str, Any] = {
+        "source": settings.source,
+        "pairs_read": pairs_read,
+        "malformed": source.malformed,
+        "per_source": per_source,
+        "dropped": filtered.dropped,
+        "dropped_total": filtered.dropped_total,
+        "samples_kept": len(train_texts) + len(val_texts),
+        "train_samples": tr.samples,
+        "validation_samples": va.samples,
+        "train_rows": tr.rows,
+        "validation_rows": va.rows,
+        "train_tokens": tr.tokens,
+        "validation_tokens": va.tokens,
+        "train_loss_tokens": tr.loss_tokens,
+        "validation_loss_tokens": va.loss_tokens,
+        "train_tokens_dropped": tr.dropped_tokens,
+        "validation_tokens_dropped": va.dropped_tokens,
+        "train_pad_tokens": tr.pad_tokens,
+        "validation_pad_tokens": va.pad_tokens,
+        "context_length": settings.context_length,
+        "packing": settings.packing,
+        "loss_on": settings.loss_on,
+        "tokenizer": settings.tokenizer,
+        "vocab_size": len(tokenizer),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    meta = settings.to_dict()
+    meta.update(cache_key=key, source_fingerprint=source.fingerprint, format_version=FORMAT_VERSION)
+    (work / "settings.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    return stats
+
+
+@contextlib.contextmanager
+def _datasets_bars(enabled: bool) -> Iterator[None]:
+    """Silence the progress bars of ``datasets`` itself when ``enabled`` is False."""
+    import datasets as ds_tqdm
+
+    was_enabled = not ds_tqdm.are_progress_bars_disabled()
+    if not enabled and was_enabled:
+        ds_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            ds_tqdm.enable_progress_bars()
+
+
+def _publish(target: Path, fill, key: str) -> Path:
+    """Run ``fill(tmp)`` in a temporary sibling of ``target``, then rename it into place.
+
+    On any failure (or interrupt) the temporary directory is removed and nothing
+    appears at ``target``. An existing empty ``target`` directory is replaced.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
+    try:
+        fill(tmp)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if _prepared_key(target) == key:  # another process finished the same work first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _announce(path: Path, progress: bool, note: str = "") -> None:
+    if not progress:
+        return
+    stats = _read_json(path / "stats.json") or {}
+    print(f"{format_stats(stats)} Saved in {path}{f' ({note})' if note else ''}.", flush=True)
+
+
+def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cache_dir: Path | None = None,
+                    progress: bool = True) -> Path:
+    """Prepare the corpus described by ``settings``; return the prepared directory.
+
+    Without ``out_dir`` the result lives in the cache (``cache_dir``, default
+    :func:`default_cache_dir`) and a repeated call returns it at once. With
+    ``out_dir`` the result is written there: copied from the cache if the cache
+    already has it, otherwise built in place (the cache is then not filled); an
+    ``out_dir`` that already holds this very preparation is returned at once, and a
+    non-empty ``out_dir`` holding anything else is refused with :class:`DataError`.
+    With ``progress`` tqdm bars show the long steps and a summary
+    (:func:`format_stats`) is printed at the end.
+    """
+    if not isinstance(settings, PrepareSettings):
+        raise TypeError(f"settings must be PrepareSettings, got {type(settings).__name__}")
+    settings.validate()
+    source = open_source(settings.source, settings.columns)
+    key = cache_key(settings, source.fingerprint)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cached = cache_root / _entry_name(settings, key)
+
+    def build(work: Path) -> None:
+        with _datasets_bars(progress):
+            _build(settings, source, key, work, progress)
+
+    if out_dir is None:
+        if _prepared_key(cached) == key:
+            _announce(cached, progress, "found in the cache, nothing rebuilt")
+            return cached
+        _publish(cached, build, key)
+        _announce(cached, progress)
+        return cached
+
+    out = Path(out_dir).expanduser()
+    if _prepared_key(out) == key:
+        _announce(out, progress, "already prepared there, nothing rebuilt")
+        return out
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"out_dir {str(out)!r} exists and is not a directory")
+        if any(out.iterdir()):
+            what = ("a prepared dataset with different settings" if _prepared_key(out) is not None
+                    else "other files")
+            raise DataError(f"out_dir {str(out)!r} is not empty (it holds {what}); "
+                            f"choose another directory or remove it")
+    if _prepared_key(cached) == key:
+        def copy(work: Path) -> None:
+            for item in cached.iterdir():
+                if item.is_dir():
+                    shutil.copytree(item, work / item.name)
+                else:
+                    shutil.copy2(item, work / item.name)
+        _publish(out, copy, key)
+        _announce(out, progress, "copied from the cache")
+        return out
+    _publish(out, build, key)
+    _announce(out, progress)
+    return out
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A one-paragraph, human-readable summary of a ``stats.json`` dict."""
+    g = stats.get
+    dropped = {k: v for k, v in (g("dropped") or {}).items() if v}
+    dropped_total = sum(dropped.values())
+    top = ", ".join(f"{k!r}: {v:,}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]))
+    per_source = g("per_source") or {}
+    parts = ", ".join(f"{name} {c.get('pairs', 0):,}" for name, c in per_source.items())
+    ctx = g("context_length", 0)
+    lines = [
+        f"Prepared {g('source', '?')!s}: read {g('pairs_read', 0):,} instruction/response pairs"
+        + (f" ({parts})" if len(per_source) > 1 else "")
+        + f", skipped {g('malformed', 0):,} malformed rows, dropped {dropped_total:,} with the filters"
+        + (f" ({top})" if top else "") + ".",
+        f"{g('train_samples', 0):,} samples went to training and {g('validation_samples', 0):,} to validation,",
+        f"packed ({g('packing', '?')} packing, loss on {g('loss_on', '?')}) into {g('train_rows', 0):,} training"
+        f" and {g('validation_rows', 0):,} validation rows of {ctx} tokens"
+        f" ({g('train_tokens', 0):,} + {g('validation_tokens', 0):,} tokens,"
+        f" {g('train_loss_tokens', 0):,} + {g('validation_loss_tokens', 0):,} with loss;",
+    ]
+    dropped_tok = g("train_tokens_dropped", 0) + g("validation_tokens_dropped", 0)
+    pads = g("train_pad_tokens", 0) + g("validation_pad_tokens", 0)
+    if g("packing") == "reference":
+        lines.append(f"{pads:,} padding and {dropped_tok:,} truncated tokens)")
+    else:
+        lines.append(f"{dropped_tok:,} tokens of the last partial rows dropped)")
+    lines.append(f"with the {g('tokenizer', '?')} tokenizer ({g('vocab_size', 0):,} tokens)"
+                 + (f" in {g('seconds'):.1f} s." if g("seconds") is not None else "."))
+    return " ".join(lines)
+
+
+def load_prepared(path: str | os.PathLike):
+    """Load a directory written by :func:`prepare_dataset`.
+
+    Returns ``(train, validation, tokenizer, stats)``: two ``datasets.Dataset``
+    with columns ``input_ids`` and ``labels``, the saved tokenizer and the stats
+    dict. Raises :class:`DataError` if ``path`` is not a prepared dataset.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"{str(p)!r} is not a prepared dataset: no such directory")
+    missing = [name for name in _REQUIRED if not (p / name).exists()]
+    if missing:
+        raise DataError(f"{str(p)!r} is not a prepared dataset: missing {', '.join(missing)} "
+                        f"(prepare it first)")
+    stats = _read_json(p / "stats.json")
+    if stats is None:
+        raise DataError(f"{str(p)!r} is not a prepared dataset: stats.json is unreadable")
+    import datasets
+    from transformers import AutoTokenizer
+
+    try:
+        train = datasets.load_from_disk(str(p / "train"))
+        validation = datasets.load_from_disk(str(p / "validation"))
+    except Exception as exc:
+        raise DataError(f"cannot load the prepared splits in {str(p)!r}: {exc}") from exc
+    for name, ds in (("train", train), ("validation", validation)):
+        if not isinstance(ds, datasets.Dataset) or not {"input_ids", "labels"} <= set(ds.column_names):
+            raise DataError(f"{str(p / name)!r} is not a split of a prepared dataset (no input_ids/labels)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p / "tokenizer"))
+    except Exception as exc:
+        raise DataError(f"cannot load the tokenizer in {str(p / 'tokenizer')!r}: {exc}") from exc
+    return train, validation, tokenizer, stats
+
+
+__all__ = [
+    "DataError", "PrepareSettings", "prepare_dataset", "load_prepared", "format_stats",
+    "default_cache_dir", "cache_key", "FORMAT_VERSION",
+]

@@ -1,0 +1,156 @@
+"""``kphi train`` as a user runs it: real subprocesses, real files, kills and resumes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corpus import prepare_small
+
+TINY = ["--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
+
+
+def kphi(*args, env=None, timeout=600):
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "log.csv") as handle:
+        return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(handle) if r["train_loss"]}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return prepare_small(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared, tmp_path_factory):
+    """12 uninterrupted steps, a checkpoint every 2, losses logged every step."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_run_dir_is_a_self_contained_model_dir(full_run):
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "metrics.json", "log.csv", "loss.png"):
+        assert (full_run / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(full_run)
+    tokenizer = AutoTokenizer.from_pretrained(full_run)
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True).endswith("<|assistant|>")
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 32
+    assert metrics["val_loss"] < metrics["val_curve"][0][1] + 1e-6  # validation loss did not get worse
+    assert metrics["tokens_per_second"] > 0
+    assert len(losses(full_run)) == 12
+    checkpoints = sorted(full_run.glob("checkpoint-*"))
+    assert len(checkpoints) == 2 and all((c / "kphi-complete.json").is_file() for c in checkpoints)
+    # the loss curve went down on this easy corpus
+    curve = losses(full_run)
+    assert curve[12] < curve[1]
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(prepared, full_run, tmp_path):
+    out = tmp_path / "resumed"
+    first = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "6", "--save-steps", "2", "--eval-steps", "4")
+    assert first.returncode == 0, first.stderr
+    second = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
+    assert second.returncode == 0, second.stderr
+    expected, got = losses(full_run), losses(out)
+    assert set(got) == set(expected)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigkill_mid_run_then_resume(prepared, full_run, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "kphi", "train", *TINY, "--data", str(prepared), "--out", str(out),
+            "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoint-4" / "kphi-complete.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
+    assert result.returncode == 0, result.stderr
+    expected, got = losses(full_run), losses(out)
+    for step in range(5, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_incomplete_checkpoint_is_ignored_and_corrupt_one_refused(prepared, tmp_path):
+    out = tmp_path / "run"
+    assert kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "4", "--save-steps", "2").returncode == 0
+    # a save killed half-way: a directory without the completion marker, newer than the good ones
+    (out / "checkpoint-6").mkdir()
+    (out / "checkpoint-6" / "model.safetensors").write_bytes(b"partial")
+    # the newest complete checkpoint is corrupt
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"\x00" * 16)
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "8", "--save-steps", "2", "--resume")
+    assert result.returncode == 2
+    assert "checkpoint" in result.stderr and "corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "checkpoint-6").exists()
+
+
+def test_refuses_to_overwrite_a_run_or_a_foreign_directory(prepared, full_run, tmp_path):
+    before = (full_run / "metrics.json").read_bytes()
+    again = kphi("train", *TINY, "--data", str(prepared), "--out", str(full_run), "--max-steps", "3")
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    other = kphi("train", "--preset", "tiny-phi3", "--context-length", "32", "--quiet", "--data", str(prepared), "--out", str(full_run), "--max-steps", "3", "--resume")
+    assert other.returncode == 2 and "different run" in other.stderr
+    assert (full_run / "metrics.json").read_bytes() == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(foreign), "--max-steps", "3")
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    out = tmp_path / "nan"
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "30", "--save-steps", "2", "--learning-rate", "1e30")
+    assert result.returncode == 2, result.stderr
+    assert "loss became" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--preset", "nope", "--max-steps", "1"], "unknown preset 'nope'"),
+        (["--preset", "tiny-kphi3", "--max-steps", "0"], "max_steps must be a positive integer"),
+        (["--preset", "tiny-kphi3", "--max-steps", "1", "--data", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    result = kphi("train", *args, "--out", str(tmp_path / "x"), "--quiet")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_with_no_data_named_uses_the_offline_corpus(tmp_path):
+    """The brief's acceptance check: a fresh machine, no data named."""
+    pytest.importorskip("chitchat_dataset")
+    out = tmp_path / "fresh"
+    result = kphi("train", "--preset", "tiny-kphi3", "--max-steps", "5", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9]])
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
