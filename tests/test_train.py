@@ -154,3 +154,20 @@ def test_train_with_no_data_named_uses_the_offline_corpus(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 5, 9]])
     assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(prepared, tmp_path):
+    """Scale-out through torchrun (gloo): 2 x batch 2 gives the losses of 1 x batch 4."""
+    common = ["train", "--preset", "tiny-kphi3", "--context-length", "32", "--logging-steps", "1", "--quiet",
+              "--data", str(prepared), "--max-steps", "5", "--save-steps", "5"]
+    single = kphi(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+              "-m", "kphi", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
+    ddp = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    expected, got = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert set(got) == set(expected) == {1, 2, 3, 4, 5}
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step

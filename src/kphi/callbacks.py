@@ -144,7 +144,16 @@ class TimeLimit(TrainerCallback):
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._start is not None and time.perf_counter() - self._start >= self.seconds:
+        expired = self._start is not None and time.perf_counter() - self._start >= self.seconds
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # every process must stop at the same step
+            import torch
+
+            flag = torch.tensor([1 if expired else 0])
+            dist.broadcast(flag, src=0)
+            expired = bool(flag.item())
+        if expired:
             self.reached = True
             control.should_training_stop = True
             control.should_save = True

@@ -102,6 +102,74 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import PrepareSettings, prepare_dataset
+
+    fields = {
+        "source": args.source,
+        "tokenizer": args.tokenizer,
+        "vocab_size": args.vocab_size,
+        "context_length": args.context_length,
+        "validation_rows": args.validation_rows,
+        "seed": args.seed,
+        "packing": args.packing,
+        "loss_on": args.loss_on,
+        "max_rows": args.max_rows,
+    }
+    if args.columns:
+        fields["columns"] = tuple(args.columns.split(","))
+    settings = PrepareSettings(**{k: v for k, v in fields.items() if v is not None})
+    path = prepare_dataset(settings, out_dir=args.out, progress=not args.quiet)
+    if args.quiet:
+        print(path)
+    return 0
+
+
+def cmd_tokenizer_phi3(args: argparse.Namespace) -> int:
+    from .data.tokenizers import build_tokenizer, describe_tokenizer
+
+    tokenizer = build_tokenizer("phi3-hub" if args.hub else "phi3")
+    _save_tokenizer(tokenizer, args.out)
+    info = describe_tokenizer(tokenizer)
+    print(f"phi-3 tokenizer ({info['vocab_size']:,} tokens) saved in {args.out}")
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from .data.recipe import format_sample
+    from .data.sources import open_source
+    from .data.tokenizers import train_bpe_tokenizer
+
+    source = open_source(args.source)
+    texts = []
+    for i, (instruction, response) in enumerate(source):
+        if args.max_rows is not None and i >= args.max_rows:
+            break
+        texts.append(format_sample(instruction, response))
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, show_progress=not args.quiet)
+    _save_tokenizer(tokenizer, args.out)
+    print(f"BPE tokenizer ({len(tokenizer):,} tokens) trained on {len(texts):,} samples, saved in {args.out}")
+    return 0
+
+
+def cmd_tokenizer_info(args: argparse.Namespace) -> int:
+    from .data.tokenizers import build_tokenizer, describe_tokenizer
+
+    print(json.dumps(describe_tokenizer(build_tokenizer(args.spec)), indent=2))
+    return 0
+
+
+def _save_tokenizer(tokenizer, out: str) -> None:
+    from pathlib import Path
+
+    from .data.tokenizers import TokenizerError
+
+    path = Path(out)
+    if path.exists() and any(path.iterdir()) and not (path / "tokenizer_config.json").is_file():
+        raise TokenizerError(f"{path} is not empty and holds no tokenizer; refusing to write into it")
+    tokenizer.save_pretrained(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -113,6 +181,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("presets", nargs="*", metavar="PRESET_OR_CONFIG", help="preset name, preset YAML, config.json or model dir (default: all presets)")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one preset)")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("data", help="prepare instruction corpora")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = data_sub.add_parser("prepare", help="format, filter, split, tokenize and pack a corpus")
+    d.add_argument("--source", help="default (offline corpus) | lamini | chitchat | chatterbot | PATH (.parquet/.jsonl/.json/.csv or a folder)")
+    d.add_argument("--columns", help="instruction and response column names, e.g. 'instruction,response'")
+    d.add_argument("--tokenizer", help="bpe (default, trained on the training split) | phi3 | phi3-hub | PATH")
+    d.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
+    d.add_argument("--context-length", type=int, help="tokens per packed row (default 256)")
+    d.add_argument("--validation-rows", type=int, help="pairs held out for validation (default 5000)")
+    d.add_argument("--seed", type=int, help="split seed (default 42)")
+    d.add_argument("--packing", choices=["tokens", "reference"], help="tokens (default, no padding) | reference (the report's character packing)")
+    d.add_argument("--loss-on", choices=["all", "assistant"], help="loss on every token (default) or on assistant tokens only")
+    d.add_argument("--max-rows", type=int, help="read at most this many pairs")
+    d.add_argument("--out", help="output directory (default: only the cache, whose path is printed)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("tokenizer", help="build, train and inspect tokenizers")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tok_sub.add_parser("phi3", help="write the exact phi-3 tokenizer (offline, from the GGUF vocabulary)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--hub", action="store_true", help="load microsoft/Phi-3-mini-4k-instruct from the hub instead")
+    t.set_defaults(func=cmd_tokenizer_phi3)
+    t = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer with the phi-3 special tokens")
+    t.add_argument("--source", default="default")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--max-rows", type=int)
+    t.add_argument("--out", required=True)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_tokenizer_train)
+    t = tok_sub.add_parser("info", help="vocabulary size and special tokens of a tokenizer (bpe needs no data: use a PATH)")
+    t.add_argument("spec", help="phi3 | phi3-hub | PATH")
+    t.set_defaults(func=cmd_tokenizer_info)
 
     p = sub.add_parser("train", help="train one model; the output directory becomes a model directory")
     p.add_argument("--preset", required=True, help="preset name or YAML, config.json or model dir")

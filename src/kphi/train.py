@@ -278,42 +278,10 @@ def _world_size() -> int:
 # --------------------------------------------------------------------------- the run
 
 
-def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
-    """Train one model as ``settings`` say; returns the run directory and its metrics."""
-    from transformers import Trainer, TrainingArguments, default_data_collator
+def _training_arguments(settings: TrainSettings, out: Path, max_steps: int):
+    from transformers import TrainingArguments
 
-    settings.validate()
-    out = Path(settings.out)
-    _check_run_dir(out, settings, resume)
-
-    train_rows, val_rows, tokenizer, data_stats = _load_data(settings)
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise TrainError("the prepared data has an empty training or validation split")
-    row_length = len(train_rows[0]["input_ids"])
-    if row_length != settings.context_length:
-        raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
-    eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
-    config = build_model_config(settings, tokenizer)
-
-    tokens_per_step = settings.batch_size * settings.gradient_accumulation_steps * settings.context_length * _world_size()
-    max_steps = settings.max_steps
-    if max_steps is None and settings.max_tokens is not None:
-        max_steps = math.ceil(settings.max_tokens / tokens_per_step)
-    if max_steps is None:  # time-limited: a step budget large enough never to bind
-        max_steps = 10**9
-
-    checkpoint = None
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        checkpoint = _newest_complete_checkpoint(out)
-        if checkpoint is not None:
-            _validate_checkpoint(checkpoint, config)
-    atomic_write_text(out / RUN_FILE, json.dumps({"identity": settings.identity(), "settings": dataclasses.asdict(settings)}, indent=2))
-
-    torch.manual_seed(settings.seed)
-    model = KPhi3ForCausalLM(config)
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),
         max_steps=max_steps,
         per_device_train_batch_size=settings.batch_size,
@@ -332,15 +300,82 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         save_total_limit=settings.save_total_limit,
         logging_steps=settings.logging_steps,
         logging_nan_inf_filter=False,
-        report_to=report_to,
+        report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
         seed=settings.seed,
         data_seed=settings.seed,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=settings.gradient_checkpointing,
         disable_tqdm=not settings.progress,
         dataloader_drop_last=True,
+        ddp_find_unused_parameters=False,
         **_precision_flags(settings.precision),
     )
+
+
+def _main_process_first(is_main: bool, on_main, on_others=None):
+    """Run ``on_main`` on the main process, then ``on_others`` elsewhere; a failure reaches every process.
+
+    With several processes (``torchrun``/``accelerate launch``), checks and writes that touch the run
+    directory or the data cache must happen once; the other processes wait for the verdict instead of
+    racing or hanging in a collective when the main process has refused to start.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return on_main()
+    verdict: list[Any] = [None, None]
+    if is_main:
+        try:
+            verdict[1] = on_main()
+        except Exception as err:  # noqa: BLE001 - forwarded to every process below
+            verdict[0] = f"{err}"
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise TrainError(verdict[0])
+    return verdict[1] if is_main or on_others is None else on_others(verdict[1])
+
+
+def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
+    """Train one model as ``settings`` say; returns the run directory and its metrics."""
+    from transformers import Trainer, default_data_collator
+
+    settings.validate()
+    out = Path(settings.out)
+    tokens_per_step = settings.batch_size * settings.gradient_accumulation_steps * settings.context_length * _world_size()
+    max_steps = settings.max_steps
+    if max_steps is None and settings.max_tokens is not None:
+        max_steps = math.ceil(settings.max_tokens / tokens_per_step)
+    if max_steps is None:  # time-limited: a step budget large enough never to bind
+        max_steps = 10**9
+    args = _training_arguments(settings, out, max_steps)  # also joins the process group when launched distributed
+    is_main = args.process_index == 0
+
+    def load_and_check():
+        _check_run_dir(out, settings, resume)
+        return _load_data(settings)
+
+    train_rows, val_rows, tokenizer, data_stats = _main_process_first(is_main, load_and_check, lambda _: _load_data(settings))
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise TrainError("the prepared data has an empty training or validation split")
+    row_length = len(train_rows[0]["input_ids"])
+    if row_length != settings.context_length:
+        raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
+    eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
+    config = build_model_config(settings, tokenizer)
+
+    def claim_run_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = _newest_complete_checkpoint(out) if resume else None
+        if checkpoint is not None:
+            _validate_checkpoint(checkpoint, config)
+        record = {"identity": settings.identity(), "settings": dataclasses.asdict(settings)}
+        atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
+        return str(checkpoint) if checkpoint else None
+
+    checkpoint = _main_process_first(is_main, claim_run_dir, lambda found: found)
+
+    torch.manual_seed(settings.seed)
+    model = KPhi3ForCausalLM(config)
     csv_logger = CsvLogger(out / "log.csv", tokens_per_step)
     guard = DivergenceGuard()
     callbacks = [CheckpointMarker(), csv_logger, guard]
@@ -356,9 +391,15 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
+    if not settings.progress:
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.utils import logging as hf_logging
+
+        trainer.remove_callback(PrinterCallback)
+        hf_logging.disable_progress_bar()
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=checkpoint)
     except (RuntimeError, KeyError, ValueError) as err:
         if checkpoint is not None and "checkpoint" in str(err).lower():
             raise TrainError(f"cannot resume from {checkpoint}: {err}") from None
@@ -376,16 +417,30 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
         trainer.evaluate()
-    if not trainer.is_world_process_zero():
-        return TrainResult(out=out, metrics={})
-    metrics = _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall)
-    _write_model_dir(trainer, tokenizer, out)
-    from .plots import plot_loss_curve
+    metrics: dict[str, Any] = {}
+    if is_main:
+        metrics = _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall)
+        _write_model_dir(trainer, tokenizer, out)
+        from .plots import plot_loss_curve
 
-    if (out / "log.csv").is_file():
-        plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset).name}: loss vs tokens")
-    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
+        if (out / "log.csv").is_file():
+            plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset).name}: loss vs tokens")
+        atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
+    _leave_process_group()
     return TrainResult(out=out, metrics=metrics)
+
+
+def _leave_process_group() -> None:
+    """Wait for the main process to finish writing, then shut the process group down cleanly.
+
+    Without this a non-main process exits while the group's communication threads still run, and
+    the launcher reports it as aborted.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall) -> dict:
