@@ -271,10 +271,6 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -341,14 +337,13 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
 
     settings.validate()
     out = Path(settings.out)
-    tokens_per_step = settings.batch_size * settings.gradient_accumulation_steps * settings.context_length * _world_size()
+    args = _training_arguments(settings, out, max_steps=1)  # also joins the process group when launched distributed
+    is_main = args.process_index == 0
+    tokens_per_step = settings.batch_size * settings.gradient_accumulation_steps * settings.context_length * args.world_size
     max_steps = settings.max_steps
     if max_steps is None and settings.max_tokens is not None:
         max_steps = math.ceil(settings.max_tokens / tokens_per_step)
-    if max_steps is None:  # time-limited: a step budget large enough never to bind
-        max_steps = 10**9
-    args = _training_arguments(settings, out, max_steps)  # also joins the process group when launched distributed
-    is_main = args.process_index == 0
+    args.max_steps = max_steps if max_steps is not None else 10**9  # time-limited: a budget that never binds
 
     def load_and_check():
         _check_run_dir(out, settings, resume)

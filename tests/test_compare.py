@@ -1,0 +1,117 @@
+"""``kphi compare``: controls of equal size, the smoke suite end to end, results and plots on disk."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kphi.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
+from kphi.lowrank import LowRankLinear, rank_for_fraction
+from kphi.presets import load_preset
+
+from corpus import write_corpus
+
+
+def test_low_rank_projection_counts_and_shapes():
+    layer = LowRankLinear(64, 192, rank_for_fraction(64, 192, 0.25))
+    assert layer.rank == round(0.25 * 64 * 192 / 256)
+    assert sum(p.numel() for p in layer.parameters()) == layer.rank * (64 + 192)
+    import torch
+
+    assert layer(torch.zeros(3, 64)).shape == (3, 192)
+
+
+@pytest.mark.parametrize("suite", ["smoke", "cpu", "paper"])
+def test_controls_match_the_kphi_arm_size(suite):
+    arms = {a.label: a for a in resolve_arms(load_suite(suite))}
+    target_label = {"smoke": "kphi-3", "cpu": "kphi-3", "paper": "JP47D55C"}[suite]
+    target = non_embedding(arms[target_label].config)
+    for arm in arms.values():
+        if arm.kind == "dense control":
+            assert not arm.config.is_grouped and arm.config.low_rank_fraction is None
+            assert arm.config.hidden_size < load_preset(arm.source.split()[0]).config.hidden_size
+            assert abs(non_embedding(arm.config) - target) / target < 0.03
+        if arm.kind == "low_rank control":
+            assert arm.config.low_rank_fraction is not None
+            assert abs(non_embedding(arm.config) - target) / target < 0.01
+
+
+def test_paper_suite_reproduces_the_report_counts():
+    arms = {a.label: non_embedding(a.config) for a in resolve_arms(load_suite("paper"))}
+    assert arms["JP47D54C"] == 226_507_776 and arms["JP47D55C"] == 35_011_584 and arms["JP47D56C"] == 52_515_840
+
+
+def test_dense_control_with_a_generous_target_keeps_the_base_width():
+    base = load_preset("tiny-phi3").config
+    assert dense_control(base, non_embedding(base)).hidden_size == base.hidden_size
+    assert low_rank_control(base, non_embedding(base) // 4).low_rank_fraction < 0.5
+
+
+def test_bad_suites_name_the_problem(tmp_path):
+    with pytest.raises(CompareError, match="unknown suite 'nope'"):
+        load_suite("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms:\n  - {label: a, preset: tiny-phi3}\n  - {label: a, preset: tiny-kphi3}\n")
+    with pytest.raises(CompareError, match="unique label"):
+        load_suite(str(bad))
+    bad.write_text("arms:\n  - {label: a, preset: tiny-phi3}\n  - {label: b, control: dense, base: tiny-phi3, match: zzz}\n")
+    with pytest.raises(CompareError, match="control needs"):
+        resolve_arms(load_suite(str(bad)))
+
+
+def run_kphi(*args, cache):
+    env = {**os.environ, "KPHI_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    corpus = write_corpus(tmp / "pairs.jsonl", pairs=300)
+    out = tmp / "out"
+    result = run_kphi("compare", "--suite", "smoke", "--data", str(corpus), "--seeds", "2", "--out", str(out), "--quiet", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout, tmp
+
+
+def test_smoke_suite_writes_results_table_and_plots(smoke_run):
+    out, stdout, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    assert [a["label"] for a in results["arms"]] == ["phi-3", "kphi-3", "phi-3 small (same params)", "low-rank (same params)"]
+    required = {"label", "model", "layers", "intermediate_size", "non_embedding", "percent", "train_loss", "val_loss", "tokens_per_second", "config"}
+    for arm in results["arms"]:
+        assert required <= set(arm)
+        assert math.isfinite(arm["train_loss"]) and math.isfinite(arm["val_loss"])
+        assert arm["tokens_per_second"] > 0
+        assert len(arm["runs"]) == 2 and arm["val_loss_std"] >= 0
+        assert arm["tokens"] == results["arms"][0]["tokens"]  # identical token budget
+    assert results["arms"][0]["percent"] == 100.0
+    assert results["arms"][1]["percent"] == pytest.approx(45.2, abs=0.1)
+    for name in ("val_loss.png", "params_vs_loss.png", "results.md"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| kphi-3 | kphi-3 | 2 | 128 | 37,184 | 45.2% |" in stdout
+
+
+def test_arms_share_data_order_and_settings(smoke_run):
+    out, _, _ = smoke_run
+    runs = sorted((out / "arms").glob("*-seed42/kphi-run.json"))
+    settings = [json.loads(p.read_text())["settings"] for p in runs]
+    assert len(settings) == 4
+    for s in settings:
+        for key in ("data", "seed", "batch_size", "context_length", "learning_rate", "max_steps"):
+            assert s[key] == settings[0][key], key
+
+
+def test_rerun_reuses_finished_arms_and_refuses_a_different_comparison(smoke_run):
+    out, _, tmp = smoke_run
+    before = (out / "results.json").read_text()
+    again = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--seeds", "2", "--out", str(out), "--quiet", cache=tmp / "cache")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["arms"] == json.loads(before)["arms"]
+    other = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--max-tokens", "999", "--out", str(out), "--quiet", cache=tmp / "cache")
+    assert other.returncode == 2 and "different comparison" in other.stderr and "Traceback" not in other.stderr
+    assert json.loads((out / "results.json").read_text())["arms"] == json.loads(before)["arms"]
