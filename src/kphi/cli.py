@@ -81,9 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(settings, resume=args.resume)
     m = result.metrics
     if m:
+        train_loss = "-" if m["train_loss"] is None else f"{m['train_loss']:.4f}"
         print(
             f"trained {m['steps']} steps ({m['tokens']:,} tokens) in {m['wall_seconds']:.0f} s: "
-            f"train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}; model in {result.out}"
+            f"train loss {train_loss}, val loss {m['val_loss']:.4f}; model in {result.out}"
         )
     return 0
 
@@ -156,6 +157,81 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> int:
     from .data.tokenizers import build_tokenizer, describe_tokenizer
 
     print(json.dumps(describe_tokenizer(build_tokenizer(args.spec)), indent=2))
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or advisory warnings from transformers in replies and exports."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _sampling_settings(args: argparse.Namespace):
+    from .generate import SamplingSettings
+
+    settings = SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    settings.validate()
+    return settings
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerationError, generate_reply, load_for_generation
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt.strip():
+        raise GenerationError("the prompt is empty")
+    if args.raw and args.system:
+        raise GenerationError("--system needs the chat template; it cannot be combined with --raw")
+    settings = _sampling_settings(args)
+    _quiet_transformers()
+    model, tokenizer = load_for_generation(args.model_dir)
+    messages = prompt if args.raw else [*([{"role": "system", "content": args.system}] if args.system else []),
+                                        {"role": "user", "content": prompt}]
+    generate_reply(model, tokenizer, messages, settings, stream=sys.stdout, raw=args.raw)
+    print(flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generate import ChatSession, chat_loop, load_for_generation
+
+    settings = _sampling_settings(args)
+    _quiet_transformers()
+    model, tokenizer = load_for_generation(args.model_dir)
+    chat_loop(ChatSession(model, tokenizer, settings, system=args.system))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_model, push_to_hub
+
+    if args.out is None and args.push_to_hub is None:
+        raise ExportError("give an output directory OUT, or --push-to-hub REPO_ID")
+    if args.private and args.push_to_hub is None:
+        raise ExportError("--private only applies with --push-to-hub")
+    standalone = args.standalone or not args.onnx or args.push_to_hub is not None
+    _quiet_transformers()
+    if args.push_to_hub is not None:
+        result = push_to_hub(args.model_dir, args.push_to_hub, out=args.out, private=args.private, onnx=args.onnx,
+                             onnx_exporter=args.onnx_exporter)
+    else:
+        result = export_model(args.model_dir, args.out, standalone=standalone, onnx=args.onnx,
+                              onnx_exporter=args.onnx_exporter)
+    if result.out is not None:
+        kinds = " and ".join(k for k, on in (("standalone", standalone), ("ONNX", args.onnx)) if on)
+        print(f"exported {kinds} to {result.out}: {', '.join(result.files)}")
+    if result.onnx is not None:
+        print(f"ONNX: {result.onnx.path.name} ({result.onnx.exporter} exporter, opset {result.onnx.opset})")
+    if result.url is not None:
+        print(f"uploaded to {result.url}")
     return 0
 
 
@@ -247,7 +323,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="override the training budget per arm")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "generate",
+        help="one reply from a model directory, streamed to the terminal",
+        description="Wrap the prompt in the chat template (<|user|>PROMPT<|end|><|assistant|>) and print the "
+        "model's reply as it is generated, up to <|end|> or end of text. Defaults follow the report: sampling "
+        "with top_p 0.5 and repetition penalty 1.2. A prompt that does not fit in the model's context "
+        "(max_position_embeddings) with room for the reply is truncated from the left, with a warning on stderr.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (kphi train's --out, an export)")
+    p.add_argument("--prompt", required=True, help="the user message ('-' reads it from standard input); "
+                   "too long for the context: truncated from the left with a warning on stderr")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--system", help="a system message before the prompt")
+    _add_sampling_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="an interactive multi-turn chat with a model directory",
+        description="Talk to a model: each line you type is a user message, the history is rendered through the "
+        "chat template. /reset clears the conversation, /exit or Ctrl-D ends it. When standard input is not a "
+        "terminal (a script), standard output carries only the replies, one per message. When the "
+        "conversation outgrows the context, the oldest turns are dropped (noted on stderr).",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (kphi train's --out, an export)")
+    p.add_argument("--system", help="a system message that starts (and stays in) the conversation")
+    _add_sampling_arguments(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "export",
+        help="write a model that loads without kphi (and/or ONNX), or upload it to the hub",
+        description="--standalone (the default): weights, config with auto_map, tokenizer, generation config and "
+        "the modeling code, loadable with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) "
+        "without kphi. --onnx: model.onnx, logits for input_ids + attention_mask. OUT must be empty, new or a "
+        "previous export; it is replaced atomically.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a kphi-3 model directory")
+    p.add_argument("out", metavar="OUT", nargs="?", help="output directory (optional with --push-to-hub)")
+    p.add_argument("--standalone", action="store_true", help="weights + modeling code + auto_map (default unless --onnx alone)")
+    p.add_argument("--onnx", action="store_true", help="also (or only) write model.onnx; needs pip install 'kphi[onnx]'")
+    p.add_argument("--onnx-exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="torch.onnx.export path: dynamo (onnxscript), torchscript (legacy), auto: dynamo then torchscript")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the standalone export to this hub model repository "
+                   "(token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the hub repository as private")
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per reply (default 128)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.5, help="nucleus sampling probability mass (default 0.5, the report's)")
+    p.add_argument("--repetition-penalty", type=float, default=1.2, help="1.0 means none (default 1.2, the report's)")
+    p.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -259,6 +391,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("kphi.data.tokenizers", "TokenizerError"),
         ("kphi.train", "TrainError"),
         ("kphi.compare", "CompareError"),
+        ("kphi.generate", "GenerationError"),
+        ("kphi.export", "ExportError"),
     ):
         try:
             errors.append(getattr(__import__(module, fromlist=[name]), name))

@@ -297,7 +297,8 @@ def run_compare(
             except TrainError as err:
                 raise CompareError(f"arm {arm.label!r} (seed {seed}) failed: {err}") from None
             m = result.metrics
-            log(f"    train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}, {m['tokens_per_second']:,.0f} tokens/s")
+            log(f"    train loss {_fmt(m['train_loss'], None, 1)}, val loss {_fmt(m['val_loss'], None, 1)}, "
+                f"{m['tokens_per_second'] or 0:,.0f} tokens/s")
             runs[arm.label].append(m)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started)

@@ -1,0 +1,555 @@
+"""``kphi export``: checkpoints that load without kphi (remote code), ONNX, and the Hugging Face hub.
+
+Three ways out of a model directory (one written by ``kphi train``, or any ``save_pretrained`` folder of a
+kphi-3 model):
+
+* **standalone** (:func:`export_model` with ``standalone=True``): weights (safetensors), ``config.json``,
+  tokenizer, generation config *and the modeling code* beside them, with an ``auto_map`` in
+  ``config.json``, so ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` works where
+  transformers is installed and kphi is not. This is how the report's own checkpoints are published.
+* **ONNX** (``onnx=True``): ``model.onnx`` mapping ``input_ids`` and ``attention_mask`` (``int64
+  [batch, sequence]``) to ``logits`` (``float32 [batch, sequence, vocab]``), no KV cache, exported with
+  ``torch.onnx.export`` (the dynamo exporter, falling back to the TorchScript one).
+* **hub** (:func:`push_to_hub`): the standalone export uploaded with ``huggingface_hub``'s
+  ``HfApi.create_repo`` and ``HfApi.upload_folder``.
+
+The modeling code is not a second copy of the model: :func:`standalone_sources` generates it from kphi's own
+``model.py``, ``block.py`` and ``lowrank.py`` every time, by editing their syntax trees:
+
+* ``configuration_kphi3.py`` holds the ``KPhi3Config`` class of ``model.py`` plus the imports and constants
+  it uses;
+* ``modeling_kphi3.py`` is ``model.py`` without that class (imported from ``.configuration_kphi3``
+  instead) and without the module-level ``Auto*.register(...)`` calls: transformers registers remote code
+  itself, and a module that registers on import would fight with it (and with kphi, where both are loaded);
+* ``kphi3_block.py`` and ``kphi3_lowrank.py`` are ``block.py`` and ``lowrank.py``; relative imports
+  between the files are renamed to these siblings (transformers' dynamic-module loader follows them).
+
+An output directory holds one export, marked by ``kphi-export.json``. Export refuses to write into a
+non-empty directory without that marker, and writes atomically: everything goes into a temporary
+directory beside ``OUT`` that replaces ``OUT`` by renaming only once complete, so a failure leaves ``OUT``
+as it was.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+__all__ = [
+    "AUTO_MAP",
+    "EXPORT_MARKER",
+    "ExportError",
+    "ExportResult",
+    "OnnxResult",
+    "export_model",
+    "export_onnx",
+    "push_to_hub",
+    "standalone_sources",
+]
+
+EXPORT_MARKER = "kphi-export.json"
+ONNX_FILE = "model.onnx"
+
+#: The ``auto_map`` written into an exported ``config.json``.
+AUTO_MAP = {
+    "AutoConfig": "configuration_kphi3.KPhi3Config",
+    "AutoModel": "modeling_kphi3.KPhi3Model",
+    "AutoModelForCausalLM": "modeling_kphi3.KPhi3ForCausalLM",
+}
+
+# kphi source module -> file name in an export. Relative imports between them are renamed accordingly.
+_SIBLINGS = {"block": "kphi3_block", "lowrank": "kphi3_lowrank", "configuration": "configuration_kphi3", "model": "modeling_kphi3"}
+_CONFIG_CLASS = "KPhi3Config"
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked (not a kphi-3 model, an occupied output directory, ...)."""
+
+
+@dataclass
+class OnnxResult:
+    path: Path
+    exporter: str
+    """``"dynamo"`` or ``"torchscript"``: which ``torch.onnx.export`` path produced the file."""
+    opset: int | None
+
+
+@dataclass
+class ExportResult:
+    out: Path | None
+    files: list[str] = field(default_factory=list)
+    onnx: OnnxResult | None = None
+    url: str | None = None
+    """The hub repository URL after :func:`push_to_hub`."""
+
+
+# --------------------------------------------------------------------------- code generation
+
+
+def _kphi_source(name: str) -> str:
+    return (Path(__file__).resolve().parent / f"{name}.py").read_text(encoding="utf-8")
+
+
+def _names_used(node: ast.AST) -> set[str]:
+    used = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            used.add(sub.id)
+    return used
+
+
+def _defined_names(stmt: ast.stmt) -> set[str]:
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {stmt.name}
+    return set()
+
+
+def _rename_relative(tree_source: str, origin: str) -> str:
+    """Point every relative import of ``tree_source`` at the exported sibling file; refuse unknown ones."""
+    tree = ast.parse(tree_source)
+    lines = tree_source.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if node.level != 1 or node.module not in _SIBLINGS:
+                raise ExportError(
+                    f"kphi/{origin}.py imports '{'.' * node.level}{node.module or ''}', which the standalone export "
+                    "does not carry; extend kphi.export._SIBLINGS"
+                )
+            line = lines[node.lineno - 1]
+            old = f".{node.module}"
+            at = line.find(old, node.col_offset)
+            lines[node.lineno - 1] = line[:at] + f".{_SIBLINGS[node.module]}" + line[at + len(old):]
+    return "".join(lines)
+
+
+def _header(origin: str) -> str:
+    from . import __version__
+
+    return (
+        f"# Generated by kphi {__version__} (`kphi export --standalone`) from kphi/{origin}.py.\n"
+        "# It needs torch and transformers, not kphi. Load with\n"
+        "#   AutoModelForCausalLM.from_pretrained(path_or_repo, trust_remote_code=True)\n"
+    )
+
+
+def _is_auto_registration(stmt: ast.stmt) -> bool:
+    """``AutoX.register(...)`` at module level."""
+    return (
+        isinstance(stmt, ast.Expr)
+        and isinstance(stmt.value, ast.Call)
+        and isinstance(stmt.value.func, ast.Attribute)
+        and stmt.value.func.attr == "register"
+        and isinstance(stmt.value.func.value, ast.Name)
+        and stmt.value.func.value.id.startswith("Auto")
+    )
+
+
+def _split_model_source(source: str) -> tuple[str, str]:
+    """``model.py`` -> (configuration module, modeling module)."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    body = tree.body
+    config_node = next((s for s in body if isinstance(s, ast.ClassDef) and s.name == _CONFIG_CLASS), None)
+    if config_node is None:
+        raise ExportError(f"kphi/model.py defines no class {_CONFIG_CLASS}")
+
+    def span(stmt: ast.stmt) -> tuple[int, int]:
+        first = min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", []))])
+        return first - 1, stmt.end_lineno
+
+    def text(stmt: ast.stmt) -> str:
+        start, end = span(stmt)
+        return "".join(lines[start:end])
+
+    # configuration: the class plus the module-level statements it needs (transitively), in source order
+    needed = _names_used(config_node)
+    chosen: dict[int, str] = {}
+    pending = set(needed)
+    while pending:
+        name = pending.pop()
+        for index, stmt in enumerate(body):
+            if stmt is config_node or name not in _defined_names(stmt):
+                continue
+            if isinstance(stmt, ast.ImportFrom):
+                aliases = [a for a in stmt.names if (a.asname or a.name) in needed]
+                piece = ast.unparse(ast.ImportFrom(module=stmt.module, names=aliases, level=stmt.level)) + "\n"
+                chosen[index] = piece
+            elif isinstance(stmt, ast.Import):
+                aliases = [a for a in stmt.names if (a.asname or a.name).split(".")[0] in needed]
+                chosen[index] = ast.unparse(ast.Import(names=aliases)) + "\n"
+            else:
+                chosen[index] = text(stmt)
+                new = _names_used(stmt) - needed
+                needed |= new
+                pending |= new
+    future = "from __future__ import annotations\n" if any(
+        isinstance(s, ast.ImportFrom) and s.module == "__future__" for s in body
+    ) else ""
+    config_source = (
+        _header("model")
+        + '"""The configuration of kphi-3 models (``model_type: kphi3``)."""\n\n'
+        + (future + "\n" if future else "")
+        + "".join(chosen[i] for i in sorted(chosen))
+        + "\n\n"
+        + text(config_node)
+    )
+
+    # modeling: everything else, the config imported from its own module, no Auto registration
+    drop: list[tuple[int, int]] = [span(config_node)]
+    drop += [span(s) for s in body if _is_auto_registration(s)]
+    last_import = max(i for i, s in enumerate(body) if isinstance(s, (ast.Import, ast.ImportFrom)))
+    insert_after = body[last_import].end_lineno
+    out: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if any(start < number <= end for start, end in drop):
+            continue
+        out.append(line)
+        if number == insert_after:
+            out.append(f"from .configuration import {_CONFIG_CLASS}\n")
+    modeling_source = _header("model") + re.sub(r"\n{4,}", "\n\n\n", "".join(out)).rstrip() + "\n"
+    return config_source, modeling_source
+
+
+def standalone_sources() -> dict[str, str]:
+    """The exported code files (file name -> text), generated from kphi's own source files."""
+    config_source, modeling_source = _split_model_source(_kphi_source("model"))
+    files = {
+        "configuration_kphi3.py": _rename_relative(config_source, "model"),
+        "modeling_kphi3.py": _rename_relative(modeling_source, "model"),
+        "kphi3_block.py": _rename_relative(_header("block") + _kphi_source("block"), "block"),
+        "kphi3_lowrank.py": _rename_relative(_header("lowrank") + _kphi_source("lowrank"), "lowrank"),
+    }
+    for name, text in files.items():
+        compile(text, name, "exec")  # a generation bug fails here, not on the user's machine
+    return files
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
+    """The kphi-3 model in ``model_dir`` (kphi's own classes), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from .model import KPhi3ForCausalLM
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ExportError(f"{path} is not a directory (expected a model directory with config.json)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{path} is not a model directory: it has no config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{config_file} is unreadable ({err})") from None
+    if model_type != "kphi3":
+        raise ExportError(f"{path} holds a {model_type!r} model; kphi export handles kphi-3 models (model_type 'kphi3')")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=dtype or "auto")
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ExportError(f"cannot load the model in {path}: {err}") from None
+    if not isinstance(model, KPhi3ForCausalLM):  # pragma: no cover - the registry maps kphi3 to it
+        raise ExportError(f"{path} did not load as a kphi-3 model (got {type(model).__name__})")
+    return model.eval()
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not _has_tokenizer(model_dir):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot load the tokenizer in {model_dir}: {err}") from None
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def _logits_module(model):
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        """``(input_ids, attention_mask) -> logits``, no cache: the graph ONNX gets."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return LogitsOnly(model).eval()
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter():
+    """The exporters' advisory warnings and log lines (missing torchvision ops, deprecations) stay out of the
+    command's output; real failures still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model, path: str | os.PathLike, *, exporter: str = "auto", opset: int | None = None) -> OnnxResult:
+    """Write ``model``'s logits for ``input_ids`` + ``attention_mask`` as ONNX at ``path`` (float32).
+
+    ``exporter``: ``"dynamo"`` (``torch.onnx.export(..., dynamo=True)``, with onnxscript),
+    ``"torchscript"`` (the legacy tracer) or ``"auto"`` (dynamo, then torchscript if dynamo fails).
+    Batch and sequence length are dynamic. Weights over 1 GiB go to an external-data file beside it.
+    """
+    import torch
+
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ExportError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
+    if exporter in ("auto", "dynamo") and importlib.util.find_spec("onnxscript") is None:
+        if exporter == "dynamo":
+            raise ExportError("the dynamo ONNX exporter needs onnxscript: pip install 'kphi[onnx]'")
+        exporter = "torchscript"
+    try:
+        import onnx as onnx_lib
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'kphi[onnx]'") from None
+
+    model = model.float().eval()
+    wrapped = _logits_module(model)
+    vocab = model.config.vocab_size
+    example_ids = torch.arange(2 * 5, dtype=torch.long).reshape(2, 5) % max(vocab, 1)
+    example_mask = torch.ones_like(example_ids)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = nbytes > (1 << 30)
+    path = Path(path)
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"], "external_data": external}
+    attempts = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    axes = {0: "batch", 1: "sequence"}
+    failures = []
+    for kind in attempts:
+        try:
+            with torch.no_grad(), _quiet_onnx_exporter():
+                if kind == "dynamo":
+                    torch.onnx.export(
+                        wrapped, (example_ids, example_mask), str(path), dynamo=True, verbose=False,
+                        dynamic_shapes={"input_ids": axes, "attention_mask": axes}, opset_version=opset, **names,
+                    )
+                else:
+                    torch.onnx.export(
+                        wrapped, (example_ids, example_mask), str(path), dynamo=False, opset_version=opset or 18,
+                        dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes}, **names,
+                    )
+        except Exception as err:  # noqa: BLE001 - each exporter fails in its own ways; try the next one
+            failures.append(f"{kind}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            for leftover in (path, path.with_name(path.name + ".data")):
+                leftover.unlink(missing_ok=True)
+            continue
+        proto = onnx_lib.load(str(path), load_external_data=False)
+        used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        return OnnxResult(path=path, exporter=kind, opset=used_opset)
+    raise ExportError("ONNX export failed: " + "; ".join(failures))
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def _prepare_out(out: Path, source: Path) -> None:
+    if out.resolve() == source.resolve():
+        raise ExportError(f"the output directory must differ from the model directory ({source})")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ExportError(f"{out} is not empty and holds no kphi export; refusing to write into it (choose another OUT)")
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move the finished ``staging`` to ``out``; an existing (previous) export is swapped out, then removed."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "previous")
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / "previous", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+_MODEL_CARD = """---
+library_name: transformers
+tags:
+- kphi
+- kphi-3
+- phi-3
+---
+
+# {name}
+
+A kphi-3 model ({params:,} parameters): phi-3 with grouped pointwise projections, exported by kphi {version}.
+The modeling code is in this folder, so kphi does not need to be installed:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)  # it reads config.json
+messages = [{{"role": "user", "content": "Hello!"}}]
+ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+print(tokenizer.decode(model.generate(**ids)[0], skip_special_tokens=True))
+```
+"""
+
+
+def _write_standalone(model, tokenizer, staging: Path, name: str) -> list[str]:
+    from . import __version__
+
+    model.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    config_path = staging / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = dict(AUTO_MAP)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for file_name, text in standalone_sources().items():
+        (staging / file_name).write_text(text, encoding="utf-8")
+    if not (staging / "README.md").exists():
+        params = sum(p.numel() for p in model.parameters())
+        (staging / "README.md").write_text(_MODEL_CARD.format(name=name, params=params, version=__version__))
+    return sorted(p.name for p in staging.iterdir())
+
+
+def export_model(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    standalone: bool = True,
+    onnx: bool = False,
+    onnx_exporter: str = "auto",
+    name: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export the kphi-3 model in ``model_dir`` to ``out`` (see the module docstring).
+
+    ``standalone``: weights, config with ``auto_map``, tokenizer, generation config and the modeling code.
+    ``onnx``: ``model.onnx`` (logits for ``input_ids`` + ``attention_mask``), plus config and tokenizer.
+    ``name`` is the model's name in the model card (default: ``out``'s name). ``warn`` receives notes
+    (default: printed on stderr). Raises :class:`ExportError` for bad input; ``out`` is then unchanged.
+    """
+    if not standalone and not onnx:
+        raise ExportError("nothing to export: choose standalone and/or onnx")
+    warn = warn or (lambda message: print(f"kphi: {message}", file=sys.stderr))
+    source, out = Path(model_dir), Path(out)
+    model = _load_kphi_model(source, dtype=None)
+    tokenizer = _load_tokenizer(source)
+    if tokenizer is None:
+        warn(f"{source} has no tokenizer; the export has none either")
+    _prepare_out(out, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        result = ExportResult(out=out)
+        if standalone:
+            _write_standalone(model, tokenizer, staging, name or out.name)
+        else:
+            model.config.save_pretrained(staging)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        if onnx:
+            result.onnx = export_onnx(model, staging / ONNX_FILE, exporter=onnx_exporter)  # after the weights: casts to float32
+        formats = [f for f, on in (("standalone", standalone), ("onnx", onnx)) if on]
+        from . import __version__
+
+        marker = {
+            "kphi_version": __version__,
+            "source": str(source.resolve()),
+            "formats": formats,
+            "onnx": None if result.onnx is None else {"file": ONNX_FILE, "exporter": result.onnx.exporter, "opset": result.onnx.opset},
+        }
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        result.files = sorted(p.name for p in staging.iterdir())
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if result.onnx is not None:
+        result.onnx.path = out / ONNX_FILE
+    return result
+
+
+def push_to_hub(
+    model_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    out: str | os.PathLike | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    onnx: bool = False,
+    onnx_exporter: str = "auto",
+    warn: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export ``model_dir`` standalone (into ``out``, else a temporary directory) and upload it to ``repo_id``.
+
+    Creates the repository if needed (``HfApi.create_repo(..., exist_ok=True, private=private)``), then
+    ``HfApi.upload_folder``. The token is ``token`` or huggingface_hub's own (``HF_TOKEN``, ``hf auth login``).
+    Returns the export with ``url`` set to the repository URL.
+    """
+    import httpx2
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/") or " " in repo_id:
+        raise ExportError(f"invalid hub repository id {repo_id!r}; expected 'namespace/name'")
+    with tempfile.TemporaryDirectory(prefix="kphi-push-") as scratch:
+        target = Path(out) if out is not None else Path(scratch) / repo_id.rsplit("/", 1)[-1]
+        result = export_model(model_dir, target, standalone=True, onnx=onnx, onnx_exporter=onnx_exporter, name=repo_id,
+                              warn=warn)
+        api = HfApi(token=token)
+        try:
+            # private=None leaves the visibility to the hub's default for the namespace
+            repo = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(target),
+                repo_type="model",
+                commit_message=commit_message or "Upload kphi-3 model (kphi export --standalone)",
+                ignore_patterns=[EXPORT_MARKER],
+            )
+        except (HfHubHTTPError, OSError, httpx2.HTTPError) as err:
+            raise ExportError(f"upload to the hub repository {repo_id} failed: {str(err).splitlines()[0]}") from None
+        result.url = str(repo)
+        if out is None:
+            result.out = None
+    return result
