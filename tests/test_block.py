@@ -85,10 +85,12 @@ def _block(i, o, g, dtype=torch.float32):
     return block
 
 
+# 2 x 5 rows take the batched-matmul path, 3 x 100 rows the per-group GEMM function (SMALL_INPUT_TOKENS = 256).
+@pytest.mark.parametrize("rows", [(2, 5), (3, 100)], ids=["small-input", "gemm-loop"])
 @pytest.mark.parametrize("i,o,g", [(64, 192, 4), (128, 64, 8), (48, 48, 12), (6, 10, 2)])
-def test_block_fast_path_equals_naive_values_and_grads(i, o, g):
+def test_block_fast_path_equals_naive_values_and_grads(i, o, g, rows):
     block = _block(i, o, g)
-    x = torch.randn(2, 5, i, requires_grad=True)
+    x = torch.randn(*rows, i, requires_grad=True)
     fast = block(x)
     ref = naive_block(x, block.first_pointwise_conv.weight, block.second_pointwise_conv.weight)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
@@ -101,9 +103,10 @@ def test_block_fast_path_equals_naive_values_and_grads(i, o, g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_block_bfloat16_close_to_float32():
+@pytest.mark.parametrize("rows", [3, 300])
+def test_block_bfloat16_close_to_float32(rows):
     block = _block(64, 128, 4)
-    x = torch.randn(3, 64)
+    x = torch.randn(rows, 64)
     ref = block.naive_forward(x)
     out = block.to(torch.bfloat16)(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
@@ -158,3 +161,41 @@ def test_init_schemes():
     assert layer.weight.abs().max().item() > 0.9 * bound
     with pytest.raises(ValueError, match="unknown grouped init"):
         layer.reset_parameters("xavier")
+
+
+def test_fast_path_gradients_pass_gradcheck_in_float64():
+    block = GroupedPointwiseBlock(12, 18, 6, dtype=torch.float64)
+    for p in block.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    w1, w2 = block.first_pointwise_conv.weight, block.second_pointwise_conv.weight
+    from kphi.block import _GroupedBlockFunction, grouped_block_forward
+
+    assert torch.autograd.gradcheck(_GroupedBlockFunction.apply, (x, w1, w2))  # the hand-written backward
+    assert torch.autograd.gradcheck(grouped_block_forward, (x, w1, w2))
+
+
+def test_fast_path_bfloat16_gradients_close_to_reference():
+    block = _block(64, 128, 4)
+    x = torch.randn(300, 64, requires_grad=True)  # the per-group GEMM path
+    grad_out = torch.randn(300, 128)
+    ref_grads = torch.autograd.grad(block.naive_forward(x), [x, *block.parameters()], grad_out)
+    bf = _block(64, 128, 4).to(torch.bfloat16)
+    bf.load_state_dict({k: v.to(torch.bfloat16) for k, v in block.state_dict().items()})
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    grads = torch.autograd.grad(bf(xb), [xb, *bf.parameters()], grad_out.to(torch.bfloat16))
+    for got, ref in zip(grads, ref_grads):
+        # bfloat16 keeps 8 bits of mantissa: errors of ~1% of the largest entry are its rounding, not a bug
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_fast_path_under_autocast_matches_linear_behaviour():
+    block = _block(64, 128, 4)
+    x = torch.randn(300, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and block.first_pointwise_conv.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), block.naive_forward(x), rtol=3e-2, atol=3e-2)

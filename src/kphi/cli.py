@@ -246,6 +246,15 @@ def _save_tokenizer(tokenizer, out: str) -> None:
     tokenizer.save_pretrained(path)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_bench
+
+    progress = (lambda *a, **k: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    report = run_bench(quick=args.quick, dtype=args.dtype, device=args.device, progress=progress)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -314,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="time the grouped block against dense layers (phi-3 shapes) and end to end")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with a 'shapes' list)")
+    p.add_argument("--quick", action="store_true", help="512 tokens and 3 repeats instead of 2048 and 5")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="train the arms of a suite and print the report's table")
     p.add_argument("--suite", default="cpu", help="cpu (default, ~10 min on 2 cores) | smoke | paper | a suite YAML")
