@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 
-from corpus import prepare_small
 from kphi.export import AUTO_MAP, EXPORT_MARKER, ExportError, export_model, push_to_hub, standalone_sources
 
 
@@ -21,15 +20,8 @@ def kphi(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A model directory exactly as ``kphi train`` leaves it (3 steps of the tiny preset)."""
-    root = tmp_path_factory.mktemp("export")
-    prepared = prepare_small(root)
-    out = root / "model"
-    result = kphi("train", "--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1",
-                  "--data", str(prepared), "--out", str(out), "--max-steps", "3", "--quiet")
-    assert result.returncode == 0, result.stderr
-    return out
+def model_dir(trained_model_dir):
+    return trained_model_dir
 
 
 @pytest.fixture(scope="module")

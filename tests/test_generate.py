@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from corpus import prepare_small
 from kphi.generate import (
     ChatSession,
     GenerationError,
@@ -32,15 +31,8 @@ def kphi(*args, input=None, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A model directory exactly as ``kphi train`` leaves it (3 steps of the tiny preset)."""
-    root = tmp_path_factory.mktemp("generate")
-    prepared = prepare_small(root)
-    out = root / "model"
-    result = kphi("train", "--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1",
-                  "--data", str(prepared), "--out", str(out), "--max-steps", "3", "--quiet")
-    assert result.returncode == 0, result.stderr
-    return out
+def model_dir(trained_model_dir):
+    return trained_model_dir
 
 
 @pytest.fixture(scope="module")

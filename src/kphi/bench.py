@@ -216,7 +216,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"device {report['device']}, {report['dtype']}, torch {report['torch']}, medians of {report['repeats']}",
         "",
-        f"| shape | G | dense ms | kphi ms | ideal | ratio | ratio / ideal | decode dense ms | decode kphi ms | decode ratio |",
+        "| shape | G | dense ms | kphi ms | ideal | ratio | ratio / ideal | decode dense ms | decode kphi ms | decode ratio |",
         "|--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for s in report["shapes"]:
