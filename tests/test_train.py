@@ -148,7 +148,8 @@ def test_train_with_no_data_named_uses_the_offline_corpus(tmp_path):
     """The brief's acceptance check: a fresh machine, no data named."""
     pytest.importorskip("chitchat_dataset")
     out = tmp_path / "fresh"
-    result = kphi("train", "--preset", "tiny-kphi3", "--max-steps", "5", "--out", str(out), "--quiet")
+    result = kphi("train", "--preset", "tiny-kphi3", "--max-steps", "5", "--out", str(out), "--quiet",
+                  env={"KPHI_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -171,3 +172,13 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(prepared
     assert set(got) == set(expected) == {1, 2, 3, 4, 5}
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-5), step
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_a_model(prepared, tmp_path):
+    out = tmp_path / "timed"
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-minutes", "0.05", "--save-steps", "1000")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 1 <= metrics["steps"] < 1000  # stopped by the clock, not by a step budget
+    assert (out / f"checkpoint-{metrics['steps']}" / "kphi-complete.json").is_file()
+    assert (out / "model.safetensors").is_file()

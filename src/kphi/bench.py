@@ -147,13 +147,31 @@ def _generate_fn(model, new_tokens: int, device):
     return run
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set in MiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where it exists: ``getrusage``'s ``ru_maxrss`` survives ``fork`` and
+    ``exec`` on Linux, so a child would report its parent's peak.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peak_memory_mb(preset: str, batch: int, context: int, dtype: str, device: str) -> float | None:
     """Peak memory of a child process doing 2 training steps (RSS on CPU, allocator peak on GPU)."""
     code = (
-        "import sys, json, resource, torch; from kphi.bench import _model, _train_step_fn;"
+        "import json, torch; from kphi.bench import _model, _train_step_fn;"
         f"d=torch.device({device!r}); m=_model({preset!r}, d, getattr(torch, {dtype!r})); s=_train_step_fn(m, {batch}, {context}, d);"
         "s(); s();"
-        "peak = torch.cuda.max_memory_allocated()/2**20 if d.type=='cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024;"
+        "from kphi.bench import _peak_rss_mb;"
+        "peak = torch.cuda.max_memory_allocated()/2**20 if d.type=='cuda' else _peak_rss_mb();"
         "print(json.dumps(peak))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)

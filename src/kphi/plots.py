@@ -75,6 +75,7 @@ def plot_params_vs_loss(points: list[dict], out_png: Path, title: str) -> Path:
         ax.errorbar(p["params"], p["loss"], yerr=p.get("spread") or 0.0, fmt="o", capsize=3, label=p["label"])
         ax.annotate(p["label"], (p["params"], p["loss"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.1)  # room for the labels beside the outermost points
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("final validation loss")
     ax.set_title(title)
