@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config, Phi3ForCa
 
 from kphi import GroupedPointwiseBlock, KPhi3Config, KPhi3ForCausalLM
 from kphi.block import GroupedLinear
-from conftest import tiny_config
+from tiny import tiny_config
 
 
 def test_auto_classes_know_kphi3_without_remote_code(tmp_path):
