@@ -250,7 +250,7 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, Phi3ForCausalLM):
         logits_to_keep=0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if cache is None and "past_key_values" in kwargs:  # transformers < 5.40 name of the cache argument
+        if cache is None and "past_key_values" in kwargs:  # the deprecated name, accepted until transformers 5.40
             cache = kwargs.pop("past_key_values")
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,

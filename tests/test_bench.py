@@ -1,0 +1,36 @@
+"""``kphi bench`` produces the documented report (its numbers are measurements, not test assertions)."""
+
+from kphi.bench import PHI3_SHAPES, bench_shape, format_report
+
+
+def test_shape_result_has_the_documented_json_keys():
+    result = bench_shape(64, 192, 4, tokens=64, repeats=1).to_dict()
+    for key in ("in", "out", "groups", "dense_ms", "kphi_ms", "ideal_ratio", "ratio"):
+        assert key in result
+    assert (result["in"], result["out"], result["groups"]) == (64, 192, 4)
+    assert result["ideal_ratio"] == 0.5
+    assert result["dense_ms"] > 0 and result["kphi_ms"] > 0
+    # the ratio comes from unrounded times, the milliseconds are rounded to 3 decimals
+    assert abs(result["ratio"] - result["kphi_ms"] / result["dense_ms"]) <= 0.05 * result["ratio"]
+
+
+def test_phi3_shapes_follow_the_group_rule():
+    from kphi.block import group_count
+
+    for in_f, out_f, groups in PHI3_SHAPES[:4]:
+        assert group_count(in_f, out_f, 256) == groups
+
+
+def test_report_table_lists_every_shape():
+    shapes = [bench_shape(32, 64, 4, tokens=32, repeats=1).to_dict()]
+    report = {
+        "device": "cpu", "dtype": "float32", "torch": "x", "repeats": 1, "shapes": shapes,
+        "end_to_end": {
+            "presets": ["a", "b"], "batch": 1, "context": 8,
+            "train_tokens_per_second": {"dense": 1.0, "kphi": 2.0}, "train_speedup": 2.0,
+            "generate_tokens_per_second": {"dense": 1.0, "kphi": 2.0}, "generate_speedup": 2.0,
+            "peak_memory_mb": {"dense": 10.0, "kphi": 5.0},
+        },
+    }
+    text = format_report(report)
+    assert "| 32->64 | 4 |" in text and "2.00x" in text
