@@ -374,10 +374,8 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     csv_logger = CsvLogger(out / "log.csv", tokens_per_step)
     guard = DivergenceGuard()
     callbacks = [CheckpointMarker(), csv_logger, guard]
-    time_limit = None
     if settings.max_minutes is not None:
-        time_limit = TimeLimit(settings.max_minutes)
-        callbacks.append(time_limit)
+        callbacks.append(TimeLimit(settings.max_minutes))
     trainer = Trainer(
         model=model,
         args=args,
