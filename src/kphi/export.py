@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .model_dir import has_tokenizer, read_model_config
+
 __all__ = [
     "AUTO_MAP",
     "EXPORT_MARKER",
@@ -244,10 +246,6 @@ def standalone_sources() -> dict[str, str]:
 # --------------------------------------------------------------------------- loading
 
 
-def _has_tokenizer(model_dir: Path) -> bool:
-    return any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
 def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
     """The kphi-3 model in ``model_dir`` (kphi's own classes), in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -255,15 +253,7 @@ def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
     from .model import KPhi3ForCausalLM
 
     path = Path(model_dir)
-    if not path.is_dir():
-        raise ExportError(f"{path} is not a directory (expected a model directory with config.json)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ExportError(f"{path} is not a model directory: it has no config.json")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"{config_file} is unreadable ({err})") from None
+    model_type = read_model_config(path, ExportError).get("model_type")
     if model_type != "kphi3":
         raise ExportError(f"{path} holds a {model_type!r} model; kphi export handles kphi-3 models (model_type 'kphi3')")
     try:
@@ -278,7 +268,7 @@ def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
 def _load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    if not _has_tokenizer(model_dir):
+    if not has_tokenizer(model_dir):
         return None
     try:
         return AutoTokenizer.from_pretrained(model_dir)

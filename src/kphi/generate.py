@@ -20,7 +20,6 @@ the left, with a warning; a conversation (:class:`ChatSession`) drops its oldest
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,18 +94,11 @@ def load_for_generation(model_dir: str | Path, *, device: str | None = None, dty
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
+    from .model_dir import has_tokenizer, read_model_config
 
     path = Path(model_dir)
-    if not path.is_dir():
-        raise GenerationError(f"{path} is not a directory (expected a model directory, e.g. the --out of kphi train)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise GenerationError(f"{path} is not a model directory: it has no config.json")
-    try:
-        json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise GenerationError(f"{config_file} is unreadable ({err})") from None
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    read_model_config(path, GenerationError)
+    if not has_tokenizer(path):
         raise GenerationError(
             f"{path} has no tokenizer (no tokenizer.json or tokenizer_config.json); "
             "save one beside the weights (tokenizer.save_pretrained) to generate text"
