@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from .callbacks import atomic_write_text
-from .model import KPhi3Config
+from .model import KPhi3Config, config_fields
 from .params import count_parameters
 from .presets import load_preset
 
@@ -115,13 +115,6 @@ def non_embedding(config: KPhi3Config) -> int:
     return total - embedding
 
 
-def _fields(config: KPhi3Config) -> dict[str, Any]:
-    d = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        d.pop(key, None)
-    return d
-
-
 def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
     """The dense ``base`` shrunk in width to the non-embedding count closest to ``target``.
 
@@ -129,7 +122,7 @@ def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
     width, with the intermediate size at the base ratio; the closest one is then fine-tuned by moving the
     intermediate size alone (multiples of 8), since a hidden-size step is coarse.
     """
-    fields = _fields(base)
+    fields = config_fields(base)
     fields.update(min_channels_per_group=-1, low_rank_fraction=None, embed_size=None)
     heads, ratio = base.num_attention_heads, base.intermediate_size / base.hidden_size
 
@@ -152,7 +145,7 @@ def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
 
 def low_rank_control(base: KPhi3Config, target: int) -> KPhi3Config:
     """``base`` with every projection factorised to rank ``round(f * in * out / (in + out))``; ``f`` by bisection."""
-    fields = _fields(base)
+    fields = config_fields(base)
     fields.update(min_channels_per_group=-1)
     lo, hi = 1e-4, 1.0
     best = None
@@ -175,7 +168,7 @@ def resolve_arms(suite: Suite) -> list[Arm]:
     for spec in suite.arms:
         if "preset" in spec:
             preset = load_preset(spec["preset"])
-            fields = {**_fields(preset.config), **(spec.get("config") or {})}
+            fields = {**config_fields(preset.config), **(spec.get("config") or {})}
             config = KPhi3Config(**fields)
             arms[spec["label"]] = Arm(spec["label"], config, spec.get("model", preset.model), "preset", preset.name)
     for spec in suite.arms:
@@ -208,7 +201,7 @@ def _slug(label: str) -> str:
 
 
 def _write_arm_preset(arm: Arm, path: Path) -> Path:
-    fields = _fields(arm.config)
+    fields = config_fields(arm.config)
     fields = {k: v for k, v in fields.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump({"name": arm.label, "model": arm.model, "description": arm.source, "config": fields}, sort_keys=True)
@@ -336,7 +329,7 @@ def _results(suite: Suite, arms: list[Arm], runs: dict[str, list[dict]], seeds: 
                 "tokens": metrics[0]["tokens"] if metrics else None,
                 "seeds": [m.get("seed") for m in metrics],
                 "runs": [{k: m.get(k) for k in ("train_loss", "val_loss", "tokens_per_second", "wall_seconds", "val_curve")} for m in metrics],
-                "config": _fields(arm.config),
+                "config": config_fields(arm.config),
             }
         )
     return {

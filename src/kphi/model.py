@@ -38,7 +38,7 @@ from transformers.models.phi3.modeling_phi3 import (
 )
 from transformers.modeling_utils import slice_logits_to_keep
 
-from .block import GroupedLinear, GroupedPointwiseBlock, group_count
+from .block import GroupedLinear, GroupedPointwiseBlock, group_count, init_grouped_weight
 from .lowrank import LowRankLinear, rank_for_fraction
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "KPhi3Model",
     "KPhi3ForCausalLM",
     "PROJECTION_TARGETS",
+    "config_fields",
     "make_projection",
     "replace_projections",
 ]
@@ -123,6 +124,18 @@ class KPhi3Config(Phi3Config):
         return self.min_channels_per_group > 0
 
 
+#: Keys ``config.json`` carries that describe the file, not the model (not ``KPhi3Config`` arguments).
+BOOKKEEPING_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+
+
+def config_fields(config: KPhi3Config | dict) -> dict:
+    """The arguments that rebuild ``config`` (``KPhi3Config(**config_fields(c))``): its dict without bookkeeping keys."""
+    fields = dict(config) if isinstance(config, dict) else config.to_dict()
+    for key in BOOKKEEPING_KEYS:
+        fields.pop(key, None)
+    return fields
+
+
 def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
     """The module that maps ``in_features -> out_features`` in a model built from ``config``.
 
@@ -173,12 +186,9 @@ class KPhi3PreTrainedModel(Phi3PreTrainedModel):
         if isinstance(module, LowRankLinear):
             init.normal_(module.down_weight, mean=0.0, std=module.in_features**-0.5)
             init.normal_(module.up_weight, mean=0.0, std=self.config.initializer_range * (module.in_features / module.rank) ** 0.5)
-        if isinstance(module, GroupedLinear):
-            std = self.config.initializer_range
-            if self.config.grouped_init == "kaiming_uniform":
-                init.kaiming_uniform_(module.weight, a=5**0.5)
-            else:
-                init.normal_(module.weight, mean=0.0, std=std * (module.groups / 2) ** 0.5)
+        if isinstance(module, GroupedLinear) and not getattr(module.weight, "_is_hf_initialized", False):
+            # the flag marks weights loaded from a checkpoint, as transformers' own init functions check it
+            init_grouped_weight(module.weight, self.config.grouped_init, self.config.initializer_range)
 
 
 class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .model import KPhi3Config, KPhi3ForCausalLM
+from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 
 __all__ = ["ParamReport", "count_parameters", "dense_counterpart", "parameter_report"]
 
@@ -47,11 +47,7 @@ def count_parameters(config: KPhi3Config) -> tuple[int, int]:
 
 def dense_counterpart(config: KPhi3Config) -> KPhi3Config:
     """The same shape with dense projections (``min_channels_per_group = -1``)."""
-    fields = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        fields.pop(key, None)
-    fields["min_channels_per_group"] = -1
-    return KPhi3Config(**fields)
+    return KPhi3Config(**{**config_fields(config), "min_channels_per_group": -1})
 
 
 def parameter_report(config: KPhi3Config, baseline: tuple[str, KPhi3Config] | None = None) -> ParamReport:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from .model import KPhi3Config
+from .model import KPhi3Config, config_fields
 
 __all__ = ["Preset", "PresetError", "list_presets", "load_preset", "resolve_config"]
 
@@ -115,8 +115,6 @@ def resolve_config(spec: str | Path) -> Preset:
             raise PresetError(f"{path}: model_type {model_type!r} is not kphi3 or phi3")
         if model_type == "phi3":
             fields.setdefault("min_channels_per_group", -1)
-        for key in ("architectures", "auto_map", "transformers_version", "_name_or_path"):
-            fields.pop(key, None)
-        config = _build_config(fields, str(path))
+        config = _build_config(config_fields(fields), str(path))
         return Preset(name=path.parent.name, config=config, model="kphi-3" if config.is_grouped else "phi-3", path=path)
     return load_preset(spec)

@@ -40,7 +40,7 @@ from .callbacks import (
     atomic_write_text,
     is_complete_checkpoint,
 )
-from .model import KPhi3Config, KPhi3ForCausalLM
+from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .presets import PresetError, resolve_config
 
 __all__ = ["TrainError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
@@ -175,9 +175,9 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool) -> None:
         except (OSError, json.JSONDecodeError) as err:
             raise TrainError(f"{run_file} is unreadable ({err}); move the directory away or choose another --out")
         if not resume:
-            state = "finished" if (out / METRICS_FILE).is_file() else "unfinished"
+            state = "a finished" if (out / METRICS_FILE).is_file() else "an unfinished"
             raise TrainError(
-                f"{out} already holds a {state} run; pass --resume to continue it or choose another --out"
+                f"{out} already holds {state} run; pass --resume to continue it or choose another --out"
             )
         if previous.get("identity") != settings.identity():
             changed = sorted(
@@ -250,9 +250,7 @@ def _load_data(settings: TrainSettings):
 
 def build_model_config(settings: TrainSettings, tokenizer) -> KPhi3Config:
     """The preset's config with overrides, sized to the tokenizer and the context length."""
-    base = resolve_config(settings.preset).config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        base.pop(key, None)
+    base = config_fields(resolve_config(settings.preset).config)
     base.update(settings.config_overrides)
     base["vocab_size"] = len(tokenizer)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
