@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -90,16 +91,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import format_table, load_suite, run_compare
+    from .compare import format_table, load_suite, parse_learning_rates, run_compare
 
     suite = load_suite(args.suite)
+    rates = parse_learning_rates(args.learning_rates) if args.learning_rates else None
     out = args.out or f"runs/compare-{suite.name}"
     log = (lambda *a, **k: None) if args.quiet else print
     results = run_compare(
-        suite, out, seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=log
+        suite, out, seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, learning_rates=rates,
+        progress=not args.quiet, log=log,
     )
     print(format_table(results))
-    print(f"\nresults: {out}/results.json, {out}/results.md, plots: {out}/val_loss.png, {out}/params_vs_loss.png")
+    plots = [p.name for p in sorted(Path(out).glob("*.png"))]
+    print(f"\nresults: {out}/results.json, {out}/results.md, plots: {', '.join(plots)}")
     return 0
 
 
@@ -337,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
     p.add_argument("--data", help="override the suite's data source: default | lamini | PATH")
     p.add_argument("--max-tokens", type=int, help="override the training budget per arm")
+    p.add_argument("--learning-rates", metavar="LR,LR,...",
+                   help="train every arm at each of these peak rates and report each arm at its best (e.g. 1e-3,2e-3,4e-3)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

@@ -13,6 +13,14 @@ Outputs in ``--out``: ``results.json`` (``arms``: label, model, layers, intermed
 non_embedding, percent, train/val loss mean and spread over seeds, tokens/s, each arm's config),
 ``results.md`` (the table), ``val_loss.png`` (validation loss against tokens, all arms) and
 ``params_vs_loss.png``; each arm's run directory under ``arms/``.
+
+**Learning rates.** Each arm trains at its own ``learning_rate`` (an arm field; the suite's otherwise). A
+suite's ``learning_rates: [...]`` (or ``--learning-rates``) makes a grid instead: every arm trains at every
+rate on identical data and order, its row reports its best rate by mean validation loss, ``results.json``
+keeps the whole grid per arm (``grid``: rate -> losses and runs) and ``lr_sweep.png`` plots final
+validation loss against rate. A best rate at the edge of the grid is flagged (``warnings``). Runs are
+keyed by arm, rate and seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed list can be extended in
+the same ``--out`` and only the new runs train.
 """
 
 from __future__ import annotations
@@ -38,7 +46,14 @@ from .model import KPhi3Config, config_fields
 from .params import count_parameters
 from .presets import load_preset
 
-__all__ = ["Arm", "Suite", "CompareError", "list_suites", "load_suite", "resolve_arms", "run_compare", "format_table"]
+__all__ = [
+    "Arm", "Suite", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms", "run_compare",
+    "format_table", "best_rate",
+]
+
+
+#: Written in a run directory whose training diverged (NaN/inf loss): the grid records it as an infinite loss.
+DIVERGED_FILE = "diverged.json"
 
 
 class CompareError(RuntimeError):
@@ -54,6 +69,9 @@ class Arm:
     model: str
     kind: str = "preset"  # preset | dense control | low-rank control
     source: str = ""  # the preset, or how the control was derived
+    learning_rate: float | None = None  # the arm's own rate (e.g. from a sweep); None: the suite's
+    learning_rates: list[float] | None = None  # the arm's own grid; None: the suite's grid, if any
+    training: dict[str, Any] = field(default_factory=dict)  # training settings of this arm only
 
 
 @dataclass
@@ -65,6 +83,24 @@ class Suite:
     data: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     seeds: int = 1
+    learning_rates: list[float] | None = None
+
+
+def _positive_rates(rates, where: str) -> list[float] | None:
+    if rates is None:
+        return None
+    try:
+        values = [float(r) for r in rates]
+    except (TypeError, ValueError):
+        raise CompareError(f"{where}: learning rates must be numbers, got {rates!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise CompareError(f"{where}: learning rates must be a non-empty list of positive numbers, got {rates!r}")
+    return sorted(set(values))
+
+
+def parse_learning_rates(text: str) -> list[float]:
+    """``"1e-3,2e-3,4e-3"`` -> ``[0.001, 0.002, 0.004]`` (the ``--learning-rates`` flag)."""
+    return _positive_rates([t for t in text.split(",") if t.strip()] or None, "--learning-rates")
 
 
 def _suite_dir() -> Path:
@@ -104,6 +140,7 @@ def load_suite(name_or_path: str) -> Suite:
         data=dict(data.get("data") or {}),
         training=dict(data.get("training") or {}),
         seeds=int(data.get("seeds", 1)),
+        learning_rates=_positive_rates(data.get("learning_rates"), f"suite {path}"),
     )
 
 
@@ -170,7 +207,9 @@ def resolve_arms(suite: Suite) -> list[Arm]:
             preset = load_preset(spec["preset"])
             fields = {**config_fields(preset.config), **(spec.get("config") or {})}
             config = KPhi3Config(**fields)
-            arms[spec["label"]] = Arm(spec["label"], config, spec.get("model", preset.model), "preset", preset.name)
+            arms[spec["label"]] = Arm(
+                spec["label"], config, spec.get("model", preset.model), "preset", preset.name, **_arm_training(spec)
+            )
     for spec in suite.arms:
         if "preset" in spec:
             continue
@@ -189,8 +228,21 @@ def resolve_arms(suite: Suite) -> list[Arm]:
             config = low_rank_control(base, target)
             source = f"{base_name} factorised, low_rank_fraction {config.low_rank_fraction:.4f}, to match {match}"
             model = "low-rank phi-3"
-        arms[spec["label"]] = Arm(spec["label"], config, spec.get("model", model), f"{kind} control", source)
+        arms[spec["label"]] = Arm(
+            spec["label"], config, spec.get("model", model), f"{kind} control", source, **_arm_training(spec)
+        )
     return [arms[spec["label"]] for spec in suite.arms]
+
+
+def _arm_training(spec: dict[str, Any]) -> dict[str, Any]:
+    rate = spec.get("learning_rate")
+    if rate is not None:
+        rate = _positive_rates([rate], f"arm {spec['label']!r}")[0]
+    training = dict(spec.get("training") or {})
+    if "learning_rate" in training:
+        raise CompareError(f"arm {spec['label']!r}: give its rate as learning_rate on the arm, not under training")
+    grid = _positive_rates(spec.get("learning_rates"), f"arm {spec['label']!r}")
+    return {"learning_rate": rate, "learning_rates": grid, "training": training}
 
 
 # --------------------------------------------------------------------------- running
@@ -229,18 +281,41 @@ def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def arm_rates(arm: Arm, suite: Suite, learning_rates: list[float] | None = None) -> list[float]:
+    """The rates ``arm`` trains at: the first of ``--learning-rates``, the arm's grid, the suite's grid, the arm's
+    own rate and the suite's rate that is given."""
+    grid = learning_rates or arm.learning_rates or suite.learning_rates
+    if grid:
+        return list(grid)
+    return [arm.learning_rate or float(suite.training.get("learning_rate", 1e-3))]
+
+
+def run_dir_name(arm: Arm, learning_rate: float, seed: int) -> str:
+    return f"{_slug(arm.label)}-lr{learning_rate:g}-seed{seed}"
+
+
+def _comparison_identity(suite: Suite, data: str | None, max_tokens: int | None) -> dict[str, Any]:
+    """What every run of a comparison directory shares: data and training, but not arms, rates or seeds.
+
+    Arms, rates and seeds may be added to an existing ``--out``; each run directory checks its own settings.
+    """
+    training = {k: v for k, v in suite.training.items() if k != "learning_rate"}
+    return {"data": {**suite.data, **({"source": data} if data else {})}, "training": training, "max_tokens": max_tokens}
+
+
 def run_compare(
     suite: Suite,
     out: Path,
     seeds: int | None = None,
     data: str | None = None,
     max_tokens: int | None = None,
+    learning_rates: list[float] | None = None,
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Train every arm of ``suite`` for each seed and write the results; returns ``results.json``'s content."""
+    """Train every arm of ``suite`` at each of its rates and seeds, write the results; returns ``results.json``."""
     from .data.prepare import PrepareSettings, prepare_dataset
-    from .train import TrainError, resolve_settings, train
+    from .train import DivergedError, TrainError, resolve_settings, train
 
     seeds = seeds or suite.seeds
     if seeds < 1:
@@ -248,10 +323,14 @@ def run_compare(
     arms = resolve_arms(suite)
     out = Path(out)
     marker = out / "kphi-compare.json"
-    identity = {"suite": dataclasses.asdict(suite), "data": data, "max_tokens": max_tokens}
+    identity = _comparison_identity(suite, data, max_tokens)
     if marker.is_file():
-        if json.loads(marker.read_text()).get("identity") != identity:
-            raise CompareError(f"{out} holds a different comparison; choose another --out")
+        try:
+            previous = json.loads(marker.read_text()).get("identity")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            raise CompareError(f"{marker} is unreadable; choose another --out") from None
+        if previous != identity:
+            raise CompareError(f"{out} holds a different comparison (other data or training settings); choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise CompareError(f"{out} is not empty and holds no kphi comparison; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -268,47 +347,120 @@ def run_compare(
     prepared = prepare_dataset(PrepareSettings(context_length=context_length, **data_settings), progress=progress)
 
     started = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {arm.label: [] for arm in arms}
-    total = len(arms) * seeds
-    for k in range(seeds):
-        seed = training.get("seed", 42) + k
-        for i, arm in enumerate(arms):
-            run_dir = out / "arms" / f"{_slug(arm.label)}-seed{seed}"
-            preset_path = _write_arm_preset(arm, out / "arms" / f"{_slug(arm.label)}.yaml")
-            n = k * len(arms) + i + 1
-            metrics_file = run_dir / "metrics.json"
-            if metrics_file.is_file():
-                log(f"[{n}/{total}] {arm.label} (seed {seed}): already trained, reusing {run_dir}")
-                runs[arm.label].append(json.loads(metrics_file.read_text()))
-                continue
-            log(f"[{n}/{total}] {arm.label} (seed {seed}): {non_embedding(arm.config):,} non-embedding parameters")
+    plan = [
+        (arm, rate, training.get("seed", 42) + k)
+        for k in range(seeds)
+        for arm in arms
+        for rate in arm_rates(arm, suite, learning_rates)
+    ]
+    runs: dict[str, dict[float, list[dict[str, Any]]]] = {arm.label: {} for arm in arms}
+    for n, (arm, rate, seed) in enumerate(plan, start=1):
+        run_dir = out / "arms" / run_dir_name(arm, rate, seed)
+        fields = _arm_config_fields(arm)
+        preset_path = _write_arm_preset(arm, fields, out / "arms" / f"{_slug(arm.label)}.yaml")
+        try:
             settings = resolve_settings(
-                str(preset_path), **{**training, "out": str(run_dir), "data": str(prepared), "seed": seed, "progress": progress}
+                str(preset_path),
+                **{**training, **arm.training, "learning_rate": rate, "out": str(run_dir), "data": str(prepared),
+                   "seed": seed, "progress": progress, "config_overrides": fields},
             )
-            try:
-                result = train(settings, resume=(run_dir / "kphi-run.json").is_file())
-            except TrainError as err:
-                raise CompareError(f"arm {arm.label!r} (seed {seed}) failed: {err}") from None
-            m = result.metrics
+        except (TrainError, ValueError) as err:
+            raise CompareError(f"arm {arm.label!r}: {err}") from None
+        head = f"[{n}/{len(plan)}] {arm.label}, lr {rate:g}, seed {seed}"
+        finished = _finished_run(run_dir, settings)
+        if finished is not None:
+            log(f"{head}: already trained, reusing {run_dir}")
+            runs[arm.label].setdefault(rate, []).append(finished)
+            continue
+        log(f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
+        try:
+            m = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
+        except DivergedError as err:  # a rate too high for this arm is a result of the grid, not a failure
+            m = {"seed": seed, "train_loss": None, "val_loss": None, "diverged": str(err), "wall_seconds": 0.0}
+            atomic_write_text(run_dir / DIVERGED_FILE, json.dumps(m, indent=2))
+        except TrainError as err:
+            raise CompareError(f"arm {arm.label!r} (lr {rate:g}, seed {seed}) failed: {err}") from None
+        if m.get("diverged"):
+            log(f"    diverged: {m['diverged']}")
+        else:
             log(f"    train loss {_fmt(m['train_loss'], None, 1)}, val loss {_fmt(m['val_loss'], None, 1)}, "
-                f"{m['tokens_per_second'] or 0:,.0f} tokens/s")
-            runs[arm.label].append(m)
+                f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
+        runs[arm.label].setdefault(rate, []).append(m)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started)
     results["command"] = "kphi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kphi") else None
     _write_outputs(results, out, suite)
+    for warning in results["warnings"]:
+        log(f"warning: {warning}")
     return results
 
 
-def _results(suite: Suite, arms: list[Arm], runs: dict[str, list[dict]], seeds: int, wall: float) -> dict[str, Any]:
+def _arm_config_fields(arm: Arm) -> dict[str, Any]:
+    fields = config_fields(arm.config)
+    return {k: v for k, v in fields.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
+
+
+def _write_arm_preset(arm: Arm, fields: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump({"name": arm.label, "model": arm.model, "description": arm.source, "config": fields}, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
+
+
+def _finished_run(run_dir: Path, settings) -> dict[str, Any] | None:
+    """The metrics of a finished run of exactly these settings; ``None`` when it has yet to (finish) training."""
+    run_file = run_dir / "kphi-run.json"
+    metrics_file = next((f for f in (run_dir / "metrics.json", run_dir / DIVERGED_FILE) if f.is_file()), None)
+    if metrics_file is None:
+        return None
+    try:
+        recorded = json.loads(run_file.read_text()).get("identity")
+        metrics = json.loads(metrics_file.read_text())
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise CompareError(f"{run_dir} is damaged ({err}); move it away to retrain that run") from None
+    if json.loads(json.dumps(settings.identity())) != recorded:
+        raise CompareError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
+    return metrics
+
+
+def _summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    train_mean, train_spread = _mean_spread([m["train_loss"] for m in metrics])
+    val_mean, val_spread = _mean_spread([m["val_loss"] for m in metrics])
+    tps, _ = _mean_spread([m.get("tokens_per_second") for m in metrics])
+    return {
+        "train_loss": train_mean,
+        "train_loss_std": train_spread,
+        "val_loss": val_mean,
+        "val_loss_std": val_spread,
+        "tokens_per_second": tps,
+        "wall_seconds": round(sum(m.get("wall_seconds", 0.0) for m in metrics), 1),
+        "tokens": metrics[0].get("tokens") if metrics else None,
+        "seeds": [m.get("seed") for m in metrics],
+        "runs": [{k: m.get(k) for k in ("seed", "train_loss", "val_loss", "tokens_per_second", "wall_seconds", "val_curve")} for m in metrics],
+    }
+
+
+def best_rate(grid: dict[float, dict[str, Any]]) -> float:
+    """The rate with the lowest mean validation loss (a diverged or missing loss never wins)."""
+    def key(rate):
+        loss = grid[rate]["val_loss"]
+        return loss if loss is not None and math.isfinite(loss) else math.inf
+
+    return min(sorted(grid), key=key)
+
+
+def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dict]]], seeds: int, wall: float) -> dict[str, Any]:
     baseline_params = non_embedding(next(a.config for a in arms if a.label == suite.baseline))
-    rows = []
+    rows, warnings = [], []
     for arm in arms:
-        metrics = runs[arm.label]
+        grid = {rate: _summary(metrics) for rate, metrics in sorted(runs[arm.label].items())}
+        chosen = best_rate(grid)
+        at_edge = len(grid) > 1 and chosen in (min(grid), max(grid))
+        if at_edge:
+            side = "lowest" if chosen == min(grid) else "highest"
+            warnings.append(f"{arm.label}: the best rate {chosen:g} is the {side} of the grid; extend the grid past it")
         params = non_embedding(arm.config)
-        train_mean, train_spread = _mean_spread([m["train_loss"] for m in metrics])
-        val_mean, val_spread = _mean_spread([m["val_loss"] for m in metrics])
-        tps, _ = _mean_spread([m.get("tokens_per_second") for m in metrics])
         rows.append(
             {
                 "label": arm.label,
@@ -320,15 +472,11 @@ def _results(suite: Suite, arms: list[Arm], runs: dict[str, list[dict]], seeds: 
                 "intermediate_size": arm.config.intermediate_size,
                 "non_embedding": params,
                 "percent": round(100.0 * params / baseline_params, 1),
-                "train_loss": train_mean,
-                "train_loss_std": train_spread,
-                "val_loss": val_mean,
-                "val_loss_std": val_spread,
-                "tokens_per_second": tps,
-                "wall_seconds": round(sum(m.get("wall_seconds", 0.0) for m in metrics), 1),
-                "tokens": metrics[0]["tokens"] if metrics else None,
-                "seeds": [m.get("seed") for m in metrics],
-                "runs": [{k: m.get(k) for k in ("train_loss", "val_loss", "tokens_per_second", "wall_seconds", "val_curve")} for m in metrics],
+                "learning_rate": chosen,
+                "lr_at_edge": at_edge,
+                **grid[chosen],
+                "grid": {f"{rate:g}": {"learning_rate": rate, **summary} for rate, summary in grid.items()},
+                "training": arm.training,
                 "config": config_fields(arm.config),
             }
         )
@@ -340,6 +488,7 @@ def _results(suite: Suite, arms: list[Arm], runs: dict[str, list[dict]], seeds: 
         "machine": _machine(),
         "wall_seconds": round(wall, 1),
         "training": suite.training,
+        "warnings": warnings,
         "arms": rows,
     }
 
@@ -351,24 +500,27 @@ def _fmt(value: float | None, spread: float | None, seeds: int) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """The report's table (markdown), plus throughput and time."""
+    """The report's table (markdown) with each arm's learning rate, plus throughput and time."""
     seeds = results["seeds"]
     lines = [
-        "| label | model | layers | interm. dims | non-emb. params | % | train loss | val loss | tokens/s | wall s |",
-        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| label | model | layers | interm. dims | non-emb. params | % | lr | train loss | val loss | tokens/s | wall s |",
+        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for a in results["arms"]:
         tps = f"{a['tokens_per_second']:,.0f}" if a["tokens_per_second"] else "-"
+        rate = f"{a['learning_rate']:g}" + (" (edge)" if a.get("lr_at_edge") else "")
         lines.append(
             f"| {a['label']} | {a['model']} | {a['layers']} | {a['intermediate_size']} | {a['non_embedding']:,} | "
-            f"{a['percent']:.1f}% | {_fmt(a['train_loss'], a['train_loss_std'], seeds)} | "
+            f"{a['percent']:.1f}% | {rate} | {_fmt(a['train_loss'], a['train_loss_std'], seeds)} | "
             f"{_fmt(a['val_loss'], a['val_loss_std'], seeds)} | {tps} | {a['wall_seconds']:.0f} |"
         )
+    for warning in results.get("warnings", []):
+        lines.append(f"\nwarning: {warning}")
     return "\n".join(lines)
 
 
 def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:
-    from .plots import plot_compare_curves, plot_params_vs_loss
+    from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 
     curves = {}
     for arm in results["arms"]:
@@ -384,5 +536,11 @@ def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:
         if a["val_loss"] is not None and math.isfinite(a["val_loss"])
     ]
     plot_params_vs_loss(points, out / "params_vs_loss.png", f"kphi compare ({suite.name}): parameters vs loss")
+    if any(len(a["grid"]) > 1 for a in results["arms"]):
+        sweeps = {
+            a["label"]: [(g["learning_rate"], g["val_loss"], g["val_loss_std"]) for g in a["grid"].values()]
+            for a in results["arms"]
+        }
+        plot_lr_sweep(sweeps, out / "lr_sweep.png", f"kphi compare ({suite.name}): final validation loss vs learning rate")
     atomic_write_text(out / "results.md", format_table(results) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "read_log"]
+__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "read_log"]
 
 
 def _pyplot():
@@ -80,6 +80,35 @@ def plot_params_vs_loss(points: list[dict], out_png: Path, title: str) -> Path:
     ax.set_ylabel("final validation loss")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: Path, title: str) -> Path:
+    """Final validation loss against learning rate (log x), one line per arm; its best rate ringed.
+
+    ``sweeps``: ``label -> [(learning_rate, val_loss, spread), ...]``; non-finite losses (diverged runs) are left out.
+    """
+    import math
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, points in sweeps.items():
+        points = sorted(p for p in points if p[1] is not None and math.isfinite(p[1]))
+        if not points:
+            continue
+        xs, ys, spread = zip(*points)
+        line = ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
+        best = min(points, key=lambda p: p[1])
+        ax.plot([best[0]], [best[1]], "o", markersize=11, markerfacecolor="none", color=line[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)

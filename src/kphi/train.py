@@ -41,9 +41,10 @@ from .callbacks import (
     is_complete_checkpoint,
 )
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
+from .optim import GROUPED_LR_SCALES, scale_grouped_learning_rates
 from .presets import PresetError, resolve_config
 
-__all__ = ["TrainError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
+__all__ = ["TrainError", "DivergedError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
 
 RUN_FILE = "kphi-run.json"
 METRICS_FILE = "metrics.json"
@@ -51,6 +52,10 @@ METRICS_FILE = "metrics.json"
 
 class TrainError(RuntimeError):
     """A run cannot start or continue; the message says why and what to do."""
+
+
+class DivergedError(TrainError):
+    """The training loss became NaN or infinite; the last good checkpoint (if any) is kept."""
 
 
 @dataclass
@@ -101,6 +106,9 @@ class TrainSettings:
     precision: str = "auto"
     """``auto`` (bf16 on a GPU that supports it, else float32), ``fp32``, ``bf16`` or ``fp16``."""
     gradient_checkpointing: bool = False
+    grouped_lr_scale: str = "none"
+    """``none``, or ``groups``: the learning rate of every grouped weight is multiplied by its group count
+    ``G`` (see :func:`kphi.optim.scale_grouped_learning_rates`)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """KPhi3Config fields to change from the preset (e.g. ``min_channels_per_group``)."""
     progress: bool = True
@@ -122,6 +130,8 @@ class TrainSettings:
             raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise TrainError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.grouped_lr_scale not in GROUPED_LR_SCALES:
+            raise TrainError(f"grouped_lr_scale must be one of {', '.join(GROUPED_LR_SCALES)}, got {self.grouped_lr_scale!r}")
         if not self.learning_rate > 0:
             raise TrainError(f"learning_rate must be positive, got {self.learning_rate!r}")
 
@@ -331,7 +341,7 @@ def _main_process_first(is_main: bool, on_main, on_others=None):
 
 def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     """Train one model as ``settings`` say; returns the run directory and its metrics."""
-    from transformers import Trainer, default_data_collator
+    from transformers import default_data_collator
 
     settings.validate()
     out = Path(settings.out)
@@ -374,7 +384,7 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     callbacks = [CheckpointMarker(), csv_logger, guard]
     if settings.max_minutes is not None:
         callbacks.append(TimeLimit(settings.max_minutes))
-    trainer = Trainer(
+    trainer = _trainer_class(settings.grouped_lr_scale)(
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -399,7 +409,7 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
 
     if guard.diverged_at is not None:
         last_good = _newest_complete_checkpoint(out)
-        raise TrainError(
+        raise DivergedError(
             f"training loss became {guard.value} at step {guard.diverged_at}; stopped. "
             + (f"The last good checkpoint is {last_good}." if last_good else "No checkpoint was saved before it.")
             + " Lower the learning rate or use fp32."
@@ -419,6 +429,22 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _leave_process_group()
     return TrainResult(out=out, metrics=metrics)
+
+
+def _trainer_class(grouped_lr_scale: str):
+    """``Trainer``, or a subclass whose optimizer gives grouped weights their own learning rate."""
+    from transformers import Trainer
+
+    if grouped_lr_scale == "none":
+        return Trainer
+
+    class GroupedLrTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            scale_grouped_learning_rates(optimizer, self.model if model is None else model, grouped_lr_scale)
+            return optimizer
+
+    return GroupedLrTrainer
 
 
 def _leave_process_group() -> None:
