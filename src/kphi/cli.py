@@ -107,6 +107,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    from .compare import parse_learning_rates
+    from .scaling import format_scaling_table, load_scaling_suite, run_scaling, scaling_config_summary
+
+    from .compare import CompareError
+
+    suite = load_scaling_suite(args.suite)
+    if args.widths:
+        try:
+            suite.widths = sorted({int(w) for w in args.widths.split(",")})
+        except ValueError:
+            raise CompareError(f"--widths must be positive integers separated by commas, got {args.widths!r}") from None
+        if min(suite.widths) <= 0:
+            raise CompareError(f"--widths must be positive integers separated by commas, got {args.widths!r}")
+    if args.dry_run:
+        for row in scaling_config_summary(suite):
+            print(f"width {row['width']:>5}  {row['family']:<28} {row['non_embedding']:>12,} non-embedding  "
+                  f"interm. {row['intermediate_size']:>5}  {row['tokens']:>11,} tokens")
+        return 0
+    rates = parse_learning_rates(args.learning_rates) if args.learning_rates else None
+    out = args.out or f"runs/scale-{suite.name}"
+    log = (lambda *a, **k: None) if args.quiet else print
+    results = run_scaling(
+        suite, out, seeds=args.seeds, learning_rates=rates, data=args.data, progress=not args.quiet, log=log
+    )
+    print(format_scaling_table(results))
+    print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/scaling.png")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import PrepareSettings, prepare_dataset
 
@@ -345,6 +375,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every arm at each of these peak rates and report each arm at its best (e.g. 1e-3,2e-3,4e-3)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("scale", help="scaling curves: model families at several widths, tuned, fitted, compared")
+    p.add_argument("--suite", default="scaling-cpu", help="a scaling suite: scaling-cpu (default) | scaling-smoke | a YAML file")
+    p.add_argument("--seeds", type=int, help="seeds per point (the first tunes the rate, the others run at the best)")
+    p.add_argument("--widths", metavar="W,W,...", help="override the suite's widths")
+    p.add_argument("--data", help="override the suite's data source: default | lamini | PATH")
+    p.add_argument("--learning-rates", metavar="LR,LR,...", help="override the suite's learning-rate grid")
+    p.add_argument("--out", help="output directory (default runs/scale-SUITE)")
+    p.add_argument("--dry-run", action="store_true", help="print every width's models, sizes and budgets; train nothing")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_scale)
 
     p = sub.add_parser(
         "generate",

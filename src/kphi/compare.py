@@ -9,18 +9,22 @@ same prepared data, in the same order (same seed), for the same number of tokens
 * ``control: low_rank`` — the ``base`` preset with every projection factorised through a thin bottleneck
   (:mod:`kphi.lowrank`), sized the same way.
 
+Any arm may change its preset's config (``config: {...}``; for a control, the base's), and carry its own
+training settings (``training: {...}``), ``learning_rate`` or ``learning_rates``.
+
 Outputs in ``--out``: ``results.json`` (``arms``: label, model, layers, intermediate_size,
 non_embedding, percent, train/val loss mean and spread over seeds, tokens/s, each arm's config),
 ``results.md`` (the table), ``val_loss.png`` (validation loss against tokens, all arms) and
 ``params_vs_loss.png``; each arm's run directory under ``arms/``.
 
 **Learning rates.** Each arm trains at its own ``learning_rate`` (an arm field; the suite's otherwise). A
-suite's ``learning_rates: [...]`` (or ``--learning-rates``) makes a grid instead: every arm trains at every
-rate on identical data and order, its row reports its best rate by mean validation loss, ``results.json``
-keeps the whole grid per arm (``grid``: rate -> losses and runs) and ``lr_sweep.png`` plots final
-validation loss against rate. A best rate at the edge of the grid is flagged (``warnings``). Runs are
-keyed by arm, rate and seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed list can be extended in
-the same ``--out`` and only the new runs train.
+suite's ``learning_rates: [...]`` (or ``--learning-rates``) makes a grid instead: every arm trains at
+every rate on identical data and order, its row reports its best rate, ``results.json`` keeps the whole
+grid per arm (``grid``: rate -> losses and runs) and ``lr_sweep.png`` plots final validation loss against
+rate. Rates are compared on the first seed; with ``--seeds N`` the other seeds train only at each arm's
+best rate, and the row gives their mean and spread. A best rate at the edge of the grid is flagged
+(``warnings``). Runs are keyed by arm, rate and seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed
+list can be extended in the same ``--out`` and only the new runs train.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def _positive_rates(rates, where: str) -> list[float] | None:
 
 def parse_learning_rates(text: str) -> list[float]:
     """``"1e-3,2e-3,4e-3"`` -> ``[0.001, 0.002, 0.004]`` (the ``--learning-rates`` flag)."""
-    return _positive_rates([t for t in text.split(",") if t.strip()] or None, "--learning-rates")
+    return _positive_rates([t for t in text.split(",") if t.strip()], "--learning-rates")
 
 
 def _suite_dir() -> Path:
@@ -124,6 +128,8 @@ def load_suite(name_or_path: str) -> Suite:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise CompareError(f"cannot read suite {path}: {err}") from None
+    if isinstance(data, dict) and data.get("kind") == "scaling":
+        raise CompareError(f"{path} is a scaling suite; run it with kphi scale --suite {name_or_path}")
     if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or not data["arms"]:
         raise CompareError(f"suite {path} needs a non-empty 'arms' list")
     labels = [a.get("label") for a in data["arms"]]
@@ -218,7 +224,7 @@ def resolve_arms(suite: Suite) -> list[Arm]:
             raise CompareError(
                 f"arm {spec['label']!r}: a control needs control: dense|low_rank, base: PRESET and match: LABEL of a preset arm"
             )
-        base = load_preset(base_name).config
+        base = KPhi3Config(**{**config_fields(load_preset(base_name).config), **(spec.get("config") or {})})
         target = non_embedding(arms[match].config)
         if kind == "dense":
             config = dense_control(base, target)
@@ -347,14 +353,13 @@ def run_compare(
     prepared = prepare_dataset(PrepareSettings(context_length=context_length, **data_settings), progress=progress)
 
     started = time.perf_counter()
-    plan = [
-        (arm, rate, training.get("seed", 42) + k)
-        for k in range(seeds)
-        for arm in arms
-        for rate in arm_rates(arm, suite, learning_rates)
-    ]
+    first_seed = int(training.get("seed", 42))
+    extra_seeds = list(range(first_seed + 1, first_seed + seeds))
+    tuning = [(arm, rate, first_seed) for arm in arms for rate in arm_rates(arm, suite, learning_rates)]
+    total = len(tuning) + len(arms) * len(extra_seeds)
     runs: dict[str, dict[float, list[dict[str, Any]]]] = {arm.label: {} for arm in arms}
-    for n, (arm, rate, seed) in enumerate(plan, start=1):
+
+    def run_one(n: int, arm: Arm, rate: float, seed: int) -> None:
         run_dir = out / "arms" / run_dir_name(arm, rate, seed)
         fields = _arm_config_fields(arm)
         preset_path = _write_arm_preset(arm, fields, out / "arms" / f"{_slug(arm.label)}.yaml")
@@ -366,26 +371,34 @@ def run_compare(
             )
         except (TrainError, ValueError) as err:
             raise CompareError(f"arm {arm.label!r}: {err}") from None
-        head = f"[{n}/{len(plan)}] {arm.label}, lr {rate:g}, seed {seed}"
-        finished = _finished_run(run_dir, settings)
-        if finished is not None:
+        head = f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}"
+        m = _finished_run(run_dir, settings)
+        if m is not None:
             log(f"{head}: already trained, reusing {run_dir}")
-            runs[arm.label].setdefault(rate, []).append(finished)
-            continue
-        log(f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
-        try:
-            m = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
-        except DivergedError as err:  # a rate too high for this arm is a result of the grid, not a failure
-            m = {"seed": seed, "train_loss": None, "val_loss": None, "diverged": str(err), "wall_seconds": 0.0}
-            atomic_write_text(run_dir / DIVERGED_FILE, json.dumps(m, indent=2))
-        except TrainError as err:
-            raise CompareError(f"arm {arm.label!r} (lr {rate:g}, seed {seed}) failed: {err}") from None
-        if m.get("diverged"):
-            log(f"    diverged: {m['diverged']}")
         else:
-            log(f"    train loss {_fmt(m['train_loss'], None, 1)}, val loss {_fmt(m['val_loss'], None, 1)}, "
-                f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
+            log(f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
+            try:
+                m = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
+            except DivergedError as err:  # a rate too high for this arm is a result of the grid, not a failure
+                m = {"seed": seed, "train_loss": None, "val_loss": None, "diverged": str(err), "wall_seconds": 0.0}
+                atomic_write_text(run_dir / DIVERGED_FILE, json.dumps(m, indent=2))
+            except TrainError as err:
+                raise CompareError(f"arm {arm.label!r} (lr {rate:g}, seed {seed}) failed: {err}") from None
+            if m.get("diverged"):
+                log(f"    diverged: {m['diverged']}")
+            else:
+                log(f"    train loss {_fmt(m['train_loss'], None, 1)}, val loss {_fmt(m['val_loss'], None, 1)}, "
+                    f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
         runs[arm.label].setdefault(rate, []).append(m)
+
+    # Every rate on the first seed (the same data order for all), then the other seeds at each arm's best rate.
+    for n, (arm, rate, seed) in enumerate(tuning, start=1):
+        run_one(n, arm, rate, seed)
+    n = len(tuning)
+    for seed in extra_seeds:
+        for arm in arms:
+            n += 1
+            run_one(n, arm, best_rate(runs[arm.label]), seed)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started)
     results["command"] = "kphi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kphi") else None
@@ -441,13 +454,17 @@ def _summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def best_rate(grid: dict[float, dict[str, Any]]) -> float:
-    """The rate with the lowest mean validation loss (a diverged or missing loss never wins)."""
+def best_rate(runs_by_rate: dict[float, list[dict[str, Any]]]) -> float:
+    """The rate whose first-seed run has the lowest validation loss (diverged or missing losses never win).
+
+    Rates are compared on one seed, i.e. on identical data order and initialisation; the other seeds only
+    train at the winner, to give its spread.
+    """
     def key(rate):
-        loss = grid[rate]["val_loss"]
+        loss = runs_by_rate[rate][0].get("val_loss")
         return loss if loss is not None and math.isfinite(loss) else math.inf
 
-    return min(sorted(grid), key=key)
+    return min(sorted(runs_by_rate), key=key)
 
 
 def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dict]]], seeds: int, wall: float) -> dict[str, Any]:
@@ -455,7 +472,7 @@ def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dic
     rows, warnings = [], []
     for arm in arms:
         grid = {rate: _summary(metrics) for rate, metrics in sorted(runs[arm.label].items())}
-        chosen = best_rate(grid)
+        chosen = best_rate(runs[arm.label])
         at_edge = len(grid) > 1 and chosen in (min(grid), max(grid))
         if at_edge:
             side = "lowest" if chosen == min(grid) else "highest"

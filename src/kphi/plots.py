@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "read_log"]
+__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "read_log"]
 
 
 def _pyplot():
@@ -106,6 +106,37 @@ def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: 
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final validation loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
+    """Final validation loss against non-embedding parameters (log x): measured points and fitted curves.
+
+    ``curves``: ``label -> {"points": [(N, loss, spread), ...], "curve": callable N -> loss or None}``.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    all_n = [p[0] for c in curves.values() for p in c["points"]]
+    if all_n:
+        grid = np.geomspace(min(all_n) / 1.5, max(all_n) * 1.5, 200)
+    for label, c in curves.items():
+        if not c["points"]:
+            continue
+        xs, ys, spread = zip(*sorted(c["points"]))
+        line = ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o", capsize=3, label=label)
+        if c.get("curve") is not None:
+            ax.plot(grid, [c["curve"](n) for n in grid], "--", color=line[0].get_color(), alpha=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("final validation loss (dashed: fit a·N^-b + c)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

@@ -1,0 +1,167 @@
+"""Learning-rate grids in ``kphi compare``: every arm at every rate, best rate per arm, reuse when a grid grows."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kphi.compare import CompareError, load_suite, parse_learning_rates, resolve_arms, run_compare
+from kphi.optim import grouped_lr_multipliers, scale_grouped_learning_rates
+
+from corpus import write_corpus
+from test_compare import run_kphi
+
+SUITE = """
+name: grid
+baseline: phi-3
+data: {source: default, tokenizer: bpe, vocab_size: 300, validation_rows: 20}
+training: {context_length: 32, batch_size: 4, lr_scheduler: constant, max_steps: 4, eval_steps: 2, eval_rows: 8,
+           save_steps: 2, logging_steps: 1, precision: fp32}
+arms:
+  - {label: phi-3, preset: tiny-phi3}
+  - {label: kphi-3, preset: tiny-kphi3}
+"""
+
+
+@pytest.fixture(scope="module")
+def grid_setup(tmp_path_factory, monkeypatch_module):
+    tmp = tmp_path_factory.mktemp("grid")
+    monkeypatch_module.setenv("KPHI_CACHE", str(tmp / "cache"))
+    (tmp / "grid.yaml").write_text(SUITE)
+    corpus = write_corpus(tmp / "pairs.jsonl", pairs=200)
+    return load_suite(str(tmp / "grid.yaml")), str(corpus), tmp
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def grid_run(grid_setup):
+    suite, corpus, tmp = grid_setup
+    out = tmp / "out"
+    lines = []
+    results = run_compare(suite, out, data=corpus, learning_rates=[1e-3, 1e-2, 1e30], progress=False, log=lines.append)
+    return results, out, lines
+
+
+def _disk_val_loss(out, label, rate, seed=42):
+    run = out / "arms" / f"{label}-lr{rate:g}-seed{seed}"
+    if (run / "diverged.json").is_file():
+        return math.inf
+    return json.loads((run / "metrics.json").read_text())["val_loss"]
+
+
+def test_every_arm_trains_at_every_rate_and_reports_its_best(grid_run):
+    results, out, _ = grid_run
+    for arm in results["arms"]:
+        assert set(arm["grid"]) == {"0.001", "0.01", "1e+30"}
+        losses = {rate: _disk_val_loss(out, arm["label"], rate) for rate in (1e-3, 1e-2, 1e30)}
+        assert arm["learning_rate"] == min(losses, key=losses.get)
+        assert arm["val_loss"] == losses[arm["learning_rate"]]
+        for key, entry in arm["grid"].items():
+            assert entry["learning_rate"] == float(key)
+            if math.isfinite(losses[float(key)]):
+                assert entry["val_loss"] == losses[float(key)]
+    assert (out / "lr_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "results.json").read_text())
+    assert [a["learning_rate"] for a in saved["arms"]] == [a["learning_rate"] for a in results["arms"]]
+
+
+def test_a_diverging_rate_is_a_grid_result_not_a_failure(grid_run):
+    results, out, lines = grid_run
+    for arm in results["arms"]:
+        assert arm["grid"]["1e+30"]["val_loss"] is None
+        assert arm["learning_rate"] != 1e30
+        diverged = out / "arms" / f"{arm['label']}-lr1e+30-seed42" / "diverged.json"
+        assert "loss became" in json.loads(diverged.read_text())["diverged"]
+    assert any("diverged" in line for line in lines)
+
+
+def test_extending_the_grid_and_seeds_trains_only_new_runs(grid_setup, grid_run):
+    suite, corpus, _ = grid_setup
+    _, out, _ = grid_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/metrics.json")}
+    lines = []
+    results = run_compare(suite, out, data=corpus, seeds=2, learning_rates=[1e-3, 3e-3, 1e-2, 1e30], progress=False, log=lines.append)
+    assert sum("already trained" in line for line in lines) == 6  # 2 arms x 3 old rates
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    for arm in results["arms"]:
+        assert "0.003" in arm["grid"]
+        second_seed = sorted(p.name for p in (out / "arms").glob(f"{arm['label']}-lr*-seed43"))
+        assert second_seed == [f"{arm['label']}-lr{arm['learning_rate']:g}-seed43"]  # only at the best rate
+        assert arm["seeds"] == [42, 43] and arm["val_loss_std"] >= 0
+        assert len(arm["grid"][f"{arm['learning_rate']:g}"]["runs"]) == 2
+
+
+def test_an_arm_changed_under_a_finished_run_is_refused(grid_setup, grid_run, tmp_path):
+    suite, corpus, _ = grid_setup
+    _, out, _ = grid_run
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SUITE.replace("{label: kphi-3, preset: tiny-kphi3}", "{label: kphi-3, preset: tiny-kphi3, config: {num_hidden_layers: 1}}"))
+    with pytest.raises(CompareError, match="trained with other settings"):
+        run_compare(load_suite(str(changed)), out, data=corpus, learning_rates=[1e-3], progress=False, log=lambda *_: None)
+
+
+def test_rate_edges_are_flagged(grid_run):
+    results, _, _ = grid_run
+    for arm in results["arms"]:
+        rates = sorted(float(r) for r in arm["grid"])
+        assert arm["lr_at_edge"] == (arm["learning_rate"] in (rates[0], rates[-1]))
+        assert any(w.startswith(arm["label"]) for w in results["warnings"]) == arm["lr_at_edge"]
+
+
+def test_arm_rates_come_from_the_arm_then_the_suite(tmp_path):
+    (tmp_path / "s.yaml").write_text(
+        SUITE.replace("{label: phi-3, preset: tiny-phi3}", "{label: phi-3, preset: tiny-phi3, learning_rate: 5.0e-3}")
+        .replace("{label: kphi-3, preset: tiny-kphi3}", "{label: kphi-3, preset: tiny-kphi3, learning_rates: [1.0e-3, 2.0e-3]}")
+    )
+    from kphi.compare import arm_rates
+
+    suite = load_suite(str(tmp_path / "s.yaml"))
+    phi, kphi_arm = resolve_arms(suite)
+    assert arm_rates(phi, suite) == [5e-3] and arm_rates(kphi_arm, suite) == [1e-3, 2e-3]
+    assert arm_rates(phi, suite, [1e-4]) == [1e-4]
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "1e-3,-1", "0"])
+def test_bad_learning_rates_are_refused(text):
+    with pytest.raises(CompareError, match="learning rates"):
+        parse_learning_rates(text)
+
+
+def test_bad_rate_flags_and_suites_are_one_line_errors(tmp_path):
+    result = run_kphi("compare", "--suite", "smoke", "--learning-rates", "1e-3,fast", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    assert result.returncode == 2 and "learning rates" in result.stderr and "Traceback" not in result.stderr
+    result = run_kphi("compare", "--suite", "scaling-smoke", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    assert result.returncode == 2 and "kphi scale" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_grouped_learning_rates_scale_by_the_group_count():
+    from kphi.block import GroupedLinear
+    from kphi.presets import load_preset
+    from kphi.model import KPhi3ForCausalLM
+
+    model = KPhi3ForCausalLM(load_preset("tiny-kphi3").config)
+    multipliers = grouped_lr_multipliers(model, "groups")
+    grouped = [m for m in model.modules() if isinstance(m, GroupedLinear) and m.groups > 1]
+    assert grouped and len(multipliers) == len(grouped)
+    assert grouped_lr_multipliers(model, "none") == {}
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-3)
+    scale_grouped_learning_rates(optimizer, model, "groups")
+    seen = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            expected = multipliers.get(id(p), 1.0)
+            assert group["lr"] == pytest.approx(1e-3 * expected)
+            assert group["weight_decay"] == (0.1 if p.ndim > 1 else 0.0)
+            seen += 1
+    assert seen == len(list(model.parameters()))
+    assert {m.groups for m in grouped} == {g["lr_multiplier"] for g in optimizer.param_groups} - {1.0}

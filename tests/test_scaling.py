@@ -1,0 +1,126 @@
+"""``kphi scale``: the power-law fit, the savings factor, and the scaling-smoke suite end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from kphi.compare import CompareError
+from kphi.scaling import (
+    fit_power_law,
+    inverse_power_law,
+    load_scaling_suite,
+    power_law,
+    run_scaling,
+    savings_factor,
+)
+
+from corpus import write_corpus
+from test_compare import run_kphi
+
+N = [1e4, 3e4, 1e5, 3e5, 1e6]
+
+
+def test_the_fit_recovers_a_known_power_law():
+    truth = {"a": 40.0, "b": 0.3, "c": 2.0}
+    fit = fit_power_law(N, [power_law(truth, n) for n in N])
+    assert fit["b"] == pytest.approx(0.3, rel=0.02) and fit["c"] == pytest.approx(2.0, abs=0.01)
+    assert fit["a"] == pytest.approx(40.0, rel=0.05) and fit["rmse"] < 1e-3
+    for n in N:
+        assert inverse_power_law(fit, power_law(fit, n)) == pytest.approx(n, rel=1e-9)
+
+
+def test_a_family_that_is_the_reference_with_k_times_fewer_parameters_saves_k():
+    """L_family(N) = L_ref(k N): every reference point is reached with N / k parameters."""
+    ref = {"a": 40.0, "b": 0.3, "c": 2.0}
+    k = 3.0
+    family = fit_power_law(N, [power_law(ref, k * n) for n in N])
+    for n in N[1:-1]:
+        assert savings_factor(n, power_law(ref, n), family) == pytest.approx(k, rel=0.02)
+
+
+def test_a_loss_below_the_floor_is_never_reached():
+    fit = {"a": 10.0, "b": 0.5, "c": 3.0}
+    assert inverse_power_law(fit, 2.9) is None and savings_factor(1e5, 3.0, fit) is None
+
+
+def test_a_loss_that_grows_with_size_has_no_fit():
+    with pytest.raises(ValueError, match="does not fall"):
+        fit_power_law(N[:3], [3.0, 3.5, 4.0])
+    with pytest.raises(ValueError, match="three"):
+        fit_power_law(N[:2], [4.0, 3.0])
+
+
+def test_budgets_grow_with_width_in_whole_steps():
+    suite = load_scaling_suite("scaling-cpu")
+    per_step = suite.training["batch_size"] * suite.training["context_length"]
+    tokens = [suite.tokens_at(w) for w in suite.widths]
+    assert tokens == sorted(tokens) and all(t % per_step == 0 for t in tokens)
+    assert suite.tokens_at(128) == 716_800
+    for width in suite.widths:
+        arms = {a["label"]: a for a in suite.suite_at(width).arms}
+        assert all(a["config"]["hidden_size"] == width for a in arms.values())
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("arms: []\n", "kind: scaling"),
+        ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}]\nwidths: [16, 32]\nbudget: {reference_width: 16, reference_tokens: 99}\n", "two entries"),
+        ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16]\nbudget: {reference_width: 16, reference_tokens: 99}\n", "widths"),
+        ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16, 32]\n", "budget"),
+        ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16, 30]\nbudget: {reference_width: 16, reference_tokens: 99}\n", "width 30"),
+    ],
+)
+def test_bad_scaling_suites_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(CompareError, match=message):
+        load_scaling_suite(str(path))
+
+
+@pytest.fixture(scope="module")
+def smoke_scaling(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    corpus = write_corpus(tmp / "pairs.jsonl", pairs=200)
+    result = run_kphi("scale", "--suite", "scaling-smoke", "--data", str(corpus), "--out", str(tmp / "out"), "--quiet", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp, corpus, result.stdout
+
+
+def test_scaling_smoke_writes_points_fits_savings_and_a_plot(smoke_scaling):
+    tmp, _, stdout = smoke_scaling
+    out = tmp / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["families"]) == {"phi-3", "kphi-3"} and results["seeds"] == [42]
+    for label, family in results["families"].items():
+        assert [p["width"] for p in family["points"]] == [16, 24, 32]
+        for p in family["points"]:
+            per_width = json.loads((out / f"w{p['width']}" / "results.json").read_text())
+            arm = next(a for a in per_width["arms"] if a["label"] == label)
+            assert p["val_loss"] == arm["val_loss"] and p["learning_rate"] == arm["learning_rate"]
+            assert p["tokens"] == results["budget_tokens"][str(p["width"])]
+    assert [s["reference_width"] for s in results["savings"]] == [16, 24, 32]
+    for s in results["savings"]:
+        fit = results["families"]["kphi-3"]["fit_by_seed"]["42"]
+        if fit is not None and s["factor"] is not None:
+            assert s["factor"] == pytest.approx(savings_factor(s["reference_non_embedding"], s["reference_val_loss"], fit))
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "times fewer parameters" in stdout and "times fewer parameters" in (out / "results.md").read_text()
+
+
+def test_a_rerun_reuses_every_width(smoke_scaling, monkeypatch):
+    tmp, corpus, _ = smoke_scaling
+    monkeypatch.setenv("KPHI_CACHE", str(tmp / "cache"))
+    lines = []
+    before = json.loads((tmp / "out" / "results.json").read_text())
+    again = run_scaling(load_scaling_suite("scaling-smoke"), tmp / "out", data=str(corpus), progress=False, log=lines.append)
+    trained = [line for line in lines if "non-embedding parameters" in line]
+    assert trained == [] and sum("already trained" in line for line in lines) == 3 * 2 * 2
+    assert again["families"] == before["families"]
+
+
+def test_bad_widths_flag_is_one_line(tmp_path):
+    result = run_kphi("scale", "--suite", "scaling-smoke", "--widths", "16,x", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    assert result.returncode == 2 and "--widths" in result.stderr and "Traceback" not in result.stderr
