@@ -18,15 +18,21 @@ same parameter names (and logits) as ``transformers.Phi3ForCausalLM``.
 
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    GenerationMixin,
     Phi3Config,
 )
 from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import (
     Phi3DecoderLayer,
@@ -171,6 +177,23 @@ def replace_projections(module: nn.Module, config: KPhi3Config, targets=PROJECTI
     return replaced
 
 
+def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
+    """``embed_to_hidden`` / ``hidden_to_embed``: a projection between ``embed_size`` and ``hidden_size``.
+
+    Unlike the decoder's projections, whose outputs enter a residual stream that the next RMSNorm rescales,
+    these sit in series with the whole network: initialised at ``initializer_range`` they would shrink the
+    signal (and every gradient through them) by ``0.02 * sqrt(in)`` each. They are therefore initialised
+    as norm-preserving maps, with the dense-equivalent std ``1 / sqrt(in)`` (a grouped block scales it by
+    ``sqrt(G / 2)`` as usual, see :func:`kphi.block.init_grouped_weight`), whatever ``grouped_init`` says:
+    the reference ``kaiming_uniform`` would give them a gain of ``sqrt(in / (3 * G * out))`` instead.
+    """
+    adapter = make_projection(in_features, out_features, config)
+    for module in adapter.modules():
+        if isinstance(module, (nn.Linear, GroupedLinear, LowRankLinear)):
+            module.dense_init_std = in_features**-0.5
+    return adapter
+
+
 class KPhi3PreTrainedModel(Phi3PreTrainedModel):
     config_class = KPhi3Config
     config: KPhi3Config
@@ -183,12 +206,17 @@ class KPhi3PreTrainedModel(Phi3PreTrainedModel):
         ``up ~ N(0, std^2 * in / r)`` gives the product a dense layer's output variance (``in * std^2``).
         """
         super()._init_weights(module)
+        # the width adapters (embed_to_hidden, hidden_to_embed) carry their own dense-equivalent std
+        std = getattr(module, "dense_init_std", self.config.initializer_range)
+        if isinstance(module, nn.Linear) and hasattr(module, "dense_init_std"):
+            init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, LowRankLinear):
             init.normal_(module.down_weight, mean=0.0, std=module.in_features**-0.5)
-            init.normal_(module.up_weight, mean=0.0, std=self.config.initializer_range * (module.in_features / module.rank) ** 0.5)
+            init.normal_(module.up_weight, mean=0.0, std=std * (module.in_features / module.rank) ** 0.5)
         if isinstance(module, GroupedLinear) and not getattr(module.weight, "_is_hf_initialized", False):
             # the flag marks weights loaded from a checkpoint, as transformers' own init functions check it
-            init_grouped_weight(module.weight, self.config.grouped_init, self.config.initializer_range)
+            scheme = "scaled_normal" if hasattr(module, "dense_init_std") else self.config.grouped_init
+            init_grouped_weight(module.weight, scheme, std)
 
 
 class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
@@ -207,7 +235,7 @@ class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_size, self.padding_idx)
         self.embed_dropout = nn.Dropout(config.embd_pdrop)
         if config.embed_size != config.hidden_size:
-            self.embed_to_hidden = make_projection(config.embed_size, config.hidden_size, config)
+            self.embed_to_hidden = make_width_adapter(config.embed_size, config.hidden_size, config)
         else:
             self.embed_to_hidden = None
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -217,7 +245,17 @@ class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -226,11 +264,12 @@ class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
         if self.embed_to_hidden is not None:
             hidden = self.embed_to_hidden(hidden)
         return super().forward(
-            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=hidden, **kwargs
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=hidden,
+            use_cache=use_cache, **kwargs,
         )
 
 
-class KPhi3ForCausalLM(KPhi3PreTrainedModel, Phi3ForCausalLM):
+class KPhi3ForCausalLM(KPhi3PreTrainedModel, Phi3ForCausalLM, GenerationMixin):
     """Causal LM head on :class:`KPhi3Model`; generation, caching and loss come from ``Phi3ForCausalLM``.
 
     ``logits = lm_head(hidden_to_embed(model(...)))`` with ``hidden_to_embed`` only when
@@ -242,26 +281,26 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, Phi3ForCausalLM):
         self.model = KPhi3Model(config)
         self.vocab_size = config.vocab_size
         if config.embed_size != config.hidden_size:
-            self.hidden_to_embed = make_projection(config.hidden_size, config.embed_size, config)
+            self.hidden_to_embed = make_width_adapter(config.hidden_size, config.embed_size, config)
         else:
             self.hidden_to_embed = None
         self.lm_head = nn.Linear(config.embed_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        **kwargs,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
-        if cache is None and "past_key_values" in kwargs:  # the deprecated name, accepted until transformers 5.40
-            cache = kwargs.pop("past_key_values")
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
