@@ -89,5 +89,5 @@ def test_unknown_preset_and_bad_yaml_name_the_problem(tmp_path):
     bad.write_text("config:\n  hidden_size: 65\n  num_attention_heads: 4\n")
     with pytest.raises(PresetError, match="divisible by num_attention_heads"):
         load_preset(bad)
-    with pytest.raises(PresetError, match="without a config.json"):
+    with pytest.raises(PresetError, match="not a model directory: it has no config.json"):
         resolve_config(tmp_path)

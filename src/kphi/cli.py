@@ -446,22 +446,10 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .presets import PresetError
+    """What the command line reports as one line and status 2: kphi's own input errors and missing files."""
+    from .errors import KphiError
 
-    errors: list[type[BaseException]] = [PresetError, FileNotFoundError, NotADirectoryError, PermissionError]
-    for module, name in (
-        ("kphi.data.sources", "DataError"),
-        ("kphi.data.tokenizers", "TokenizerError"),
-        ("kphi.train", "TrainError"),
-        ("kphi.compare", "CompareError"),
-        ("kphi.generate", "GenerationError"),
-        ("kphi.export", "ExportError"),
-    ):
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (KphiError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:

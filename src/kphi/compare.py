@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import yaml
 
+from .errors import KphiError
 from .callbacks import atomic_write_text
 from .model import KPhi3Config, config_fields
 from .params import count_parameters
@@ -60,7 +61,7 @@ __all__ = [
 DIVERGED_FILE = "diverged.json"
 
 
-class CompareError(RuntimeError):
+class CompareError(KphiError, RuntimeError):
     """A comparison cannot run as asked; the message says why."""
 
 

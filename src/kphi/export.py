@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .model_dir import has_tokenizer, read_model_config
+from .errors import KphiError
+from .model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
 
 __all__ = [
     "AUTO_MAP",
@@ -76,7 +77,7 @@ _SIBLINGS = {"block": "kphi3_block", "lowrank": "kphi3_lowrank", "configuration"
 _CONFIG_CLASS = "KPhi3Config"
 
 
-class ExportError(ValueError):
+class ExportError(KphiError, ValueError):
     """The model cannot be exported as asked (not a kphi-3 model, an occupied output directory, ...)."""
 
 
@@ -248,32 +249,20 @@ def standalone_sources() -> dict[str, str]:
 
 def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
     """The kphi-3 model in ``model_dir`` (kphi's own classes), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     from .model import KPhi3ForCausalLM
 
     path = Path(model_dir)
     model_type = read_model_config(path, ExportError).get("model_type")
     if model_type != "kphi3":
         raise ExportError(f"{path} holds a {model_type!r} model; kphi export handles kphi-3 models (model_type 'kphi3')")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=dtype or "auto")
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise ExportError(f"cannot load the model in {path}: {err}") from None
+    model = load_model(path, ExportError, dtype=dtype)
     if not isinstance(model, KPhi3ForCausalLM):  # pragma: no cover - the registry maps kphi3 to it
         raise ExportError(f"{path} did not load as a kphi-3 model (got {type(model).__name__})")
-    return model.eval()
+    return model
 
 
 def _load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    if not has_tokenizer(model_dir):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot load the tokenizer in {model_dir}: {err}") from None
+    return load_tokenizer(model_dir, ExportError) if has_tokenizer(model_dir) else None
 
 
 # --------------------------------------------------------------------------- ONNX

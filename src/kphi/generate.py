@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO, Union
 
+from .errors import KphiError
+
 __all__ = [
     "ChatSession",
     "GenerationError",
@@ -43,7 +45,7 @@ Messages = list[dict[str, str]]
 Stream = Union[Callable[[str], Any], TextIO, None]
 
 
-class GenerationError(ValueError):
+class GenerationError(KphiError, ValueError):
     """The model, tokenizer or prompt cannot be used for generation; the message says why."""
 
 
@@ -91,26 +93,11 @@ def load_for_generation(model_dir: str | Path, *, device: str | None = None, dty
     :class:`GenerationError` when ``model_dir`` is not a model directory, has no tokenizer, or fails to load.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
-    from .model_dir import has_tokenizer, read_model_config
+    from .model_dir import load_model, load_tokenizer
 
-    path = Path(model_dir)
-    read_model_config(path, GenerationError)
-    if not has_tokenizer(path):
-        raise GenerationError(
-            f"{path} has no tokenizer (no tokenizer.json or tokenizer_config.json); "
-            "save one beside the weights (tokenizer.save_pretrained) to generate text"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
-        raise GenerationError(f"cannot load the tokenizer in {path}: {err}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=dtype or "auto")
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise GenerationError(f"cannot load the model in {path}: {str(err).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(model_dir, GenerationError)
+    model = load_model(model_dir, GenerationError, dtype=dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

@@ -24,12 +24,13 @@ from typing import Any
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
+from .errors import KphiError
 from .model import KPhi3Config, config_fields
 
 __all__ = ["Preset", "PresetError", "list_presets", "load_preset", "resolve_config"]
 
 
-class PresetError(ValueError):
+class PresetError(KphiError, ValueError):
     """A preset or configuration could not be found or is invalid (message names what and where)."""
 
 
@@ -100,7 +101,7 @@ def resolve_config(spec: str | Path) -> Preset:
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise PresetError(f"{spec} is a directory without a config.json, so it is not a model directory")
+            raise PresetError(f"{spec} is not a model directory: it has no config.json")
     if path.suffix == ".json":
         if not path.is_file():
             raise PresetError(f"config file not found: {path}")
@@ -117,4 +118,6 @@ def resolve_config(spec: str | Path) -> Preset:
             fields.setdefault("min_channels_per_group", -1)
         config = _build_config(config_fields(fields), str(path))
         return Preset(name=path.parent.name, config=config, model="kphi-3" if config.is_grouped else "phi-3", path=path)
+    if path.suffix not in (".yaml", ".yml") and len(path.parts) > 1 and not path.exists():
+        raise PresetError(f"{spec} is not a directory (expected a preset name, a preset YAML, a config.json or a model directory)")
     return load_preset(spec)

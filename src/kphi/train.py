@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .errors import KphiError
 from .callbacks import (
     CheckpointMarker,
     CsvLogger,
@@ -50,7 +51,7 @@ RUN_FILE = "kphi-run.json"
 METRICS_FILE = "metrics.json"
 
 
-class TrainError(RuntimeError):
+class TrainError(KphiError, RuntimeError):
     """A run cannot start or continue; the message says why and what to do."""
 
 

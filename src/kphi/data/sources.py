@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..errors import KphiError
+
 #: Hub name of the LaMini instruction corpus used by the reference recipe.
 LAMINI_NAME = "MBZUAI/LaMini-instruction"
 DEFAULT_COLUMNS: tuple[str, str] = ("instruction", "response")
@@ -65,7 +67,7 @@ _PACKAGES = {
 _READ_BATCH = 10_000
 
 
-class DataError(ValueError):
+class DataError(KphiError, ValueError):
     """A data problem the user must fix; its message says what and how."""
 
 

@@ -46,6 +46,8 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ..errors import KphiError
+
 __all__ = [
     "CHAT_TEMPLATE",
     "PHI3_GGUF_NAME",
@@ -115,7 +117,7 @@ TOKENIZER_SPECS = ("bpe", "phi3", "phi3-hub")
 DEFAULT_VOCAB_SIZE = 4096
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(KphiError, RuntimeError):
     """A tokenizer could not be built, fetched or loaded; the message says why."""
 
 

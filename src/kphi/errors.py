@@ -1,0 +1,15 @@
+"""One error type for every failure caused by input.
+
+A :class:`KphiError` is a problem with something the user gave — a file, a directory, a setting — and its
+message says what and where. The command line prints it as one ``kphi: error: ...`` line and exits with
+status 2; library callers catch it (or the module's own subclass, e.g. ``TrainError``). Anything else that
+escapes is a bug in kphi.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KphiError"]
+
+
+class KphiError(Exception):
+    """A failure caused by input; the message names what is wrong and where."""
