@@ -97,6 +97,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rates = parse_learning_rates(args.learning_rates) if args.learning_rates else None
     out = args.out or f"runs/compare-{suite.name}"
     log = (lambda *a, **k: None) if args.quiet else print
+    if args.budgets or suite.budgets:
+        return _compare_budgets(suite, out, args, rates, log)
     results = run_compare(
         suite, out, seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, learning_rates=rates,
         progress=not args.quiet, log=log,
@@ -104,6 +106,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(format_table(results))
     plots = [p.name for p in sorted(Path(out).glob("*.png"))]
     print(f"\nresults: {out}/results.json, {out}/results.md, plots: {', '.join(plots)}")
+    return 0
+
+
+def _compare_budgets(suite, out: str, args: argparse.Namespace, rates, log) -> int:
+    from .budgets import format_budget_table, run_budget_series
+    from .compare import CompareError
+
+    if rates or args.max_tokens:
+        raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
+    budgets = None
+    if args.budgets:
+        try:
+            budgets = [int(float(b)) for b in args.budgets.split(",") if b.strip()]
+        except ValueError:
+            raise CompareError(f"--budgets must be token counts separated by commas, got {args.budgets!r}") from None
+        if not budgets or min(budgets) <= 0:
+            raise CompareError(f"--budgets must be positive token counts, got {args.budgets!r}")
+    if args.seeds:
+        suite.seeds = args.seeds
+    results = run_budget_series(suite, out, budgets=budgets, data=args.data, progress=not args.quiet, log=log)
+    print(format_budget_table(results))
+    print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
     return 0
 
 
@@ -373,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, help="override the training budget per arm")
     p.add_argument("--learning-rates", metavar="LR,LR,...",
                    help="train every arm at each of these peak rates and report each arm at its best (e.g. 1e-3,2e-3,4e-3)")
+    p.add_argument("--budgets", metavar="TOKENS,TOKENS,...",
+                   help="a budget series: every arm at each of these token budgets (e.g. 716800,3e6), one comparison each")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

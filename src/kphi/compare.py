@@ -89,6 +89,8 @@ class Suite:
     training: dict[str, Any] = field(default_factory=dict)
     seeds: int = 1
     learning_rates: list[float] | None = None
+    budgets: list[int] | None = None  # a budget series (kphi.budgets): every arm at each of these token budgets
+    seeds_at_largest: int | None = None  # seeds at the largest budget of a series (default: ``seeds``)
 
 
 def _positive_rates(rates, where: str) -> list[float] | None:
@@ -148,7 +150,17 @@ def load_suite(name_or_path: str) -> Suite:
         training=dict(data.get("training") or {}),
         seeds=int(data.get("seeds", 1)),
         learning_rates=_positive_rates(data.get("learning_rates"), f"suite {path}"),
+        budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
+        seeds_at_largest=data.get("seeds_at_largest"),
     )
+
+
+def _positive_budgets(budgets, where: str) -> list[int] | None:
+    if budgets is None:
+        return None
+    if not isinstance(budgets, list) or not budgets or not all(isinstance(b, int) and b > 0 for b in budgets):
+        raise CompareError(f"{where}: budgets must be a non-empty list of positive token counts, got {budgets!r}")
+    return sorted(set(budgets))
 
 
 # --------------------------------------------------------------------------- controls of equal size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "read_log"]
+__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "read_log"]
 
 
 def _pyplot():
@@ -137,6 +137,26 @@ def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("final validation loss (dashed: fit a·N^-b + c)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_budgets(series: dict[str, list[tuple[int, float, float]]], out_png: Path, title: str) -> Path:
+    """Final validation loss against the training budget in tokens (log x), one line per arm."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, points in series.items():
+        if points:
+            xs, ys, spread = zip(*sorted(points))
+            ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens (each point: a run planned for that budget)")
+    ax.set_ylabel("final validation loss")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

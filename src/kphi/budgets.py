@@ -1,0 +1,106 @@
+"""Budget series: the same comparison at several token budgets — does a lead hold, shrink or reverse?
+
+A compare suite with ``budgets: [N1, N2, ...]`` (or ``kphi compare --budgets``) trains every arm, at its
+own rate, once per budget, each budget an ordinary comparison in ``OUT/tokens-N/`` (so it resumes and
+reuses finished runs like one). The largest budget runs ``seeds_at_largest`` seeds, the others ``seeds``.
+With the cosine schedule every budget is a separate run that ends at a learning rate of zero, so each
+point is the final loss of a run planned for that many tokens (not a point on a longer run's curve).
+
+Outputs in ``OUT``: ``results.json`` (per arm: tokens -> final validation loss, spread, rate),
+``results.md`` and ``budgets.png`` (final validation loss against tokens, log x, one line per arm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .callbacks import atomic_write_text
+from .compare import CompareError, Suite, _fmt, run_compare
+
+__all__ = ["run_budget_series", "format_budget_table"]
+
+
+def run_budget_series(
+    suite: Suite,
+    out: Path,
+    budgets: list[int] | None = None,
+    data: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Every arm of ``suite`` at every budget; returns ``results.json``'s content."""
+    budgets = sorted(set(budgets or suite.budgets or []))
+    if len(budgets) < 2:
+        raise CompareError("a budget series needs at least two budgets (suite 'budgets:' or --budgets)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    per_budget = {}
+    for tokens in budgets:
+        seeds = (suite.seeds_at_largest or suite.seeds) if tokens == budgets[-1] else suite.seeds
+        training = {k: v for k, v in suite.training.items() if k != "max_steps"}
+        at_budget = dataclasses.replace(suite, training={**training, "max_tokens": tokens}, budgets=None)
+        log(f"== {tokens:,} tokens per run, {seeds} seed(s)")
+        per_budget[tokens] = run_compare(at_budget, out / f"tokens-{tokens}", seeds=seeds, data=data, progress=progress, log=log)
+    results = budget_results(suite, per_budget, time.perf_counter() - started)
+    _write_outputs(results, out)
+    return results
+
+
+def budget_results(suite: Suite, per_budget: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:
+    arms: dict[str, dict[str, Any]] = {}
+    for tokens, result in sorted(per_budget.items()):
+        for arm in result["arms"]:
+            entry = arms.setdefault(arm["label"], {"non_embedding": arm["non_embedding"], "points": []})
+            entry["points"].append({
+                "budget": tokens,
+                "tokens": arm["tokens"],
+                "learning_rate": arm["learning_rate"],
+                "val_loss": arm["val_loss"],
+                "val_loss_std": arm["val_loss_std"],
+                "seeds": arm["seeds"],
+                "wall_seconds": arm["wall_seconds"],
+            })
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "baseline": suite.baseline,
+        "budgets": sorted(per_budget),
+        "wall_seconds": round(wall, 1),
+        "arms": arms,
+        "warnings": [w for r in per_budget.values() for w in r.get("warnings", [])],
+    }
+
+
+def format_budget_table(results: dict[str, Any]) -> str:
+    """Markdown: one row per arm, one column per budget (final validation loss, mean ± spread over seeds)."""
+    budgets = results["budgets"]
+    lines = [
+        "| arm | non-emb. params | lr | " + " | ".join(f"{b:,} tokens" for b in budgets) + " |",
+        "|:--|--:|--:|" + "--:|" * len(budgets),
+    ]
+    for label, arm in results["arms"].items():
+        by_budget = {p["budget"]: p for p in arm["points"]}
+        rates = sorted({f"{p['learning_rate']:g}" for p in arm["points"]})
+        cells = [
+            _fmt(by_budget[b]["val_loss"], by_budget[b]["val_loss_std"], len(by_budget[b]["seeds"])) if b in by_budget else "-"
+            for b in budgets
+        ]
+        lines.append(f"| {label} | {arm['non_embedding']:,} | {', '.join(rates)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_outputs(results: dict[str, Any], out: Path) -> None:
+    from .plots import plot_budgets
+
+    series = {
+        label: [(p["tokens"], p["val_loss"], p["val_loss_std"]) for p in arm["points"] if p["val_loss"] is not None]
+        for label, arm in results["arms"].items()
+    }
+    plot_budgets(series, out / "budgets.png", f"kphi compare ({results['suite']}): final validation loss vs budget")
+    atomic_write_text(out / "results.md", format_budget_table(results) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
