@@ -19,6 +19,7 @@ __all__ = [
     "CheckpointMarker",
     "CsvLogger",
     "DivergenceGuard",
+    "ProgressLine",
     "TimeLimit",
     "is_complete_checkpoint",
 ]
@@ -157,3 +158,46 @@ class TimeLimit(TrainerCallback):
             self.reached = True
             control.should_training_stop = True
             control.should_save = True
+
+
+class ProgressLine(TrainerCallback):
+    """One progress line per run: step of total, ETA, last train loss, last validation loss, tokens/s.
+
+    It replaces Trainer's own console output (a bar per evaluation and the raw log dict every
+    ``logging_steps``), which for a comparison of many runs is hundreds of lines; every logged value is
+    still in ``log.csv`` and TensorBoard.
+    """
+
+    def __init__(self, label: str, tokens_per_step: int):
+        self.label, self.tokens_per_step = label, tokens_per_step
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step",
+                            dynamic_ncols=True, leave=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            rate = self.bar.format_dict.get("rate")
+            if rate:
+                self.postfix["tok/s"] = f"{rate * self.tokens_per_step:,.0f}"
+                self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.postfix["loss"] = f"{logs['loss']:.3f}"
+        if "eval_loss" in logs:
+            self.postfix["val"] = f"{logs['eval_loss']:.3f}"
+        self.bar.set_postfix(self.postfix)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -416,8 +416,6 @@ def run_compare(
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started)
     results["command"] = "kphi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kphi") else None
     _write_outputs(results, out, suite)
-    for warning in results["warnings"]:
-        log(f"warning: {warning}")
     return results
 
 
@@ -544,9 +542,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"{a['percent']:.1f}% | {rate} | {_fmt(a['train_loss'], a['train_loss_std'], seeds)} | "
             f"{_fmt(a['val_loss'], a['val_loss_std'], seeds)} | {tps} | {a['wall_seconds']:.0f} |"
         )
-    for warning in results.get("warnings", []):
-        lines.append(f"\nwarning: {warning}")
-    return "\n".join(lines)
+    warnings = [f"warning: {w}" for w in results.get("warnings", [])]
+    return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
 def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:

@@ -19,6 +19,7 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -37,6 +38,7 @@ from .callbacks import (
     CheckpointMarker,
     CsvLogger,
     DivergenceGuard,
+    ProgressLine,
     TimeLimit,
     atomic_write_text,
     is_complete_checkpoint,
@@ -310,7 +312,7 @@ def _training_arguments(settings: TrainSettings, out: Path, max_steps: int):
         data_seed=settings.seed,
         use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=settings.gradient_checkpointing,
-        disable_tqdm=not settings.progress,
+        disable_tqdm=True,  # kphi's ProgressLine replaces Trainer's bars (see train())
         dataloader_drop_last=True,
         ddp_find_unused_parameters=False,
         **_precision_flags(settings.precision),
@@ -393,15 +395,15 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
-    if not settings.progress:
-        from transformers.trainer_callback import PrinterCallback
-        from transformers.utils import logging as hf_logging
+    from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
-        hf_logging.disable_progress_bar()
+    trainer.remove_callback(PrinterCallback)  # the raw log dict every logging_steps
+    if settings.progress:
+        trainer.add_callback(ProgressLine(out.name, tokens_per_step))
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
+            trainer.train(resume_from_checkpoint=checkpoint)
     except (RuntimeError, KeyError, ValueError) as err:
         if checkpoint is not None and "checkpoint" in str(err).lower():
             raise TrainError(f"cannot resume from {checkpoint}: {err}") from None
@@ -422,7 +424,8 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     metrics: dict[str, Any] = {}
     if is_main:
         metrics = _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall)
-        _write_model_dir(trainer, tokenizer, out)
+        with _without_hub_progress_bars():
+            _write_model_dir(trainer, tokenizer, out)
         from .plots import plot_loss_curve
 
         if (out / "log.csv").is_file():
@@ -430,6 +433,20 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _leave_process_group()
     return TrainResult(out=out, metrics=metrics)
+
+
+@contextlib.contextmanager
+def _without_hub_progress_bars():
+    """transformers' own progress bars (e.g. one per checkpoint write) off for the duration, then as before."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _trainer_class(grouped_lr_scale: str):
