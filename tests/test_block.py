@@ -1,4 +1,4 @@
-"""The grouped pointwise block against its definition (issue: the kphi package, deliverable 2)."""
+"""The grouped pointwise block against its definition."""
 
 import math
 
@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from kphi.block import GroupedLinear, GroupedPointwiseBlock, SingleGroupLinear, group_count, interleave
+
+
+pytestmark = pytest.mark.fast
 
 
 def naive_group_count(i, o, m):

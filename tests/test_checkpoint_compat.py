@@ -1,4 +1,4 @@
-"""Loading checkpoints in the report's published format (issue: the kphi package, deliverable 4).
+"""Loading checkpoints in the report's published format.
 
 The fixture is built from the specification alone: a ``config.json`` with the fields the reference
 checkpoints carry (including ones transformers 5 dropped) and a ``model.safetensors`` with the reference

@@ -115,6 +115,7 @@ def test_rate_edges_are_flagged(grid_run):
         assert any(w.startswith(arm["label"]) for w in results["warnings"]) == arm["lr_at_edge"]
 
 
+@pytest.mark.fast
 def test_arm_rates_come_from_the_arm_then_the_suite(tmp_path):
     (tmp_path / "s.yaml").write_text(
         SUITE.replace("{label: phi-3, preset: tiny-phi3}", "{label: phi-3, preset: tiny-phi3, learning_rate: 5.0e-3}")
@@ -128,6 +129,7 @@ def test_arm_rates_come_from_the_arm_then_the_suite(tmp_path):
     assert arm_rates(phi, suite, [1e-4]) == [1e-4]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text", ["", "a,b", "1e-3,-1", "0"])
 def test_bad_learning_rates_are_refused(text):
     with pytest.raises(CompareError, match="learning rates"):
@@ -142,6 +144,7 @@ def test_bad_rate_flags_and_suites_are_one_line_errors(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.fast
 def test_grouped_learning_rates_scale_by_the_group_count():
     from kphi.block import GroupedLinear
     from kphi.presets import load_preset

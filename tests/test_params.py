@@ -1,4 +1,4 @@
-"""Parameter accounting and presets (issue: the kphi package, deliverables 6 and 7)."""
+"""Parameter accounting and presets."""
 
 import pytest
 
@@ -6,6 +6,9 @@ from kphi.block import GroupedPointwiseBlock
 from kphi.model import KPhi3ForCausalLM
 from kphi.params import count_parameters, parameter_report
 from kphi.presets import PresetError, list_presets, load_preset, resolve_config
+
+
+pytestmark = pytest.mark.fast
 
 
 @pytest.mark.parametrize(

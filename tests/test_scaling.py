@@ -1,9 +1,7 @@
 """``kphi scale``: the power-law fit, the savings factor, and the scaling-smoke suite end to end."""
 
 import json
-import math
 
-import numpy as np
 import pytest
 
 from kphi.compare import CompareError
@@ -22,6 +20,7 @@ from test_compare import run_kphi
 N = [1e4, 3e4, 1e5, 3e5, 1e6]
 
 
+@pytest.mark.fast
 def test_the_fit_recovers_a_known_power_law():
     truth = {"a": 40.0, "b": 0.3, "c": 2.0}
     fit = fit_power_law(N, [power_law(truth, n) for n in N])
@@ -31,6 +30,7 @@ def test_the_fit_recovers_a_known_power_law():
         assert inverse_power_law(fit, power_law(fit, n)) == pytest.approx(n, rel=1e-9)
 
 
+@pytest.mark.fast
 def test_a_family_that_is_the_reference_with_k_times_fewer_parameters_saves_k():
     """L_family(N) = L_ref(k N): every reference point is reached with N / k parameters."""
     ref = {"a": 40.0, "b": 0.3, "c": 2.0}
@@ -40,11 +40,13 @@ def test_a_family_that_is_the_reference_with_k_times_fewer_parameters_saves_k():
         assert savings_factor(n, power_law(ref, n), family) == pytest.approx(k, rel=0.02)
 
 
+@pytest.mark.fast
 def test_a_loss_below_the_floor_is_never_reached():
     fit = {"a": 10.0, "b": 0.5, "c": 3.0}
     assert inverse_power_law(fit, 2.9) is None and savings_factor(1e5, 3.0, fit) is None
 
 
+@pytest.mark.fast
 def test_a_loss_that_grows_with_size_has_no_fit():
     with pytest.raises(ValueError, match="does not fall"):
         fit_power_law(N[:3], [3.0, 3.5, 4.0])
@@ -52,6 +54,7 @@ def test_a_loss_that_grows_with_size_has_no_fit():
         fit_power_law(N[:2], [4.0, 3.0])
 
 
+@pytest.mark.fast
 def test_budgets_grow_with_width_in_whole_steps():
     suite = load_scaling_suite("scaling-cpu")
     per_step = suite.training["batch_size"] * suite.training["context_length"]

@@ -145,7 +145,7 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
 
 
 def test_train_with_no_data_named_uses_the_offline_corpus(tmp_path):
-    """The brief's acceptance check: a fresh machine, no data named."""
+    """A fresh machine with no data named trains on the offline corpus, prepared once and cached."""
     pytest.importorskip("chitchat_dataset")
     out = tmp_path / "fresh"
     result = kphi("train", "--preset", "tiny-kphi3", "--max-steps", "5", "--out", str(out), "--quiet",

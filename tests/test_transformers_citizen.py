@@ -31,6 +31,7 @@ def ids(batch=2, length=12):
     return torch.randint(3, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_projection_is_grouped(variant):
     from kphi.block import GroupedPointwiseBlock
@@ -41,6 +42,7 @@ def test_every_projection_is_grouped(variant):
     assert all(b.groups > 1 for b in blocks)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_return_dict_false_returns_the_same_tensors_as_a_tuple(variant):
     x = ids()
@@ -59,6 +61,7 @@ def test_return_dict_false_returns_the_same_tensors_as_a_tuple(variant):
                 assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_training_kwargs_reach_the_loss(variant):
     """``num_items_in_batch`` (what Trainer passes with gradient accumulation) turns the mean into sum / n."""
@@ -70,10 +73,12 @@ def test_training_kwargs_reach_the_loss(variant):
     assert summed.item() == pytest.approx(mean_loss.item() / 2, rel=1e-5)
 
 
+@pytest.mark.fast
 def test_the_causal_lm_lists_generation_mixin_among_its_bases():
     assert GenerationMixin in KPhi3ForCausalLM.__bases__ and issubclass(KPhi3ForCausalLM, GenerationMixin)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("cls", [KPhi3Model, KPhi3ForCausalLM])
 def test_forward_signatures_name_the_cache_like_phi3(cls):
     params = inspect.signature(cls.forward).parameters
@@ -81,6 +86,7 @@ def test_forward_signatures_name_the_cache_like_phi3(cls):
         assert name in params, name
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_deprecated_past_key_values_name_still_works(variant):
     model = make(**VARIANTS[variant])
@@ -92,6 +98,7 @@ def test_the_deprecated_past_key_values_name_still_works(variant):
     assert torch.allclose(step, full[:, 6:], atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("scheme", ["scaled_normal", "kaiming_uniform"])
 def test_width_adapters_keep_the_gradient_scale_at_initialisation(scheme):
     """Without norm-preserving adapters the gradient norm fell about 10x below the same-width model's."""

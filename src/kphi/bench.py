@@ -26,12 +26,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .block import GroupedPointwiseBlock
+from .block import GroupedPointwiseBlock, group_count
 
 __all__ = ["PHI3_SHAPES", "ShapeResult", "bench_shape", "bench_end_to_end", "run_bench", "format_report"]
 
-#: (in, out, groups): phi-3's qkv, o, gate_up and down projections at m = 256, and a small CPU shape.
-PHI3_SHAPES = [(3072, 9216, 12), (3072, 3072, 12), (3072, 18432, 12), (9216, 3072, 32), (512, 1536, 8)]
+#: (in, out, m): phi-3's qkv, o, gate_up and down projections at m = 256, and a small CPU shape at m = 64.
+PHI3_PROJECTIONS = [(3072, 9216, 256), (3072, 3072, 256), (3072, 18432, 256), (9216, 3072, 256), (512, 1536, 64)]
+#: (in, out, groups) of each, G by the group rule (12, 12, 12, 32 and 8).
+PHI3_SHAPES = [(i, o, group_count(i, o, m)) for i, o, m in PHI3_PROJECTIONS]
 
 
 @dataclass

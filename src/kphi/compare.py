@@ -29,7 +29,6 @@ list can be extended in the same ``--out`` and only the new runs train.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -269,16 +268,6 @@ def _arm_training(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-") or "arm"
-
-
-def _write_arm_preset(arm: Arm, path: Path) -> Path:
-    fields = config_fields(arm.config)
-    fields = {k: v for k, v in fields.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump({"name": arm.label, "model": arm.model, "description": arm.source, "config": fields}, sort_keys=True)
-    if not path.exists() or path.read_text() != text:
-        atomic_write_text(path, text)
-    return path
 
 
 def _machine() -> dict[str, Any]:

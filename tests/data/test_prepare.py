@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -173,10 +172,8 @@ def test_cache_hit_is_fast_and_same_path(tmp_path, corpus_file, fake_builder, ca
     first = prepare_dataset(settings, cache_dir=tmp_path / "cache", progress=True)
     printed = capsys.readouterr().out
     assert "Prepared" in printed and str(first) in printed
-    start = time.perf_counter()
     second = prepare_dataset(settings_for(corpus_file), cache_dir=tmp_path / "cache", progress=False)
-    assert time.perf_counter() - start < 1.0
-    assert second == first and len(fake_builder.calls) == 1
+    assert second == first and len(fake_builder.calls) == 1  # found in the cache: nothing was rebuilt
     # a changed setting is a different entry
     third = prepare_dataset(settings_for(corpus_file, seed=1), cache_dir=tmp_path / "cache", progress=False)
     assert third != first and len(fake_builder.calls) == 2
@@ -322,7 +319,7 @@ def test_format_stats_is_one_paragraph(tmp_path, corpus_file, fake_builder):
     for value in (stats["pairs_read"], stats["train_rows"], stats["validation_rows"], stats["train_samples"]):
         assert f"{value:,}" in text
     assert "'I cannot': 24" in text
-    assert format_stats({})  # tolerant of missing keys
+    assert format_stats({}).startswith("Prepared ?: read 0 instruction/response pairs")  # tolerant of missing keys
 
 
 @pytest.mark.skipif(
@@ -340,10 +337,8 @@ def test_default_corpus_quick(tmp_path, fake_builder):
     assert set(stats["per_source"]) == {"chitchat"}  # the first 1500 pairs all come from chitchat
 
 
-def test_real_build_tokenizer_when_available(tmp_path, corpus_file):
-    """With the project's tokenizer module present, the default "bpe" path runs end to end."""
-    if importlib.util.find_spec("kphi.data.tokenizers") is None:
-        pytest.skip("kphi.data.tokenizers is not written yet")
+def test_real_bpe_tokenizer_end_to_end(tmp_path, corpus_file):
+    """The default "bpe" tokenizer is trained on the training split, end to end."""
     out = prepare_dataset(settings_for(corpus_file, vocab_size=512), cache_dir=tmp_path / "c", progress=False)
     train, val, tok, stats = load_prepared(out)
     assert len(train) == stats["train_rows"] > 0
@@ -357,8 +352,6 @@ def test_no_validation_split(tmp_path, corpus_file, fake_builder):
 
 
 def test_tokenizer_module_errors_become_dataerror(tmp_path, corpus_file):
-    if importlib.util.find_spec("kphi.data.tokenizers") is None:
-        pytest.skip("kphi.data.tokenizers is not written yet")
     with pytest.raises(DataError, match="vocab_size"):
         prepare_dataset(settings_for(corpus_file, vocab_size=50), cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(DataError, match="unknown tokenizer spec"):

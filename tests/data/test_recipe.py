@@ -27,7 +27,7 @@ from kphi.data.recipe import (
     split_samples,
 )
 
-pytestmark = pytest.mark.usefixtures("isolated_caches")
+pytestmark = [pytest.mark.usefixtures("isolated_caches"), pytest.mark.fast]
 
 
 def test_default_filters_are_the_reference_phrases():
