@@ -207,3 +207,25 @@ def test_generate_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, case, me
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("kphi: error:") and message in result.stderr
     assert result.stdout == ""
+
+
+def test_sampling_defaults_come_from_the_model_generation_config():
+    from transformers import GenerationConfig
+
+    from kphi.generate import REPORT_SAMPLING
+
+    report = SamplingSettings().resolve(GenerationConfig(**REPORT_SAMPLING))
+    assert (report.top_p, report.repetition_penalty, report.max_new_tokens, report.do_sample) == (0.5, 1.2, 128, True)
+    greedy_model = SamplingSettings().resolve(GenerationConfig(do_sample=False, max_new_tokens=7))
+    assert not greedy_model.do_sample and greedy_model.max_new_tokens == 7
+    mine = SamplingSettings(top_p=0.9, temperature=0.7).resolve(GenerationConfig(**REPORT_SAMPLING))
+    assert (mine.top_p, mine.temperature, mine.repetition_penalty) == (0.9, 0.7, 1.2)
+
+
+def test_a_greedy_generation_config_makes_replies_greedy(loaded):
+    model, tokenizer = loaded
+    model = copy.deepcopy(model)
+    model.generation_config.do_sample = False
+    default = generate_reply(model, tokenizer, QUESTION, SamplingSettings(max_new_tokens=12, seed=1))
+    other_seed = generate_reply(model, tokenizer, QUESTION, SamplingSettings(max_new_tokens=12, seed=2))
+    assert default == other_seed == generate_reply(model, tokenizer, QUESTION, greedy())

@@ -417,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="one reply from a model directory, streamed to the terminal",
         description="Wrap the prompt in the chat template (<|user|>PROMPT<|end|><|assistant|>) and print the "
-        "model's reply as it is generated, up to <|end|> or end of text. Defaults follow the report: sampling "
-        "with top_p 0.5 and repetition penalty 1.2. A prompt that does not fit in the model's context "
+        "model's reply as it is generated, up to <|end|> or end of text. Sampling defaults come from the model "
+        "directory's generation_config.json (for kphi runs the report's: top_p 0.5, repetition penalty 1.2). A prompt that does not fit in the model's context "
         "(max_position_embeddings) with room for the reply is truncated from the left, with a warning on stderr.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (kphi train's --out, an export)")
@@ -464,10 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per reply (default 128)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 means greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=0.5, help="nucleus sampling probability mass (default 0.5, the report's)")
-    p.add_argument("--repetition-penalty", type=float, default=1.2, help="1.0 means none (default 1.2, the report's)")
+    # defaults: the model directory's generation_config.json (kphi train writes the report's sampling there)
+    p.add_argument("--max-new-tokens", type=int, help="most tokens per reply (default: the model's, 128 for kphi runs)")
+    p.add_argument("--temperature", type=float, help="sampling temperature; 0 means greedy (default: the model's)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling probability mass (default: the model's, 0.5 for kphi runs)")
+    p.add_argument("--repetition-penalty", type=float, help="1.0 means none (default: the model's, 1.2 for kphi runs)")
     p.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
 
 

@@ -49,34 +49,57 @@ class GenerationError(KphiError, ValueError):
     """The model, tokenizer or prompt cannot be used for generation; the message says why."""
 
 
+#: The report's sampling. ``kphi train`` writes it into every model directory's ``generation_config.json``,
+#: and from there it is the default of ``kphi generate``/``chat`` (the model's generation config is the
+#: single source of sampling defaults; :class:`SamplingSettings` only overrides it).
+REPORT_SAMPLING = {"do_sample": True, "top_p": 0.5, "repetition_penalty": 1.2, "max_new_tokens": 128}
+
+
 @dataclass
 class SamplingSettings:
-    """How replies are sampled. The defaults are the report's."""
+    """How replies are sampled: every field left ``None`` comes from the model's ``generation_config``."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
     """Most tokens in a reply (fewer when the context is nearly full)."""
-    temperature: float = 1.0
+    temperature: float | None = None
     """Softmax temperature; ``0`` means greedy decoding (no sampling)."""
-    top_p: float = 0.5
+    top_p: float | None = None
     """Nucleus sampling: sample among the most likely tokens that make up this much probability."""
-    repetition_penalty: float = 1.2
+    repetition_penalty: float | None = None
     """Divides the logits of tokens already in the sequence (1.0: no penalty); applies to greedy too."""
     seed: int | None = None
     """Seed for sampling (same seed, same model, same prompt: same reply)."""
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
+        if self.temperature is not None and not self.temperature >= 0:
             raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise GenerationError(f"repetition_penalty must be positive, got {self.repetition_penalty!r}")
+
+    def resolve(self, model_config) -> "SamplingSettings":
+        """Every field filled: this object's values over the model's ``generation_config`` (``model_config``)."""
+        def pick(name, fallback):
+            mine = getattr(self, name)
+            theirs = getattr(model_config, name, None) if model_config is not None else None
+            return mine if mine is not None else (theirs if theirs is not None else fallback)
+
+        sampling = bool(getattr(model_config, "do_sample", False)) if model_config is not None else False
+        temperature = self.temperature if self.temperature is not None else (pick("temperature", 1.0) if sampling else 0.0)
+        return SamplingSettings(
+            max_new_tokens=pick("max_new_tokens", REPORT_SAMPLING["max_new_tokens"]),
+            temperature=temperature,
+            top_p=pick("top_p", 1.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            seed=self.seed,
+        )
 
     @property
     def do_sample(self) -> bool:
-        return self.temperature > 0
+        return bool(self.temperature) and self.temperature > 0
 
 
 # --------------------------------------------------------------------------- loading
@@ -226,6 +249,7 @@ def _generate_from_ids(model, tokenizer, ids: list[int], settings: SamplingSetti
     from transformers import GenerationConfig, set_seed
 
     settings.validate()
+    settings = settings.resolve(getattr(model, "generation_config", None))
     ids, max_new = _fit(ids, context_length(model), settings.max_new_tokens, warn)
     if not ids:
         raise GenerationError("the prompt encodes to no tokens")
@@ -312,7 +336,8 @@ class ChatSession:
             raise GenerationError("the message is empty")
         self.settings.validate()
         context = context_length(self.model)
-        budget = context - min(self.settings.max_new_tokens, context // 2)
+        max_new = self.settings.resolve(getattr(self.model, "generation_config", None)).max_new_tokens
+        budget = context - min(max_new, context // 2)
         turn = {"role": "user", "content": text}
         ids = encode_prompt(self.tokenizer, self.messages() + [turn])
         dropped = 0

@@ -516,6 +516,8 @@ def _write_model_dir(trainer, tokenizer, out: Path) -> None:
     """
     from transformers import GenerationConfig
 
+    from .generate import REPORT_SAMPLING
+
     config = trainer.model.config
     staging = out / ".final-staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -528,10 +530,7 @@ def _write_model_dir(trainer, tokenizer, out: Path) -> None:
         bos_token_id=config.bos_token_id,
         eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),
         pad_token_id=config.pad_token_id,
-        do_sample=True,
-        top_p=0.5,
-        repetition_penalty=1.2,
-        max_new_tokens=128,
+        **REPORT_SAMPLING,
     ).save_pretrained(staging)
     for item in staging.iterdir():
         os.replace(item, out / item.name)
