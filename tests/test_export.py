@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from kphi.export import AUTO_MAP, EXPORT_MARKER, ExportError, export_model, push_to_hub, standalone_sources
+from kphi.export import AUTO_MAP, CODE_FILES, EXPORT_MARKER, ExportError, export_model, push_to_hub
 
 
 def kphi(*args, timeout=300):
@@ -94,8 +94,7 @@ def test_standalone_export_loads_without_kphi_and_gives_the_same_logits(model_di
     out = tmp_path / "standalone"
     result = kphi("export", str(model_dir), str(out), "--standalone")
     assert result.returncode == 0, result.stderr
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "configuration_kphi3.py",
-                 "modeling_kphi3.py", "kphi3_block.py", "kphi3_lowrank.py", EXPORT_MARKER):
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", *CODE_FILES, EXPORT_MARKER):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_kphi3.KPhi3Config"
@@ -125,29 +124,33 @@ def test_standalone_export_loads_without_kphi_and_gives_the_same_logits(model_di
     assert difference <= 1e-5
 
 
-def test_exported_code_is_generated_from_kphi_sources():
+def test_the_exported_code_is_kphis_own_modules_copied_by_transformers(model_dir, tmp_path):
+    """No source is rewritten: the export carries kphi's files byte for byte, importing only each other."""
     from pathlib import Path
 
     import kphi
+    from kphi.model import KPhi3Config, KPhi3ForCausalLM
 
-    files = standalone_sources()
+    out = tmp_path / "standalone"
+    export_model(model_dir, out, standalone=True)
     package = Path(kphi.__file__).parent
-    block = (package / "block.py").read_text()
-    assert block in files["kphi3_block.py"]  # the block file itself, not a rewritten copy
-    assert (package / "lowrank.py").read_text() in files["kphi3_lowrank.py"]
-    modeling, configuration = files["modeling_kphi3.py"], files["configuration_kphi3.py"]
-    assert "from .kphi3_block import" in modeling and "from .kphi3_lowrank import" in modeling
-    assert "from .configuration_kphi3 import KPhi3Config" in modeling
-    assert "class KPhi3Config" in configuration and "class KPhi3Config" not in modeling
-    assert "class KPhi3ForCausalLM" in modeling
-    for text in files.values():
+    for name in CODE_FILES:
+        text = (out / name).read_text()
+        assert text == (package / name).read_text(), name
         assert ".register(" not in text  # transformers registers remote code itself
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.ImportFrom):
-                assert node.level == 1 or not node.module.startswith("kphi"), ast.unparse(node)
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert f"{node.module}.py" in CODE_FILES, ast.unparse(node)
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                assert not node.module.startswith("kphi"), ast.unparse(node)
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith("kphi") for a in node.names), ast.unparse(node)
-    assert set(AUTO_MAP.values()) >= {"configuration_kphi3.KPhi3Config", "modeling_kphi3.KPhi3ForCausalLM"}
+    assert json.loads((out / "config.json").read_text())["auto_map"] == AUTO_MAP
+    # the registration is scoped to the export: ordinary saves carry no code
+    assert KPhi3Config._auto_class is None and KPhi3ForCausalLM._auto_class is None
+    plain = tmp_path / "plain"
+    KPhi3ForCausalLM.from_pretrained(model_dir).save_pretrained(plain)
+    assert not (plain / "modeling_kphi3.py").exists() and "auto_map" not in json.loads((plain / "config.json").read_text())
 
 
 def test_onnx_export_matches_pytorch(model_dir, reference, tmp_path):
@@ -235,7 +238,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_standalone_export(model_di
     uploads = [r for r in fake_hub.requests if r[1].startswith("/api/models/kphi-user/tiny-kphi3/")]
     assert uploads and all(auth == "Bearer hf_test_token" for _, _, auth in uploads)
     sent = fake_hub.committed
-    for name in ("config.json", "model.safetensors", "modeling_kphi3.py", "configuration_kphi3.py", "kphi3_block.py",
+    for name in ("config.json", "model.safetensors", "modeling_kphi3.py", "configuration_kphi3.py", "block.py",
                  "tokenizer.json", "generation_config.json", "README.md"):
         assert name in sent, name
         assert sent[name] == (tmp_path / "pushed" / name).read_bytes()

@@ -13,16 +13,12 @@ kphi-3 model):
 * **hub** (:func:`push_to_hub`): the standalone export uploaded with ``huggingface_hub``'s
   ``HfApi.create_repo`` and ``HfApi.upload_folder``.
 
-The modeling code is not a second copy of the model: :func:`standalone_sources` generates it from kphi's own
-``model.py``, ``block.py`` and ``lowrank.py`` every time, by editing their syntax trees:
-
-* ``configuration_kphi3.py`` holds the ``KPhi3Config`` class of ``model.py`` plus the imports and constants
-  it uses;
-* ``modeling_kphi3.py`` is ``model.py`` without that class (imported from ``.configuration_kphi3``
-  instead) and without the module-level ``Auto*.register(...)`` calls: transformers registers remote code
-  itself, and a module that registers on import would fight with it (and with kphi, where both are loaded);
-* ``kphi3_block.py`` and ``kphi3_lowrank.py`` are ``block.py`` and ``lowrank.py``; relative imports
-  between the files are renamed to these siblings (transformers' dynamic-module loader follows them).
+The modeling code is not a second copy of the model, and no source is rewritten: kphi's classes live in
+``configuration_kphi3.py`` and ``modeling_kphi3.py``, which import only each other, ``block.py`` and
+``lowrank.py`` (relatively). transformers' custom-code mechanism does the rest: with the classes registered
+for their Auto classes (``register_for_auto_class``), ``save_pretrained`` copies those modules (and their
+relative imports) beside the weights and writes the ``auto_map`` into ``config.json``. The registration is
+scoped to the export, so ordinary ``kphi train`` outputs carry no code.
 
 An output directory holds one export, marked by ``kphi-export.json``. Export refuses to write into a
 non-empty directory without that marker, and writes atomically: everything goes into a temporary
@@ -32,13 +28,11 @@ as it was.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -52,6 +46,7 @@ from .model_dir import has_tokenizer, load_model, load_tokenizer, read_model_con
 
 __all__ = [
     "AUTO_MAP",
+    "CODE_FILES",
     "EXPORT_MARKER",
     "ExportError",
     "ExportResult",
@@ -59,22 +54,18 @@ __all__ = [
     "export_model",
     "export_onnx",
     "push_to_hub",
-    "standalone_sources",
 ]
 
 EXPORT_MARKER = "kphi-export.json"
 ONNX_FILE = "model.onnx"
 
-#: The ``auto_map`` written into an exported ``config.json``.
+#: The ``auto_map`` that an export's ``config.json`` carries (written by ``save_pretrained``).
 AUTO_MAP = {
     "AutoConfig": "configuration_kphi3.KPhi3Config",
-    "AutoModel": "modeling_kphi3.KPhi3Model",
     "AutoModelForCausalLM": "modeling_kphi3.KPhi3ForCausalLM",
 }
-
-# kphi source module -> file name in an export. Relative imports between them are renamed accordingly.
-_SIBLINGS = {"block": "kphi3_block", "lowrank": "kphi3_lowrank", "configuration": "configuration_kphi3", "model": "modeling_kphi3"}
-_CONFIG_CLASS = "KPhi3Config"
+#: The code files an export carries: the two modules and their relative imports.
+CODE_FILES = ("configuration_kphi3.py", "modeling_kphi3.py", "block.py", "lowrank.py")
 
 
 class ExportError(KphiError, ValueError):
@@ -96,152 +87,6 @@ class ExportResult:
     onnx: OnnxResult | None = None
     url: str | None = None
     """The hub repository URL after :func:`push_to_hub`."""
-
-
-# --------------------------------------------------------------------------- code generation
-
-
-def _kphi_source(name: str) -> str:
-    return (Path(__file__).resolve().parent / f"{name}.py").read_text(encoding="utf-8")
-
-
-def _names_used(node: ast.AST) -> set[str]:
-    used = set()
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.Name):
-            used.add(sub.id)
-    return used
-
-
-def _defined_names(stmt: ast.stmt) -> set[str]:
-    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
-    if isinstance(stmt, (ast.Assign, ast.AnnAssign)):
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {stmt.name}
-    return set()
-
-
-def _rename_relative(tree_source: str, origin: str) -> str:
-    """Point every relative import of ``tree_source`` at the exported sibling file; refuse unknown ones."""
-    tree = ast.parse(tree_source)
-    lines = tree_source.splitlines(keepends=True)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            if node.level != 1 or node.module not in _SIBLINGS:
-                raise ExportError(
-                    f"kphi/{origin}.py imports '{'.' * node.level}{node.module or ''}', which the standalone export "
-                    "does not carry; extend kphi.export._SIBLINGS"
-                )
-            line = lines[node.lineno - 1]
-            old = f".{node.module}"
-            at = line.find(old, node.col_offset)
-            lines[node.lineno - 1] = line[:at] + f".{_SIBLINGS[node.module]}" + line[at + len(old):]
-    return "".join(lines)
-
-
-def _header(origin: str) -> str:
-    from . import __version__
-
-    return (
-        f"# Generated by kphi {__version__} (`kphi export --standalone`) from kphi/{origin}.py.\n"
-        "# It needs torch and transformers, not kphi. Load with\n"
-        "#   AutoModelForCausalLM.from_pretrained(path_or_repo, trust_remote_code=True)\n"
-    )
-
-
-def _is_auto_registration(stmt: ast.stmt) -> bool:
-    """``AutoX.register(...)`` at module level."""
-    return (
-        isinstance(stmt, ast.Expr)
-        and isinstance(stmt.value, ast.Call)
-        and isinstance(stmt.value.func, ast.Attribute)
-        and stmt.value.func.attr == "register"
-        and isinstance(stmt.value.func.value, ast.Name)
-        and stmt.value.func.value.id.startswith("Auto")
-    )
-
-
-def _split_model_source(source: str) -> tuple[str, str]:
-    """``model.py`` -> (configuration module, modeling module)."""
-    tree = ast.parse(source)
-    lines = source.splitlines(keepends=True)
-    body = tree.body
-    config_node = next((s for s in body if isinstance(s, ast.ClassDef) and s.name == _CONFIG_CLASS), None)
-    if config_node is None:
-        raise ExportError(f"kphi/model.py defines no class {_CONFIG_CLASS}")
-
-    def span(stmt: ast.stmt) -> tuple[int, int]:
-        first = min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", []))])
-        return first - 1, stmt.end_lineno
-
-    def text(stmt: ast.stmt) -> str:
-        start, end = span(stmt)
-        return "".join(lines[start:end])
-
-    # configuration: the class plus the module-level statements it needs (transitively), in source order
-    needed = _names_used(config_node)
-    chosen: dict[int, str] = {}
-    pending = set(needed)
-    while pending:
-        name = pending.pop()
-        for index, stmt in enumerate(body):
-            if stmt is config_node or name not in _defined_names(stmt):
-                continue
-            if isinstance(stmt, ast.ImportFrom):
-                aliases = [a for a in stmt.names if (a.asname or a.name) in needed]
-                piece = ast.unparse(ast.ImportFrom(module=stmt.module, names=aliases, level=stmt.level)) + "\n"
-                chosen[index] = piece
-            elif isinstance(stmt, ast.Import):
-                aliases = [a for a in stmt.names if (a.asname or a.name).split(".")[0] in needed]
-                chosen[index] = ast.unparse(ast.Import(names=aliases)) + "\n"
-            else:
-                chosen[index] = text(stmt)
-                new = _names_used(stmt) - needed
-                needed |= new
-                pending |= new
-    future = "from __future__ import annotations\n" if any(
-        isinstance(s, ast.ImportFrom) and s.module == "__future__" for s in body
-    ) else ""
-    config_source = (
-        _header("model")
-        + '"""The configuration of kphi-3 models (``model_type: kphi3``)."""\n\n'
-        + (future + "\n" if future else "")
-        + "".join(chosen[i] for i in sorted(chosen))
-        + "\n\n"
-        + text(config_node)
-    )
-
-    # modeling: everything else, the config imported from its own module, no Auto registration
-    drop: list[tuple[int, int]] = [span(config_node)]
-    drop += [span(s) for s in body if _is_auto_registration(s)]
-    last_import = max(i for i, s in enumerate(body) if isinstance(s, (ast.Import, ast.ImportFrom)))
-    insert_after = body[last_import].end_lineno
-    out: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if any(start < number <= end for start, end in drop):
-            continue
-        out.append(line)
-        if number == insert_after:
-            out.append(f"from .configuration import {_CONFIG_CLASS}\n")
-    modeling_source = _header("model") + re.sub(r"\n{4,}", "\n\n\n", "".join(out)).rstrip() + "\n"
-    return config_source, modeling_source
-
-
-def standalone_sources() -> dict[str, str]:
-    """The exported code files (file name -> text), generated from kphi's own source files."""
-    config_source, modeling_source = _split_model_source(_kphi_source("model"))
-    files = {
-        "configuration_kphi3.py": _rename_relative(config_source, "model"),
-        "modeling_kphi3.py": _rename_relative(modeling_source, "model"),
-        "kphi3_block.py": _rename_relative(_header("block") + _kphi_source("block"), "block"),
-        "kphi3_lowrank.py": _rename_relative(_header("lowrank") + _kphi_source("lowrank"), "lowrank"),
-    }
-    for name, text in files.items():
-        compile(text, name, "exec")  # a generation bug fails here, not on the user's machine
-    return files
 
 
 # --------------------------------------------------------------------------- loading
@@ -409,18 +254,34 @@ print(tokenizer.decode(model.generate(**ids)[0], skip_special_tokens=True))
 """
 
 
+@contextlib.contextmanager
+def _registered_for_auto_classes():
+    """``register_for_auto_class`` for the config and the causal LM, undone afterwards.
+
+    While registered, ``save_pretrained`` copies ``configuration_kphi3.py``/``modeling_kphi3.py`` (and the
+    files they import relatively) into the folder and writes ``auto_map``; outside an export it must not.
+    """
+    from .model import KPhi3Config, KPhi3ForCausalLM
+
+    previous = KPhi3Config._auto_class, KPhi3ForCausalLM._auto_class
+    KPhi3Config.register_for_auto_class("AutoConfig")
+    KPhi3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    try:
+        yield
+    finally:
+        KPhi3Config._auto_class, KPhi3ForCausalLM._auto_class = previous
+
+
 def _write_standalone(model, tokenizer, staging: Path, name: str) -> list[str]:
     from . import __version__
 
-    model.save_pretrained(staging)
+    with _registered_for_auto_classes():
+        model.save_pretrained(staging)
+    missing = [f for f in CODE_FILES if not (staging / f).is_file()]
+    if missing:  # pragma: no cover - guards the mechanism against a transformers change
+        raise ExportError(f"save_pretrained did not copy the modeling code ({', '.join(missing)}); please report this")
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
-    config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = dict(AUTO_MAP)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for file_name, text in standalone_sources().items():
-        (staging / file_name).write_text(text, encoding="utf-8")
     if not (staging / "README.md").exists():
         params = sum(p.numel() for p in model.parameters())
         (staging / "README.md").write_text(_MODEL_CARD.format(name=name, params=params, version=__version__))

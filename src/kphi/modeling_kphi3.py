@@ -1,0 +1,239 @@
+"""KPhi-3: transformers' Phi-3 decoder with its dense projections replaced by grouped pointwise blocks.
+
+Everything except the four projections of each decoder layer (``self_attn.qkv_proj``, ``self_attn.o_proj``,
+``mlp.gate_up_proj``, ``mlp.down_proj``) is transformers' own Phi-3 code: attention (eager/SDPA/flash),
+RoPE, KV cache, gradient checkpointing and ``generate()``. The model is built the way PEFT injects
+adapters: construct Phi-3's modules, then :func:`replace_projections` swaps each targeted ``nn.Linear``
+for the module :func:`make_projection` chooses.
+
+Data flow (``E`` = ``embed_size``, ``H`` = ``hidden_size``; ``embed_to_hidden``/``hidden_to_embed`` exist
+only when ``E != H``)::
+
+    input_ids [B, T] -> embed_tokens [B, T, E] -> dropout(embd_pdrop) -> embed_to_hidden [B, T, H]
+      -> decoder layers -> final RMSNorm -> hidden_to_embed [B, T, E] -> lm_head [B, T, vocab]
+
+``min_channels_per_group < 0`` gives plain dense ``nn.Linear`` projections: the phi-3 baseline, with the
+same parameter names (and logits) as ``transformers.Phi3ForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.phi3.modeling_phi3 import (
+    Phi3DecoderLayer,
+    Phi3ForCausalLM,
+    Phi3Model,
+    Phi3PreTrainedModel,
+    Phi3RMSNorm,
+    Phi3RotaryEmbedding,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .block import GroupedLinear, GroupedPointwiseBlock, group_count, init_grouped_weight
+from .configuration_kphi3 import KPhi3Config
+from .lowrank import LowRankLinear, rank_for_fraction
+
+__all__ = [
+    "KPhi3Model",
+    "KPhi3ForCausalLM",
+    "KPhi3PreTrainedModel",
+    "PROJECTION_TARGETS",
+    "make_projection",
+    "make_width_adapter",
+    "replace_projections",
+]
+
+#: Names of the dense projections (module-name suffixes) that kphi-3 replaces in every decoder layer.
+PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
+    """The module that maps ``in_features -> out_features`` in a model built from ``config``.
+
+    Dense ``nn.Linear`` (no bias) when ``min_channels_per_group < 0`` (or a :class:`LowRankLinear` when
+    ``low_rank_fraction`` is set), else a :class:`GroupedPointwiseBlock` with
+    ``G = group_count(in, out, min_channels_per_group)`` groups.
+    """
+    if not config.is_grouped:
+        if config.low_rank_fraction is not None:
+            rank = rank_for_fraction(in_features, out_features, config.low_rank_fraction)
+            return LowRankLinear(in_features, out_features, rank)
+        return nn.Linear(in_features, out_features, bias=False)
+    groups = group_count(in_features, out_features, config.min_channels_per_group)
+    return GroupedPointwiseBlock(in_features, out_features, groups)
+
+
+def replace_projections(module: nn.Module, config: KPhi3Config, targets=PROJECTION_TARGETS) -> list[str]:
+    """Swap every ``nn.Linear`` whose name ends with one of ``targets`` for ``make_projection(...)``.
+
+    The walk over ``named_modules()`` is the whole mechanism, so any decoder whose projections carry these
+    names can be converted. Returns the qualified names that were replaced.
+    """
+    replaced = []
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
+            continue
+        if child.bias is not None:
+            raise ValueError(f"{name}: projections with a bias are not supported by the grouped block")
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, make_projection(child.in_features, child.out_features, config))
+        replaced.append(name)
+    return replaced
+
+
+def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
+    """``embed_to_hidden`` / ``hidden_to_embed``: a projection between ``embed_size`` and ``hidden_size``.
+
+    Unlike the decoder's projections, whose outputs enter a residual stream that the next RMSNorm rescales,
+    these sit in series with the whole network: initialised at ``initializer_range`` they would shrink the
+    signal (and every gradient through them) by ``0.02 * sqrt(in)`` each. They are therefore initialised
+    as norm-preserving maps, with the dense-equivalent std ``1 / sqrt(in)`` (a grouped block scales it by
+    ``sqrt(G / 2)`` as usual, see :func:`kphi.block.init_grouped_weight`), whatever ``grouped_init`` says:
+    the reference ``kaiming_uniform`` would give them a gain of ``sqrt(in / (3 * G * out))`` instead.
+    """
+    adapter = make_projection(in_features, out_features, config)
+    for module in adapter.modules():
+        if isinstance(module, (nn.Linear, GroupedLinear, LowRankLinear)):
+            module.dense_init_std = in_features**-0.5
+    return adapter
+
+
+class KPhi3PreTrainedModel(Phi3PreTrainedModel):
+    config_class = KPhi3Config
+    config: KPhi3Config
+    _no_split_modules = ["Phi3DecoderLayer"]
+
+    def _init_weights(self, module):
+        """Phi-3's init for everything, plus the grouped weights (scheme from ``config.grouped_init``).
+
+        Low-rank factors: ``down ~ N(0, 1/in)`` keeps the bottleneck at unit scale and
+        ``up ~ N(0, std^2 * in / r)`` gives the product a dense layer's output variance (``in * std^2``).
+        """
+        super()._init_weights(module)
+        # the width adapters (embed_to_hidden, hidden_to_embed) carry their own dense-equivalent std
+        std = getattr(module, "dense_init_std", self.config.initializer_range)
+        if isinstance(module, nn.Linear) and hasattr(module, "dense_init_std"):
+            init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, LowRankLinear):
+            init.normal_(module.down_weight, mean=0.0, std=module.in_features**-0.5)
+            init.normal_(module.up_weight, mean=0.0, std=std * (module.in_features / module.rank) ** 0.5)
+        if isinstance(module, GroupedLinear) and not getattr(module.weight, "_is_hf_initialized", False):
+            # the flag marks weights loaded from a checkpoint, as transformers' own init functions check it
+            scheme = "scaled_normal" if hasattr(module, "dense_init_std") else self.config.grouped_init
+            init_grouped_weight(module.weight, scheme, std)
+
+
+class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
+    """Phi-3's decoder stack with grouped projections and an optional ``embed_to_hidden`` block.
+
+    ``forward`` embeds the tokens, applies ``embd_pdrop`` dropout and ``embed_to_hidden``, then runs
+    Phi-3's own forward on the embeddings (``inputs_embeds`` given by a caller are ``embed_size`` wide).
+    """
+
+    def __init__(self, config: KPhi3Config):
+        # Phi3Model.__init__ is skipped on purpose: it would allocate and initialise dense layers only to
+        # throw them away. The modules below are the same ones, built by Phi-3's own classes.
+        KPhi3PreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_size, self.padding_idx)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        if config.embed_size != config.hidden_size:
+            self.embed_to_hidden = make_width_adapter(config.embed_size, config.hidden_size, config)
+        else:
+            self.embed_to_hidden = None
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        replace_projections(self.layers, config)
+        self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Phi3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden = self.embed_dropout(inputs_embeds)
+        if self.embed_to_hidden is not None:
+            hidden = self.embed_to_hidden(hidden)
+        return super().forward(
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=hidden,
+            use_cache=use_cache, **kwargs,
+        )
+
+
+class KPhi3ForCausalLM(KPhi3PreTrainedModel, Phi3ForCausalLM, GenerationMixin):
+    """Causal LM head on :class:`KPhi3Model`; generation, caching and loss come from ``Phi3ForCausalLM``.
+
+    ``logits = lm_head(hidden_to_embed(model(...)))`` with ``hidden_to_embed`` only when
+    ``embed_size != hidden_size``. Shapes: ``input_ids [B, T]`` -> ``logits [B, T, vocab_size]``.
+    """
+
+    def __init__(self, config: KPhi3Config):
+        KPhi3PreTrainedModel.__init__(self, config)
+        self.model = KPhi3Model(config)
+        self.vocab_size = config.vocab_size
+        if config.embed_size != config.hidden_size:
+            self.hidden_to_embed = make_width_adapter(config.hidden_size, config.embed_size, config)
+        else:
+            self.hidden_to_embed = None
+        self.lm_head = nn.Linear(config.embed_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        if self.hidden_to_embed is not None:
+            hidden = self.hidden_to_embed(hidden)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
