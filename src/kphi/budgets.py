@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .callbacks import atomic_write_text
+from .files import atomic_write_text
 from .compare import CompareError, Suite, _fmt, run_compare
 
 __all__ = ["run_budget_series", "format_budget_table"]

@@ -8,11 +8,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from .files import atomic_write_text
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -26,16 +27,6 @@ __all__ = [
 
 #: File written into ``checkpoint-N/`` once everything else in it has been written.
 COMPLETE_MARKER = "kphi-complete.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete_checkpoint(path: Path) -> bool:

@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from .errors import KphiError
-from .callbacks import atomic_write_text
+from .files import atomic_write_text, slug
 from .model import KPhi3Config, config_fields
 from .params import count_parameters
 from .presets import load_preset
@@ -266,10 +266,6 @@ def _arm_training(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- running
 
 
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-") or "arm"
-
-
 def _machine() -> dict[str, Any]:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
@@ -299,7 +295,7 @@ def arm_rates(arm: Arm, suite: Suite, learning_rates: list[float] | None = None)
 
 
 def run_dir_name(arm: Arm, learning_rate: float, seed: int) -> str:
-    return f"{_slug(arm.label)}-lr{learning_rate:g}-seed{seed}"
+    return f"{slug(arm.label, 'arm')}-lr{learning_rate:g}-seed{seed}"
 
 
 def _comparison_identity(suite: Suite, data: str | None, max_tokens: int | None) -> dict[str, Any]:
@@ -364,7 +360,7 @@ def run_compare(
     def run_one(n: int, arm: Arm, rate: float, seed: int) -> None:
         run_dir = out / "arms" / run_dir_name(arm, rate, seed)
         fields = _arm_config_fields(arm)
-        preset_path = _write_arm_preset(arm, fields, out / "arms" / f"{_slug(arm.label)}.yaml")
+        preset_path = _write_arm_preset(arm, fields, out / "arms" / f"{slug(arm.label, 'arm')}.yaml")
         try:
             settings = resolve_settings(
                 str(preset_path),

