@@ -39,11 +39,10 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
@@ -223,168 +222,38 @@ def load_reference_tokenizations(gguf_path: Path) -> list[tuple[str, list[int]]]
 
 # ------------------------------------------------------------------- GGUF -> tokenizer
 
-# Token types in GGUF files (gguf.TokenType), spelled out so that the gguf package is
-# only needed to read a file.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-
-@dataclass
-class _GGUFVocab:
-    tokens: list[str]
-    scores: list[float]
-    types: list[int]
-    meta: dict[str, Any]  # scalar metadata, e.g. "tokenizer.ggml.bos_token_id"
-
-
-def _read_gguf_vocab(path: Path) -> _GGUFVocab:
-    try:
-        from gguf import GGUFReader, GGUFValueType
-    except ImportError as exc:
-        raise TokenizerError("reading a .gguf vocabulary needs the 'gguf' package: pip install gguf") from exc
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/OSError/struct.error on bad files
-        raise TokenizerError(f"cannot read GGUF file {path}: {exc}") from exc
-
-    def value(field):
-        # field.data indexes the parts that hold the value; this works on old and new gguf.
-        parts = [field.parts[i] for i in field.data]
-        if field.types[0] == GGUFValueType.ARRAY:
-            if field.types[-1] == GGUFValueType.STRING:
-                return [bytes(p).decode("utf-8") for p in parts]
-            return [x for p in parts for x in p.tolist()]
-        if field.types[0] == GGUFValueType.STRING:
-            return bytes(parts[0]).decode("utf-8")
-        return parts[0][0].item()
-
-    arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
-    missing = [key for key in arrays if key not in reader.fields]
-    if missing:
-        raise TokenizerError(f"{path} has no tokenizer vocabulary (missing {', '.join(missing)})")
-    tokens, scores, types = (value(reader.fields[key]) for key in arrays)
-    meta = {
-        key: value(field)
-        for key, field in reader.fields.items()
-        if key not in arrays and field.types and field.types[0] != GGUFValueType.ARRAY
-    }
-    return _GGUFVocab(tokens, scores, types, meta)
-
-
-def _sentencepiece_merges(vocab: _GGUFVocab) -> list[tuple[str, str]]:
-    """BPE merges equivalent to sentencepiece's score-driven merging.
-
-    Sentencepiece BPE repeatedly joins the adjacent pair whose concatenation is the
-    highest-scoring piece; ``tokenizers`` BPE applies merges by rank. So every split of
-    every normal piece into two normal pieces becomes a merge, ranked by the score of the
-    piece it makes. Ordering by piece *id* instead is wrong for Llama's whitespace pieces
-    ("▁▁" is id 259 but scores -1e9): " Hello" would become "▁▁"+"Hello" instead of
-    "▁"+"▁Hello". The 16 whitespace pieces all score -1e9; among equal scores we order by
-    piece id, then by the ids of the two halves. That reproduces sentencepiece's
-    leftmost-first tie breaking for runs of spaces (16-space pieces first, from the left;
-    checked against a direct sentencepiece-BPE encoder in the tests) and is the order of
-    Hugging Face's sentencepiece converter (61,249 merges for this vocabulary).
-    """
-    normal = {tok: i for i, (tok, kind) in enumerate(zip(vocab.tokens, vocab.types)) if kind == _NORMAL}
-    ranked = []
-    for piece, piece_id in normal.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in normal and right in normal:
-                ranked.append((-vocab.scores[piece_id], piece_id, normal[left], normal[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
-def _is_phi3(meta: dict[str, Any]) -> bool:
-    names = (str(meta.get("general.architecture", "")), str(meta.get("general.name", "")))
-    return any(key in name.lower() for name in names for key in ("phi3", "phi-3"))
+#: Tokens that keep the whitespace after them; every other added token of phi-3 swallows it (``rstrip``).
+_PHI3_KEEP_WHITESPACE = {"<unk>", "<s>", "<|endoftext|>"}
 
 
 def phi3_tokenizer_from_gguf(path: Path) -> PreTrainedTokenizerFast:
     """Build the exact phi-3 tokenizer from a GGUF vocabulary (e.g. :func:`fetch_phi3_gguf`).
 
-    Works for any GGUF with a sentencepiece ("llama") vocabulary; the phi-3 specific
-    behaviour (see below) applies when the file names phi-3 as its model.
-
-    The pipeline is Llama's: normalize by prepending "▁" and replacing every space with
-    "▁" (no other normalization, no pre-tokenizer split), BPE with byte fallback for
-    characters outside the vocabulary, and a decoder that undoes it all. Tokens of GGUF
-    type CONTROL are special tokens and USER_DEFINED ones (phi-3's ``</s>``) plain added
-    tokens; both are atomic. Like the hub phi-3 tokenizer (and llama.cpp, which keys this
-    on the model name), phi-3's chat tokens swallow the whitespace that follows them
-    (``rstrip``), except ``<unk>``, ``<s>`` and ``<|endoftext|>``. bos/eos/unk/pad and
-    whether BOS/EOS are added come from the file's metadata (phi-3: ``<s>`` added,
-    eos = pad = ``<|endoftext|>``).
+    transformers reads the file (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``: sentencepiece BPE
+    with byte fallback, merges ordered by piece score, bos/eos/unk/pad and whether BOS is added from the
+    file's metadata); that reproduces all 46 llama.cpp reference tokenizations. kphi adds one thing the
+    GGUF metadata does not carry: like the hub phi-3 tokenizer (and llama.cpp, which keys it on the model
+    name), phi-3's added tokens swallow the whitespace that follows them (``rstrip``), except ``<unk>``,
+    ``<s>`` and ``<|endoftext|>``. Then the phi-3 chat template is set.
     """
+
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"GGUF vocabulary not found: {path}")
-    vocab = _read_gguf_vocab(path)
-    meta = vocab.meta
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "llama":
-        raise TokenizerError(f"{path.name}: tokenizer model {kind!r} is not supported, only sentencepiece ('llama')")
-    if len(set(vocab.tokens)) != len(vocab.tokens):
-        raise TokenizerError(f"{path.name}: the vocabulary has duplicate token strings")
-
-    def token_at(key: str, default: int | None = None) -> str | None:
-        index = meta.get(f"tokenizer.ggml.{key}_token_id", default)
-        return None if index is None or index >= len(vocab.tokens) else vocab.tokens[index]
-
-    unk = token_at("unknown", 0)
-    backend = Tokenizer(
-        models.BPE(
-            vocab={tok: i for i, tok in enumerate(vocab.tokens)},
-            merges=_sentencepiece_merges(vocab),
-            unk_token=unk,
-            fuse_unk=True,
-            byte_fallback=True,
-        )
-    )
-    prefix = [normalizers.Prepend("▁")] if meta.get("tokenizer.ggml.add_space_prefix", True) else []
-    backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence(
-        [
-            decoders.Replace("▁", " "),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-            *([decoders.Strip(" ", 1, 0)] if prefix else []),
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as exc:
+        raise TokenizerError(f"reading a .gguf vocabulary needs the 'gguf' package: pip install gguf ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - gguf and transformers raise ValueError/OSError/struct.error/... on bad files
+        raise TokenizerError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from None
+    if "<|end|>" in tokenizer.get_vocab():  # phi-3's chat tokens: apply its whitespace rule
+        updated = [
+            AddedToken(t.content, special=t.special, normalized=False, lstrip=t.lstrip, single_word=t.single_word,
+                       rstrip=t.content not in _PHI3_KEEP_WHITESPACE)
+            for _, t in sorted(tokenizer.added_tokens_decoder.items())
         ]
-    )
-
-    keep_whitespace = {"<unk>", "<s>", "<|endoftext|>"}
-    strip_right = _is_phi3(meta)
-    added = {
-        tok: AddedToken(
-            tok,
-            special=token_type == _CONTROL,
-            normalized=False,
-            rstrip=strip_right and tok not in keep_whitespace,
-        )
-        for tok, token_type in zip(vocab.tokens, vocab.types)
-        if token_type in (_CONTROL, _USER_DEFINED)
-    }
-    backend.add_special_tokens([t for t in added.values() if t.special])
-    backend.add_tokens([t for t in added.values() if not t.special])
-
-    named = {
-        "bos_token": token_at("bos"),
-        "eos_token": token_at("eos"),
-        "unk_token": unk,
-        "pad_token": token_at("padding") or token_at("eos"),
-    }
-    named = {key: added.get(tok, tok) for key, tok in named.items() if tok is not None}
-    extra = [t for t in added.values() if t.special and str(t) not in map(str, named.values())]
-    context = meta.get(f"{meta.get('general.architecture', '')}.context_length")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        **named,
-        extra_special_tokens=extra,
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        clean_up_tokenization_spaces=False,
-        **({"model_max_length": int(context)} if context else {}),
-    )
+        tokenizer.backend_tokenizer.add_special_tokens([t for t in updated if t.special])
+        tokenizer.backend_tokenizer.add_tokens([t for t in updated if not t.special])
     return _with_chat_template(tokenizer)
 
 
