@@ -17,6 +17,21 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, ax, out_png: Path, title: str, xlabel: str, ylabel: str, log_x: bool = False, legend_size=None) -> Path:
+    """Labels, grid, legend; save as PNG and close the figure."""
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both" if log_x else "major")
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    _pyplot().close(fig)
+    return out_png
+
+
 def read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
     """``log.csv`` -> ``{"train_loss": [(tokens, loss), ...], "val_loss": [...]}``."""
     series: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
@@ -37,15 +52,7 @@ def plot_loss_curve(log_csv: Path, out_png: Path, title: str) -> Path:
         if series[key]:
             xs, ys = zip(*series[key])
             ax.plot(xs, ys, style, label=key.replace("_", " "), markersize=3)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title, "tokens", "cross-entropy loss")
 
 
 def plot_compare_curves(curves: dict[str, list[tuple[int, float]]], out_png: Path, title: str) -> Path:
@@ -56,15 +63,7 @@ def plot_compare_curves(curves: dict[str, list[tuple[int, float]]], out_png: Pat
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, "o-", label=label, markersize=3)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title, "training tokens", "validation loss", legend_size=8)
 
 
 def plot_params_vs_loss(points: list[dict], out_png: Path, title: str) -> Path:
@@ -103,16 +102,7 @@ def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: 
         line = ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
         best = min(points, key=lambda p: p[1])
         ax.plot([best[0]], [best[1]], "o", markersize=11, markerfacecolor="none", color=line[0].get_color())
-    ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final validation loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title, "peak learning rate", "final validation loss", log_x=True, legend_size=8)
 
 
 def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
@@ -134,16 +124,8 @@ def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
         line = ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o", capsize=3, label=label)
         if c.get("curve") is not None:
             ax.plot(grid, [c["curve"](n) for n in grid], "--", color=line[0].get_color(), alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("non-embedding parameters N")
-    ax.set_ylabel("final validation loss (dashed: fit a·N^-b + c)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title, "non-embedding parameters N", "final validation loss (dashed: fit a·N^-b + c)",
+                   log_x=True, legend_size=8)
 
 
 def plot_budgets(series: dict[str, list[tuple[int, float, float]]], out_png: Path, title: str) -> Path:
@@ -154,13 +136,5 @@ def plot_budgets(series: dict[str, list[tuple[int, float, float]]], out_png: Pat
         if points:
             xs, ys, spread = zip(*sorted(points))
             ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens (each point: a run planned for that budget)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _finish(fig, ax, out_png, title, "training tokens (each point: a run planned for that budget)",
+                   "final validation loss", log_x=True, legend_size=8)
