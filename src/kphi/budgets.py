@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text
 from .compare import CompareError, Suite, _fmt, run_compare
+from .files import atomic_write_text
 
 __all__ = ["run_budget_series", "format_budget_table"]
 

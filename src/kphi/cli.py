@@ -298,10 +298,12 @@ def _save_tokenizer(tokenizer, out: str) -> None:
 
     from .data.tokenizers import TokenizerError
 
+    from .files import refuse_foreign_dir, staged_dir
+
     path = Path(out)
-    if path.exists() and any(path.iterdir()) and not (path / "tokenizer_config.json").is_file():
-        raise TokenizerError(f"{path} is not empty and holds no tokenizer; refusing to write into it")
-    tokenizer.save_pretrained(path)
+    refuse_foreign_dir(path, (path / "tokenizer_config.json").is_file(), "tokenizer", TokenizerError)
+    with staged_dir(path) as staging:
+        tokenizer.save_pretrained(staging)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

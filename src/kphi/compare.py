@@ -45,7 +45,7 @@ import torch
 import yaml
 
 from .errors import KphiError
-from .files import atomic_write_text, slug
+from .files import atomic_write_text, refuse_foreign_dir, slug
 from .model import KPhi3Config, config_fields
 from .params import count_parameters
 from .presets import load_preset
@@ -335,8 +335,8 @@ def run_compare(
             raise CompareError(f"{marker} is unreadable; choose another --out") from None
         if previous != identity:
             raise CompareError(f"{out} holds a different comparison (other data or training settings); choose another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise CompareError(f"{out} is not empty and holds no kphi comparison; choose another --out")
+    else:
+        refuse_foreign_dir(out, False, "kphi comparison", CompareError, "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"identity": identity}, indent=2))
 

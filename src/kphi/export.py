@@ -33,7 +33,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import KphiError
+from .files import refuse_foreign_dir, staged_dir
 from .model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
 
 __all__ = [
@@ -206,27 +206,7 @@ def export_onnx(model, path: str | os.PathLike, *, exporter: str = "auto", opset
 def _prepare_out(out: Path, source: Path) -> None:
     if out.resolve() == source.resolve():
         raise ExportError(f"the output directory must differ from the model directory ({source})")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
-        raise ExportError(f"{out} is not empty and holds no kphi export; refusing to write into it (choose another OUT)")
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` to ``out``; an existing (previous) export is swapped out, then removed."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "previous")
-    try:
-        os.replace(staging, out)
-    except OSError:
-        if old is not None:
-            os.replace(old / "previous", out)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    refuse_foreign_dir(out, (out / EXPORT_MARKER).is_file(), "kphi export", ExportError, "choose another OUT")
 
 
 _MODEL_CARD = """---
@@ -314,10 +294,8 @@ def export_model(
     if tokenizer is None:
         warn(f"{source} has no tokenizer; the export has none either")
     _prepare_out(out, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        result = ExportResult(out=out)
+    result = ExportResult(out=out)
+    with staged_dir(out) as staging:
         if standalone:
             _write_standalone(model, tokenizer, staging, name or out.name)
         else:
@@ -339,10 +317,6 @@ def export_model(
         }
         (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         result.files = sorted(p.name for p in staging.iterdir())
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if result.onnx is not None:
         result.onnx.path = out / ONNX_FILE
     return result

@@ -1,13 +1,15 @@
-"""File helpers every part of kphi shares: the cache root, atomic writes and file-name slugs."""
+"""File helpers every part of kphi shares: the cache root, atomic writes, slugs and output directories."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text", "slug"]
+__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir"]
 
 
 def cache_root() -> Path:
@@ -48,3 +50,50 @@ def slug(text: str, fallback: str = "x", max_length: int | None = None) -> str:
     """``text`` as a safe file-name part: letters, digits, ``-``, ``_`` and ``.``; anything else becomes ``-``."""
     cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-._")
     return (cleaned[:max_length] if max_length else cleaned) or fallback
+
+
+def refuse_foreign_dir(path: Path, holds_ours: bool, what: str, error: type[Exception], hint: str = "choose another directory") -> None:
+    """A kphi output directory holds one kind of thing: refuse ``path`` when it is non-empty and not ours.
+
+    ``holds_ours`` says whether ``path`` already holds ``what`` (checked by the caller's own marker file);
+    a missing or empty directory is always fine.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not holds_ours:
+        raise error(f"{path} is not empty and holds no {what}; refusing to write into it ({hint})")
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path):
+    """Build a directory beside ``target`` and put it in ``target``'s place only once complete.
+
+    Yields an empty temporary sibling of ``target``. When the block ends normally the sibling replaces
+    ``target`` (a previous ``target`` is moved aside first and removed after the swap, so readers see the
+    old directory or the new one); when it raises, the sibling is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield staging
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "previous")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if old is not None:
+                os.replace(old / "previous", target)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

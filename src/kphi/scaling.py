@@ -39,8 +39,8 @@ import numpy as np
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from .files import atomic_write_text
 from .compare import CompareError, Suite, _positive_rates, _suite_dir, list_suites, non_embedding, resolve_arms, run_compare
+from .files import atomic_write_text
 from .model import config_fields
 from .presets import load_preset
 

@@ -33,16 +33,16 @@ from typing import Any
 
 import torch
 
-from .errors import KphiError
 from .callbacks import (
     CheckpointMarker,
     CsvLogger,
     DivergenceGuard,
     ProgressLine,
     TimeLimit,
-    atomic_write_text,
     is_complete_checkpoint,
 )
+from .errors import KphiError
+from .files import atomic_write_text, refuse_foreign_dir
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .optim import GROUPED_LR_SCALES, scale_grouped_learning_rates
 from .presets import PresetError, resolve_config
@@ -198,9 +198,9 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool) -> None:
                 if previous.get("identity", {}).get(k) != settings.identity().get(k)
             )
             raise TrainError(f"{out} holds a different run (settings differ: {', '.join(changed)}); choose another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise TrainError(f"{out} is not empty and holds no kphi run; refusing to write into it (choose another --out)")
-    elif resume:
+    else:
+        refuse_foreign_dir(out, False, "kphi run", TrainError, "choose another --out")
+    if resume and not run_file.is_file():
         raise TrainError(f"nothing to resume in {out}: it holds no kphi run")
 
 
