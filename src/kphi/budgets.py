@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, Suite, _fmt, run_compare
+from .compare import CompareError, Suite, command_line, _fmt, run_compare
 from .files import atomic_write_text
 
 __all__ = ["run_budget_series", "format_budget_table"]
@@ -71,6 +71,7 @@ def budget_results(suite: Suite, per_budget: dict[int, dict[str, Any]], wall: fl
         "baseline": suite.baseline,
         "budgets": sorted(per_budget),
         "wall_seconds": round(wall, 1),
+        "command": command_line(),
         "arms": arms,
         "warnings": [w for r in per_budget.values() for w in r.get("warnings", [])],
     }

@@ -399,9 +399,16 @@ def run_compare(
             run_one(n, arm, best_rate(runs[arm.label]), seed)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started)
-    results["command"] = "kphi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kphi") else None
+    results["command"] = command_line()
     _write_outputs(results, out, suite)
     return results
+
+
+def command_line() -> str | None:
+    """The ``kphi ...`` command this process runs (recorded in results files), or ``None`` from Python."""
+    if sys.argv and Path(sys.argv[0]).name in ("kphi", "__main__.py"):
+        return "kphi " + " ".join(sys.argv[1:])
+    return None
 
 
 def _arm_config_fields(arm: Arm) -> dict[str, Any]:

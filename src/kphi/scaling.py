@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from .compare import CompareError, Suite, _positive_rates, _suite_dir, list_suites, non_embedding, resolve_arms, run_compare
+from .compare import CompareError, Suite, command_line, _positive_rates, _suite_dir, list_suites, non_embedding, resolve_arms, run_compare
 from .files import atomic_write_text
 from .model import config_fields
 from .presets import load_preset
@@ -269,6 +269,7 @@ def scaling_results(suite: ScalingSuite, per_width: dict[int, dict[str, Any]], w
         "learning_rates": suite.learning_rates,
         "seeds": [int(s) for s in seeds],
         "wall_seconds": round(wall, 1),
+        "command": command_line(),
         "families": families,
         "savings": savings,
         "warnings": [w for r in per_width.values() for w in r.get("warnings", [])],
