@@ -7,9 +7,12 @@ Every user-facing failure (unknown preset, bad configuration, missing data, ...)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from .cli_args import add_settings_arguments
 
 __all__ = ["main"]
 
@@ -57,27 +60,12 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import resolve_settings, train
+    from .train import TrainSettings, resolve_settings, train
 
-    overrides = {
-        "out": args.out,
-        "data": args.data,
-        "tokenizer": args.tokenizer,
-        "vocab_size": args.vocab_size,
-        "context_length": args.context_length,
-        "max_rows": args.max_rows,
-        "max_steps": args.max_steps,
-        "max_tokens": args.max_tokens,
-        "max_minutes": args.max_minutes,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "eval_steps": args.eval_steps,
-        "save_steps": args.save_steps,
-        "logging_steps": args.logging_steps,
-        "seed": args.seed,
-        "precision": args.precision,
-        "progress": False if args.quiet else None,
-    }
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and k != "preset"}
+    if args.quiet:
+        overrides["progress"] = False
     settings = resolve_settings(args.preset, **overrides)
     result = train(settings, resume=args.resume)
     m = result.metrics
@@ -361,27 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("spec", help="phi3 | phi3-hub | PATH")
     t.set_defaults(func=cmd_tokenizer_info)
 
-    p = sub.add_parser("train", help="train one model; the output directory becomes a model directory")
-    p.add_argument("--preset", required=True, help="preset name or YAML, config.json or model dir")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
-    p.add_argument("--data", help="prepared data dir, or a source: default | lamini | PATH (default: the preset's, else 'default')")
-    p.add_argument("--tokenizer", help="bpe | phi3 | phi3-hub | PATH, when preparing data")
-    p.add_argument("--vocab-size", type=int, help="BPE vocabulary size")
-    p.add_argument("--context-length", type=int)
-    p.add_argument("--max-rows", type=int, help="read at most this many pairs from the source")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--max-steps", type=int)
-    budget.add_argument("--max-tokens", type=int)
-    budget.add_argument("--max-minutes", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--eval-steps", type=int)
-    p.add_argument("--save-steps", type=int)
-    p.add_argument("--logging-steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p = sub.add_parser(
+        "train",
+        help="train one model; the output directory becomes a model directory",
+        description="Every setting of kphi.train.TrainSettings is a flag; a flag not given takes the preset's "
+        "value (its training: section), else the default shown. Give at most one budget: --max-steps, "
+        "--max-tokens or --max-minutes (it replaces the preset's).",
+    )
+    from .train import TrainSettings
+
+    add_settings_arguments(
+        p, TrainSettings, skip=("progress",), required=("preset", "out"),
+        choices={"precision": ["auto", "fp32", "bf16", "fp16"], "grouped_lr_scale": ["none", "groups"]},
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="time the grouped block against dense layers (phi-3 shapes) and end to end")

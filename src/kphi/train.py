@@ -90,31 +90,40 @@ class TrainSettings:
     batch_size: int = 8
     """Rows per device per step (the report: 1)."""
     gradient_accumulation_steps: int = 1
+    """Batches whose gradients are summed before each optimizer step."""
     learning_rate: float = 1e-3
     """Peak learning rate (the report: 1e-4, constant)."""
     lr_scheduler: str = "constant"
     """Any ``transformers`` scheduler name: constant, constant_with_warmup, cosine, linear, ..."""
     warmup_steps: int = 0
+    """Steps of linear warm-up to the peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay (not applied to biases and norms, as in Trainer)."""
     max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
     eval_steps: int = 50
     """Evaluate on the validation split every this many steps (and at the end)."""
     eval_rows: int | None = None
     """Use only the first this-many validation rows for evaluation (``None``: all)."""
     save_steps: int = 50
+    """Write a complete, resumable checkpoint every this many steps."""
     save_total_limit: int = 2
     """Checkpoints kept (the newest ones)."""
     logging_steps: int = 10
+    """Log the training loss (log.csv, TensorBoard) every this many steps."""
     seed: int = 42
+    """Seed of initialisation and data order; runs with equal seeds see the data in the same order."""
     precision: str = "auto"
     """``auto`` (bf16 on a GPU that supports it, else float32), ``fp32``, ``bf16`` or ``fp16``."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
     grouped_lr_scale: str = "none"
     """``none``, or ``groups``: the learning rate of every grouped weight is multiplied by its group count
     ``G`` (see :func:`kphi.optim.scale_grouped_learning_rates`)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """KPhi3Config fields to change from the preset (e.g. ``min_channels_per_group``)."""
     progress: bool = True
+    """One progress line per run on the console."""
 
     def validate(self) -> None:
         positive = ["vocab_size", "context_length", "batch_size", "gradient_accumulation_steps", "eval_steps",
@@ -155,6 +164,9 @@ def resolve_settings(preset: str, **overrides: Any) -> TrainSettings:
         if key not in known:
             raise PresetError(f"preset {spec.name}: unknown training setting {key!r}")
         values[key] = value
+    budgets = [k for k in ("max_steps", "max_tokens", "max_minutes") if overrides.get(k) is not None]
+    if len(budgets) > 1:
+        raise TrainError(f"give one budget, not {' and '.join(budgets)}")
     for key, value in overrides.items():
         if key not in known:
             raise TrainError(f"unknown training setting {key!r}")
