@@ -152,20 +152,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import PrepareSettings, prepare_dataset
 
-    fields = {
-        "source": args.source,
-        "tokenizer": args.tokenizer,
-        "vocab_size": args.vocab_size,
-        "context_length": args.context_length,
-        "validation_rows": args.validation_rows,
-        "seed": args.seed,
-        "packing": args.packing,
-        "loss_on": args.loss_on,
-        "max_rows": args.max_rows,
-    }
-    if args.columns:
-        fields["columns"] = tuple(args.columns.split(","))
-    settings = PrepareSettings(**{k: v for k, v in fields.items() if v is not None})
+    names = {f.name for f in dataclasses.fields(PrepareSettings)}
+    settings = PrepareSettings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     path = prepare_dataset(settings, out_dir=args.out, progress=not args.quiet)
     if args.quiet:
         print(path)
@@ -318,16 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="prepare instruction corpora")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     d = data_sub.add_parser("prepare", help="format, filter, split, tokenize and pack a corpus")
-    d.add_argument("--source", help="default (offline corpus) | lamini | chitchat | chatterbot | PATH (.parquet/.jsonl/.json/.csv or a folder)")
+    from .data.prepare import PrepareSettings
+
+    add_settings_arguments(
+        d, PrepareSettings, skip=("columns", "filters"),
+        choices={"packing": ["tokens", "reference"], "loss_on": ["all", "assistant"]},
+    )
     d.add_argument("--columns", help="instruction and response column names, e.g. 'instruction,response'")
-    d.add_argument("--tokenizer", help="bpe (default, trained on the training split) | phi3 | phi3-hub | PATH")
-    d.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 4096)")
-    d.add_argument("--context-length", type=int, help="tokens per packed row (default 256)")
-    d.add_argument("--validation-rows", type=int, help="pairs held out for validation (default 5000)")
-    d.add_argument("--seed", type=int, help="split seed (default 42)")
-    d.add_argument("--packing", choices=["tokens", "reference"], help="tokens (default, no padding) | reference (the report's character packing)")
-    d.add_argument("--loss-on", choices=["all", "assistant"], help="loss on every token (default) or on assistant tokens only")
-    d.add_argument("--max-rows", type=int, help="read at most this many pairs")
     d.add_argument("--out", help="output directory (default: only the cache, whose path is printed)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_prepare)

@@ -22,15 +22,38 @@ _TYPES = {int: int, float: float, str: str}
 
 
 def field_docs(cls) -> dict[str, str]:
-    """``field -> docstring`` from the string literal under each field of ``cls`` (first sentence)."""
+    """``field -> help``: the string literal under each field of ``cls``, or its entry in the class
+    docstring's ``Attributes:`` section (``name: text``, continued on more-indented lines)."""
+    docs = _attributes_section(inspect.getdoc(cls) or "")
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
-    docs = {}
     for stmt, following in zip(body, body[1:]):
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
             if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
                 docs[stmt.target.id] = " ".join(following.value.value.split()).replace("``", "")
     return docs
+
+
+def _attributes_section(doc: str) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    lines = doc.splitlines()
+    if "Attributes:" not in (line.strip() for line in lines):
+        return docs
+    start = [line.strip() for line in lines].index("Attributes:") + 1
+    name = None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent == 0:
+            break
+        head, sep, rest = line.strip().partition(": ")
+        if sep and head.isidentifier() and (name is None or indent <= base):
+            name, base = head, indent
+            docs[name] = rest
+        elif name is not None:
+            docs[name] += " " + line.strip()
+    return {k: " ".join(v.split()).replace("``", "") for k, v in docs.items()}
 
 
 def _scalar(annotation):
