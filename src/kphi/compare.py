@@ -117,8 +117,8 @@ def list_suites() -> list[str]:
     return sorted(p.stem for p in _suite_dir().glob("*.yaml"))
 
 
-def load_suite(name_or_path: str) -> Suite:
-    """A bundled suite (``cpu``, ``smoke``, ``paper``) or a suite YAML file."""
+def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
+    """``(path, parsed YAML)`` of a bundled suite name or a suite file; ``CompareError`` when neither."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = _suite_dir() / f"{name_or_path}.yaml"
@@ -127,9 +127,14 @@ def load_suite(name_or_path: str) -> Suite:
     elif not path.is_file():
         raise CompareError(f"suite file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return path, yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise CompareError(f"cannot read suite {path}: {err}") from None
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A bundled suite (``cpu``, ``smoke``, ``paper``, ...) or a suite YAML file."""
+    path, data = read_suite_yaml(name_or_path)
     if isinstance(data, dict) and data.get("kind") == "scaling":
         raise CompareError(f"{path} is a scaling suite; run it with kphi scale --suite {name_or_path}")
     if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or not data["arms"]:

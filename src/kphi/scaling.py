@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from .compare import CompareError, Suite, command_line, _positive_rates, _suite_dir, list_suites, non_embedding, resolve_arms, run_compare
+from .compare import (
+    CompareError, Suite, _positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare,
+)
 from .files import atomic_write_text
 from .model import config_fields
 from .presets import load_preset
@@ -91,15 +92,7 @@ class ScalingSuite:
 
 def load_scaling_suite(name_or_path: str) -> ScalingSuite:
     """A bundled scaling suite (``kind: scaling``) or a YAML file of one."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = _suite_dir() / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise CompareError(f"unknown scaling suite {name_or_path!r}; bundled suites: {', '.join(list_suites())}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise CompareError(f"cannot read suite {path}: {err}") from None
+    path, data = read_suite_yaml(name_or_path)
     if not isinstance(data, dict) or data.get("kind") != "scaling":
         raise CompareError(f"{path} is not a scaling suite (it needs kind: scaling); use kphi compare for it")
     families, widths, budget = data.get("families"), data.get("widths"), data.get("budget")
