@@ -73,7 +73,7 @@ def budget_results(suite: Suite, per_budget: dict[int, dict[str, Any]], wall: fl
         "wall_seconds": round(wall, 1),
         "command": command_line(),
         "arms": arms,
-        "warnings": [w for r in per_budget.values() for w in r.get("warnings", [])],
+        "warnings": [f"{tokens:,} tokens: {w}" for tokens, r in sorted(per_budget.items()) for w in r.get("warnings", [])],
     }
 
 

@@ -265,7 +265,7 @@ def scaling_results(suite: ScalingSuite, per_width: dict[int, dict[str, Any]], w
         "command": command_line(),
         "families": families,
         "savings": savings,
-        "warnings": [w for r in per_width.values() for w in r.get("warnings", [])],
+        "warnings": [f"width {width}: {w}" for width, r in sorted(per_width.items()) for w in r.get("warnings", [])],
     }
 
 
@@ -310,6 +310,8 @@ def format_scaling_table(results: dict[str, Any]) -> str:
             f"| {s['family']} | {s['reference_width']} | {s['reference_non_embedding']:,} | "
             f"{s['reference_val_loss']:.3f} | {needed} | {factor} |"
         )
+    if results.get("warnings"):
+        lines += [""] + [f"warning: {w}" for w in results["warnings"]]
     return "\n".join(lines)
 
 
