@@ -94,7 +94,8 @@ def test_the_deprecated_past_key_values_name_still_works(variant):
     full = model(x).logits
     cache = DynamicCache(config=model.config)
     model(x[:, :6], cache=cache, use_cache=True)
-    step = model(x[:, 6:], past_key_values=cache, use_cache=True).logits
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        step = model(x[:, 6:], past_key_values=cache, use_cache=True).logits
     assert torch.allclose(step, full[:, 6:], atol=1e-5)
 
 
