@@ -114,15 +114,13 @@ def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    all_n = [p[0] for c in curves.values() for p in c["points"]]
-    if all_n:
-        grid = np.geomspace(min(all_n) / 1.5, max(all_n) * 1.5, 200)
     for label, c in curves.items():
         if not c["points"]:
             continue
         xs, ys, spread = zip(*sorted(c["points"]))
         line = ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o", capsize=3, label=label)
-        if c.get("curve") is not None:
+        if c.get("curve") is not None:  # drawn over the family's measured range only: no extrapolation
+            grid = np.geomspace(min(xs) / 1.15, max(xs) * 1.15, 100)
             ax.plot(grid, [c["curve"](n) for n in grid], "--", color=line[0].get_color(), alpha=0.8)
     return _finish(fig, ax, out_png, title, "non-embedding parameters N", "final validation loss (dashed: fit a·N^-b + c)",
                    log_x=True, legend_size=8)
