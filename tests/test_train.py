@@ -182,3 +182,19 @@ def test_max_minutes_stops_with_a_checkpoint_and_a_model(prepared, tmp_path):
     assert 1 <= metrics["steps"] < 1000  # stopped by the clock, not by a step budget
     assert (out / f"checkpoint-{metrics['steps']}" / "kphi-complete.json").is_file()
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_run_whose_settings_hold_tuples_resumes(tmp_path):
+    """The stored identity is JSON (lists); the live one may hold tuples (e.g. a config's token-id list)."""
+    import dataclasses
+
+    from kphi.train import RUN_FILE, TrainError, TrainSettings, _check_run_dir
+
+    settings = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": (2, 7)})
+    tmp_path.mkdir(exist_ok=True)
+    record = {"identity": settings.identity(), "settings": dataclasses.asdict(settings)}
+    (tmp_path / RUN_FILE).write_text(json.dumps(record))
+    _check_run_dir(tmp_path, settings, resume=True)  # the same run: no error
+    other = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": (2, 8)})
+    with pytest.raises(TrainError, match="config_overrides"):
+        _check_run_dir(tmp_path, other, resume=True)

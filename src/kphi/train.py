@@ -204,10 +204,11 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool) -> None:
             raise TrainError(
                 f"{out} already holds {state} run; pass --resume to continue it or choose another --out"
             )
-        if previous.get("identity") != settings.identity():
+        current = json.loads(json.dumps(settings.identity()))  # as stored: tuples become lists
+        if previous.get("identity") != current:
             changed = sorted(
-                k for k in set(previous.get("identity", {})) | set(settings.identity())
-                if previous.get("identity", {}).get(k) != settings.identity().get(k)
+                k for k in set(previous.get("identity", {})) | set(current)
+                if previous.get("identity", {}).get(k) != current.get(k)
             )
             raise TrainError(f"{out} holds a different run (settings differ: {', '.join(changed)}); choose another --out")
     else:
