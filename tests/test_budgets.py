@@ -54,4 +54,4 @@ def test_a_series_needs_two_budgets_and_refuses_rate_flags(tmp_path):
     result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1e3", "--learning-rates", "1e-3", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "budget series" in result.stderr and "Traceback" not in result.stderr
     result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,many", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
-    assert result.returncode == 2 and "--budgets" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "--budgets must be positive whole numbers" in result.stderr and "Traceback" not in result.stderr

@@ -168,3 +168,19 @@ def test_grouped_learning_rates_scale_by_the_group_count():
             seen += 1
     assert seen == len(list(model.parameters()))
     assert {m.groups for m in grouped} == {g["lr_multiplier"] for g in optimizer.param_groups} - {1.0}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("text", ["", "x", "512,-1", "1.5", "0"])
+def test_bad_counts_are_refused(text):
+    from kphi.compare import parse_counts
+
+    with pytest.raises(CompareError, match="--budgets must be positive whole numbers"):
+        parse_counts(text, "--budgets")
+
+
+@pytest.mark.fast
+def test_counts_accept_scientific_notation_and_sort():
+    from kphi.compare import parse_counts
+
+    assert parse_counts("3e6, 716800", "--budgets") == [716800, 3000000]

@@ -99,18 +99,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare_budgets(suite, out: str, args: argparse.Namespace, rates, log) -> int:
     from .budgets import format_budget_table, run_budget_series
-    from .compare import CompareError
+    from .compare import CompareError, parse_counts
 
     if rates or args.max_tokens:
         raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
-    budgets = None
-    if args.budgets:
-        try:
-            budgets = [int(float(b)) for b in args.budgets.split(",") if b.strip()]
-        except ValueError:
-            raise CompareError(f"--budgets must be token counts separated by commas, got {args.budgets!r}") from None
-        if not budgets or min(budgets) <= 0:
-            raise CompareError(f"--budgets must be positive token counts, got {args.budgets!r}")
+    budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
     if args.seeds:
         suite.seeds = args.seeds
     results = run_budget_series(suite, out, budgets=budgets, data=args.data, progress=not args.quiet, log=log)
@@ -120,19 +113,12 @@ def _compare_budgets(suite, out: str, args: argparse.Namespace, rates, log) -> i
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from .compare import parse_learning_rates
+    from .compare import parse_counts, parse_learning_rates
     from .scaling import format_scaling_table, load_scaling_suite, run_scaling, scaling_config_summary
-
-    from .compare import CompareError
 
     suite = load_scaling_suite(args.suite)
     if args.widths:
-        try:
-            suite.widths = sorted({int(w) for w in args.widths.split(",")})
-        except ValueError:
-            raise CompareError(f"--widths must be positive integers separated by commas, got {args.widths!r}") from None
-        if min(suite.widths) <= 0:
-            raise CompareError(f"--widths must be positive integers separated by commas, got {args.widths!r}")
+        suite.widths = parse_counts(args.widths, "--widths")
     if args.dry_run:
         for row in scaling_config_summary(suite):
             print(f"width {row['width']:>5}  {row['family']:<28} {row['non_embedding']:>12,} non-embedding  "

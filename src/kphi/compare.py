@@ -104,6 +104,17 @@ def _positive_rates(rates, where: str) -> list[float] | None:
     return sorted(set(values))
 
 
+def parse_counts(text: str, flag: str) -> list[int]:
+    """``"716800,3e6"`` -> ``[716800, 3000000]``: positive whole numbers for flags like ``--budgets``."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 or v != int(v) for v in values):
+        raise CompareError(f"{flag} must be positive whole numbers separated by commas, got {text!r}")
+    return sorted({int(v) for v in values})
+
+
 def parse_learning_rates(text: str) -> list[float]:
     """``"1e-3,2e-3,4e-3"`` -> ``[0.001, 0.002, 0.004]`` (the ``--learning-rates`` flag)."""
     return _positive_rates([t for t in text.split(",") if t.strip()], "--learning-rates")
