@@ -24,9 +24,13 @@ the report's published checkpoints, so their ``model.safetensors`` files load wi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from .kinds import ProjectionKind, _copy_bias, calibration_error, dense_matrix
 
 __all__ = [
     "group_count",
@@ -35,6 +39,9 @@ __all__ = [
     "SingleGroupLinear",
     "GroupedPointwiseBlock",
     "grouped_block_forward",
+    "grouped_frobenius_fit",
+    "grouped_activation_fit",
+    "GroupedKind",
 ]
 
 
@@ -264,9 +271,11 @@ class GroupedPointwiseBlock(nn.Module):
     (``2 * in * out / G`` parameters). ``G == 1``: one dense projection (:class:`SingleGroupLinear`).
     """
 
-    def __init__(self, in_features: int, out_features: int, groups: int, *, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, groups: int, *, bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        # GPT-2's and Qwen2's projections carry a bias; the report's kphi-3 blocks do not (no ``bias`` key)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         if groups == 1:
             self.first_pointwise_conv = SingleGroupLinear(in_features, out_features, device=device, dtype=dtype)
             self.second_pointwise_conv = None
@@ -284,17 +293,165 @@ class GroupedPointwiseBlock(nn.Module):
         y = self.first_pointwise_conv.naive_forward(x)
         if self.second_pointwise_conv is not None:
             y = y + self.second_pointwise_conv.naive_forward(interleave(x, self.groups))
-        return y
+        return y if self.bias is None else y + self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.second_pointwise_conv is None:
-            return self.first_pointwise_conv(x)
-        _check_last_dim(x, self.in_features, "GroupedPointwiseBlock")
-        lead = x.shape[:-1]
-        y = grouped_block_forward(
-            x.reshape(-1, self.in_features), self.first_pointwise_conv.weight, self.second_pointwise_conv.weight
-        )
-        return y.view(*lead, self.out_features)
+            y = self.first_pointwise_conv(x)
+        else:
+            _check_last_dim(x, self.in_features, "GroupedPointwiseBlock")
+            lead = x.shape[:-1]
+            y = grouped_block_forward(
+                x.reshape(-1, self.in_features), self.first_pointwise_conv.weight, self.second_pointwise_conv.weight
+            ).view(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
+        bias = ", bias=True" if self.bias is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}{bias}"
+
+
+# --- the grouped kind: build, count, initialise and fit the block ----------------------------------------
+
+
+def _grouped_supports(in_features: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of ``M = W^T: [in, out]`` that each branch's group ``g`` reads, as ``[G, s]`` tensors.
+
+    First branch: group ``g`` reads rows ``g*s + b``; second (interleaved) branch: rows ``b*G + g``
+    (``b in [0, s)``). Both write the output columns ``[g*o, (g+1)*o)``.
+    """
+    step = in_features // groups
+    g = torch.arange(groups).unsqueeze(1)
+    b = torch.arange(step).unsqueeze(0)
+    return g * step + b, b * groups + g
+
+
+def grouped_frobenius_fit(matrix: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block closest to a dense ``matrix: [in, out]`` (``y = x @ matrix``) in Frobenius norm.
+
+    The block computes ``y = x @ M(A, B)`` with ``M(A, B)[g*s + b, g-th column block] += A[g, b]`` and
+    ``M(A, B)[b*G + g, g-th column block] += B[g, b]``: each weight row of either branch lands on one row
+    segment of ``M`` (``o`` entries), and nothing else does. So ``||matrix - M(A, B)||^2`` splits into
+    independent terms, one per row segment:
+
+    * a segment reached by one branch only is matched exactly (``A`` or ``B`` takes the segment of ``matrix``);
+    * a segment reached by both (row ``i`` with ``i // s == i % G``: the two supports overlap there) only
+      constrains the sum ``A[g, b] + B[g, b']``; every split is optimal and we take the minimum-norm one,
+      half each;
+    * segments reached by neither (all other column blocks of every row) stay zero: their squared sum is
+      the irreducible error, ``||matrix||^2 - ||matrix on the supports||^2``.
+
+    Returns ``(A, B)`` of shape ``[G, s, o]`` (the block's ``first``/``second`` weight layout).
+    """
+    in_features, out_features = matrix.shape
+    step, out_step = in_features // groups, out_features // groups
+    blocks = matrix.reshape(in_features, groups, out_step)  # [in, G, o]: column block g of row i
+    first_rows, second_rows = _grouped_supports(in_features, groups)
+    g = torch.arange(groups).unsqueeze(1)
+    first = blocks[first_rows, g].clone()  # [G, s, o]
+    second = blocks[second_rows, g].clone()
+    overlap = (first_rows % groups) == g  # row g*s+b is also the interleaved branch's row for group g
+    gi, bi = overlap.nonzero(as_tuple=True)
+    first[gi, bi] *= 0.5
+    second[gi, first_rows[gi, bi] // groups] *= 0.5
+    return first, second
+
+
+def grouped_activation_fit(
+    matrix: torch.Tensor, gram: torch.Tensor, groups: int, damping: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block minimising ``||X @ matrix - block(X)||_F`` on calibration inputs with ``gram = X^T X``.
+
+    Output column block ``g`` of the block is ``X[:, S_g] @ [A[g]; B[g]]`` with ``S_g`` the ``2s`` rows both
+    branches read (:func:`_grouped_supports`), so each group is an independent least-squares problem
+    whose normal equations need only the Gram matrix::
+
+        C[S_g, S_g] @ theta_g = C[S_g, :] @ matrix[:, g-th column block],    theta_g = [A[g]; B[g]]: [2s, o]
+
+    A row in both supports makes ``C[S_g, S_g]`` singular (two equal columns of ``X[:, S_g]``); a ridge of
+    ``damping * mean(diag C[S_g, S_g])`` makes it solvable and splits such rows evenly, as the Frobenius
+    fit does. Returns ``(A, B)``, each ``[G, s, o]``.
+    """
+    in_features, out_features = matrix.shape
+    step, out_step = in_features // groups, out_features // groups
+    first_rows, second_rows = _grouped_supports(in_features, groups)
+    first = matrix.new_empty(groups, step, out_step)
+    second = matrix.new_empty(groups, step, out_step)
+    for g in range(groups):
+        rows = torch.cat([first_rows[g], second_rows[g]])
+        lhs = gram[rows][:, rows]
+        lhs = lhs + damping * lhs.diagonal().mean().clamp_min(1e-12) * torch.eye(len(rows), dtype=lhs.dtype)
+        rhs = gram[rows] @ matrix[:, g * out_step : (g + 1) * out_step]
+        theta = torch.linalg.solve(lhs, rhs)
+        first[g], second[g] = theta[:step], theta[step:]
+    return first, second
+
+
+@dataclass
+class GroupedKind(ProjectionKind):
+    """The report's grouped pointwise block, ``G = group_count(in, out, min_channels_per_group)`` groups.
+
+    ``init``: ``"scaled_normal"`` (dense-equivalent output variance) or ``"kaiming_uniform"`` (the
+    report's), see :func:`init_grouped_weight`.
+    """
+
+    name: ClassVar[str] = "grouped"
+    min_channels_per_group: int = 256
+    init: str = "scaled_normal"
+
+    def __post_init__(self):
+        if not isinstance(self.min_channels_per_group, int) or self.min_channels_per_group <= 0:
+            raise ValueError(f"grouped: min_channels_per_group must be a positive integer, got {self.min_channels_per_group!r}")
+        if self.init not in ("scaled_normal", "kaiming_uniform"):
+            raise ValueError(f"grouped: init must be 'scaled_normal' or 'kaiming_uniform', got {self.init!r}")
+
+    def groups(self, in_features: int, out_features: int) -> int:
+        return group_count(in_features, out_features, self.min_channels_per_group)
+
+    def build(self, in_features, out_features, bias=False):
+        return GroupedPointwiseBlock(in_features, out_features, self.groups(in_features, out_features), bias=bias)
+
+    def num_parameters(self, in_features, out_features, bias=False):
+        groups = self.groups(in_features, out_features)
+        weights = in_features * out_features * (2 if groups > 1 else 1) // groups
+        return weights + (out_features if bias else 0)
+
+    def initialize(self, module, std):
+        """Each :class:`GroupedLinear` by ``self.init``; a block's own bias to zero. (A ``G == 1`` block holds
+        an ``nn.Linear``, which the owning model initialises as it does every linear layer.)"""
+        from transformers import initialization as init
+
+        if isinstance(module, GroupedLinear) and not getattr(module.weight, "_is_hf_initialized", False):
+            init_grouped_weight(module.weight, self.init, std)
+        elif isinstance(module, GroupedPointwiseBlock) and module.bias is not None:
+            init.zeros_(module.bias)
+
+    def fit(self, module, weight, bias=None, gram=None):
+        matrix = weight.double().T  # [in, out]
+        with torch.no_grad():
+            if module.groups == 1:
+                module.first_pointwise_conv.group_layers[0].weight.copy_(weight)
+            else:
+                first, second = grouped_frobenius_fit(matrix, module.groups)
+                if gram is not None:
+                    candidate = grouped_activation_fit(matrix, gram.double(), module.groups)
+                    # the damped solve is the calibration optimum up to the ridge; keep whichever is better there
+                    first, second = _better_on_calibration(module, weight, gram, (first, second), candidate)
+                module.first_pointwise_conv.weight.copy_(first)
+                module.second_pointwise_conv.weight.copy_(second)
+        _copy_bias(module, bias)
+        return self.result(module, weight, gram, "activations" if gram is not None else "frobenius")
+
+    def owns(self, module):
+        return isinstance(module, (GroupedPointwiseBlock, GroupedLinear))
+
+
+def _better_on_calibration(module, weight, gram, *candidates):
+    best, best_error = None, float("inf")
+    for first, second in candidates:
+        module.first_pointwise_conv.weight.copy_(first)
+        module.second_pointwise_conv.weight.copy_(second)
+        error = calibration_error(gram, weight, dense_matrix(module, module.in_features))
+        if error < best_error:
+            best, best_error = (first, second), error
+    return best

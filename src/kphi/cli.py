@@ -255,6 +255,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_to_dir
+
+    settings = {k: v for k, v in (("min_channels_per_group", args.min_channels_per_group), ("fraction", args.fraction),
+                                  ("blocks", args.blocks)) if v is not None}
+    _quiet_transformers()
+    result = convert_to_dir(
+        args.src, args.out, kind=args.kind, targets=args.targets, fit=args.fit, calibration=args.calibration_data,
+        calibration_tokens=args.calibration_tokens, progress=not args.quiet, **settings,
+    )
+    summary = result.summary()
+    print(f"converted {args.src} -> {args.out}: {summary['replaced']} projections as {result.kind}, fit {result.fit}")
+    print(f"non-embedding parameters: {result.non_embedding_before:,} -> {result.non_embedding_after:,} "
+          f"({summary['percent_of_source']}%)")
+    if result.fits and result.fit != "none":
+        line = f"relative weight error (mean over projections): {summary['mean_relative_error']:.4f}"
+        if summary["mean_calibration_error"] is not None:
+            line += f"; on calibration inputs: {summary['mean_calibration_error']:.4f}"
+        print(line + f" (per projection: {args.out}/kphi-convert.json)")
+    return 0
+
+
 def _save_tokenizer(tokenizer, out: str) -> None:
     from pathlib import Path
 
@@ -415,6 +437,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "(token from HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="create the hub repository as private")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "convert",
+        help="give a Llama, Mistral, Qwen2, Phi-3, GPT-2 or kphi-3 model structured projections",
+        description="Replace the dense projections of a causal LM directory by a projection kind (grouped: the "
+        "report's block; low_rank; monarch), fitted to the trained weights. OUT loads with "
+        "AutoModelForCausalLM after `import kphi`, or with trust_remote_code=True without kphi; it trains with "
+        "kphi train --init-from OUT. Per-projection fit errors go to OUT/kphi-convert.json.",
+    )
+    p.add_argument("src", metavar="SRC", help="a model directory (config.json, and model.safetensors to fit)")
+    p.add_argument("--out", required=True, help="output model directory (new, empty or a previous conversion)")
+    p.add_argument("--kind", default="grouped", help="projection kind: grouped (default), low_rank, monarch")
+    p.add_argument("--min-channels-per-group", type=int, help="grouped: m in the group rule (default 256; the cpu presets use 32)")
+    p.add_argument("--fraction", type=float, help="low_rank, monarch: fraction of each projection's parameters to keep")
+    p.add_argument("--blocks", type=int, help="monarch: number of blocks (default 4)")
+    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME,...",
+                   help="module-name suffixes to replace (default: the architecture's attention and MLP projections)")
+    p.add_argument("--fit", default="auto", choices=["auto", "frobenius", "activations", "none"],
+                   help="frobenius: closest in weights (default with weights); activations: closest on calibration "
+                   "inputs; none: fresh initialisation")
+    p.add_argument("--calibration-data", metavar="DIR", help="a prepared data directory (kphi data prepare) tokenised "
+                   "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens read (default 4096)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

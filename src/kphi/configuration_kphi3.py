@@ -33,6 +33,11 @@ class KPhi3Config(Phi3Config):
         Only with dense projections (``min_channels_per_group < 0``): factorise every projection
         ``in -> out`` through rank ``r = round(f * in * out / (in + out))``, keeping about a fraction ``f``
         of its parameters (:class:`kphi.lowrank.LowRankLinear`). A control for experiments.
+    projection (`dict`, *optional*):
+        Any registered projection kind as data (:mod:`kphi.projections`), e.g.
+        ``{"kind": "monarch", "blocks": 4, "fraction": 0.24}``; it overrides the three fields above.
+        ``None`` (the default, and every report checkpoint) derives the kind from them: grouped when
+        ``min_channels_per_group > 0``, else low-rank when ``low_rank_fraction`` is set, else dense.
 
     Fields that reference checkpoints carry and transformers 5 renamed or dropped (``rope_theta``,
     ``rope_scaling``, ``ffn_dim``, ``do_layer_norm_before``, ``torch_dtype``, ...) are accepted; the rope
@@ -45,6 +50,7 @@ class KPhi3Config(Phi3Config):
     min_channels_per_group: int = 256
     grouped_init: str = "scaled_normal"
     low_rank_fraction: float | None = None
+    projection: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.embed_size is None:
@@ -77,10 +83,23 @@ class KPhi3Config(Phi3Config):
                 raise ValueError("low_rank_fraction needs dense projections (min_channels_per_group < 0)")
         if self.grouped_init not in GROUPED_INIT_SCHEMES:
             raise ValueError(f"grouped_init must be one of {GROUPED_INIT_SCHEMES}, got {self.grouped_init!r}")
+        self.projection_kind()  # raises ValueError naming a bad projection setting
 
     @property
     def is_grouped(self) -> bool:
-        return self.min_channels_per_group > 0
+        return self.projection_kind().name == "grouped"
+
+    def projection_kind(self):
+        """The :class:`~kphi.kinds.ProjectionKind` of the decoder's projections (see ``projection``)."""
+        from .projections import projection_kind
+
+        if self.projection is not None:
+            return projection_kind(self.projection)
+        if self.min_channels_per_group > 0:
+            return projection_kind({"kind": "grouped", "min_channels_per_group": self.min_channels_per_group, "init": self.grouped_init})
+        if self.low_rank_fraction is not None:
+            return projection_kind({"kind": "low_rank", "fraction": self.low_rank_fraction})
+        return projection_kind("dense")
 
 
 #: Keys ``config.json`` carries that describe the file, not the model (not ``KPhi3Config`` arguments).

@@ -65,7 +65,9 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_kphi3.KPhi3ForCausalLM",
 }
 #: The code files an export carries: the two modules and their relative imports.
-CODE_FILES = ("configuration_kphi3.py", "modeling_kphi3.py", "block.py", "lowrank.py")
+CODE_FILES = (
+    "configuration_kphi3.py", "modeling_kphi3.py", "projections.py", "kinds.py", "block.py", "lowrank.py", "monarch.py",
+)
 
 
 class ExportError(KphiError, ValueError):
@@ -235,27 +237,27 @@ print(tokenizer.decode(model.generate(**ids)[0], skip_special_tokens=True))
 
 
 @contextlib.contextmanager
-def _registered_for_auto_classes():
-    """``register_for_auto_class`` for the config and the causal LM, undone afterwards.
+def registered_for_auto_classes(model):
+    """``register_for_auto_class`` for ``model``'s config and causal-LM classes, undone afterwards.
 
-    While registered, ``save_pretrained`` copies ``configuration_kphi3.py``/``modeling_kphi3.py`` (and the
-    files they import relatively) into the folder and writes ``auto_map``; outside an export it must not.
+    While registered, ``save_pretrained`` copies the modules defining them (``configuration_kphi3.py`` /
+    ``modeling_kphi3.py``, or ``*_structured.py`` for converted models, and the files they import
+    relatively) into the folder and writes ``auto_map``; outside an export it must not.
     """
-    from .model import KPhi3Config, KPhi3ForCausalLM
-
-    previous = KPhi3Config._auto_class, KPhi3ForCausalLM._auto_class
-    KPhi3Config.register_for_auto_class("AutoConfig")
-    KPhi3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    config_class, model_class = type(model.config), type(model)
+    previous = config_class._auto_class, model_class._auto_class
+    config_class.register_for_auto_class("AutoConfig")
+    model_class.register_for_auto_class("AutoModelForCausalLM")
     try:
         yield
     finally:
-        KPhi3Config._auto_class, KPhi3ForCausalLM._auto_class = previous
+        config_class._auto_class, model_class._auto_class = previous
 
 
 def _write_standalone(model, tokenizer, staging: Path, name: str) -> list[str]:
     from . import __version__
 
-    with _registered_for_auto_classes():
+    with registered_for_auto_classes(model):
         model.save_pretrained(staging)
     missing = [f for f in CODE_FILES if not (staging / f).is_file()]
     if missing:  # pragma: no cover - guards the mechanism against a transformers change

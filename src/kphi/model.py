@@ -17,8 +17,9 @@ from .modeling_kphi3 import (
     KPhi3PreTrainedModel,
     make_projection,
     make_width_adapter,
-    replace_projections,
 )
+from .modeling_structured import STRUCTURED_MODELS
+from .projections import replace_projections
 
 __all__ = [
     "BOOKKEEPING_KEYS",
@@ -37,3 +38,6 @@ __all__ = [
 AutoConfig.register("kphi3", KPhi3Config, exist_ok=True)
 AutoModel.register(KPhi3Config, KPhi3Model, exist_ok=True)
 AutoModelForCausalLM.register(KPhi3Config, KPhi3ForCausalLM, exist_ok=True)
+for _config_class, _model_class in STRUCTURED_MODELS.items():  # kphi convert's outputs (Llama, GPT-2, ...)
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)

@@ -37,9 +37,10 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .block import GroupedLinear, GroupedPointwiseBlock, group_count, init_grouped_weight
+from .block import GroupedKind
 from .configuration_kphi3 import KPhi3Config
-from .lowrank import LowRankLinear, rank_for_fraction
+from .kinds import DenseKind
+from .projections import replace_projections
 
 __all__ = [
     "KPhi3Model",
@@ -48,7 +49,6 @@ __all__ = [
     "PROJECTION_TARGETS",
     "make_projection",
     "make_width_adapter",
-    "replace_projections",
 ]
 
 #: Names of the dense projections (module-name suffixes) that kphi-3 replaces in every decoder layer.
@@ -56,38 +56,10 @@ PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
-    """The module that maps ``in_features -> out_features`` in a model built from ``config``.
-
-    Dense ``nn.Linear`` (no bias) when ``min_channels_per_group < 0`` (or a :class:`LowRankLinear` when
-    ``low_rank_fraction`` is set), else a :class:`GroupedPointwiseBlock` with
-    ``G = group_count(in, out, min_channels_per_group)`` groups.
-    """
-    if not config.is_grouped:
-        if config.low_rank_fraction is not None:
-            rank = rank_for_fraction(in_features, out_features, config.low_rank_fraction)
-            return LowRankLinear(in_features, out_features, rank)
-        return nn.Linear(in_features, out_features, bias=False)
-    groups = group_count(in_features, out_features, config.min_channels_per_group)
-    return GroupedPointwiseBlock(in_features, out_features, groups)
-
-
-def replace_projections(module: nn.Module, config: KPhi3Config, targets=PROJECTION_TARGETS) -> list[str]:
-    """Swap every ``nn.Linear`` whose name ends with one of ``targets`` for ``make_projection(...)``.
-
-    The walk over ``named_modules()`` is the whole mechanism, so any decoder whose projections carry these
-    names can be converted. Returns the qualified names that were replaced.
-    """
-    replaced = []
-    for name, child in list(module.named_modules()):
-        if not isinstance(child, nn.Linear) or name.rsplit(".", 1)[-1] not in targets:
-            continue
-        if child.bias is not None:
-            raise ValueError(f"{name}: projections with a bias are not supported by the grouped block")
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, make_projection(child.in_features, child.out_features, config))
-        replaced.append(name)
-    return replaced
+    """The module that maps ``in_features -> out_features`` in a model built from ``config``: the build of
+    ``config.projection_kind()`` (a :class:`GroupedPointwiseBlock` with ``G = group_count(in, out, m)`` for
+    the report's settings, ``nn.Linear`` without bias for ``min_channels_per_group < 0``)."""
+    return config.projection_kind().build(in_features, out_features)
 
 
 def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
@@ -102,8 +74,7 @@ def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config)
     """
     adapter = make_projection(in_features, out_features, config)
     for module in adapter.modules():
-        if isinstance(module, (nn.Linear, GroupedLinear, LowRankLinear)):
-            module.dense_init_std = in_features**-0.5
+        module.dense_init_std = in_features**-0.5
     return adapter
 
 
@@ -113,23 +84,18 @@ class KPhi3PreTrainedModel(Phi3PreTrainedModel):
     _no_split_modules = ["Phi3DecoderLayer"]
 
     def _init_weights(self, module):
-        """Phi-3's init for everything, plus the grouped weights (scheme from ``config.grouped_init``).
-
-        Low-rank factors: ``down ~ N(0, 1/in)`` keeps the bottleneck at unit scale and
-        ``up ~ N(0, std^2 * in / r)`` gives the product a dense layer's output variance (``in * std^2``).
-        """
+        """Phi-3's init for everything, then each projection by its kind (:meth:`ProjectionKind.initialize`)
+        with the dense-equivalent std ``initializer_range`` (the width adapters carry their own)."""
         super()._init_weights(module)
-        # the width adapters (embed_to_hidden, hidden_to_embed) carry their own dense-equivalent std
         std = getattr(module, "dense_init_std", self.config.initializer_range)
         if isinstance(module, nn.Linear) and hasattr(module, "dense_init_std"):
             init.normal_(module.weight, mean=0.0, std=std)
-        if isinstance(module, LowRankLinear):
-            init.normal_(module.down_weight, mean=0.0, std=module.in_features**-0.5)
-            init.normal_(module.up_weight, mean=0.0, std=std * (module.in_features / module.rank) ** 0.5)
-        if isinstance(module, GroupedLinear) and not getattr(module.weight, "_is_hf_initialized", False):
-            # the flag marks weights loaded from a checkpoint, as transformers' own init functions check it
-            scheme = "scaled_normal" if hasattr(module, "dense_init_std") else self.config.grouped_init
-            init_grouped_weight(module.weight, scheme, std)
+        kind = self.config.projection_kind()
+        if isinstance(kind, DenseKind) or not kind.owns(module):
+            return
+        if isinstance(kind, GroupedKind) and hasattr(module, "dense_init_std"):
+            kind = GroupedKind(kind.min_channels_per_group, "scaled_normal")
+        kind.initialize(module, std)
 
 
 class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
@@ -152,7 +118,7 @@ class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
         else:
             self.embed_to_hidden = None
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        replace_projections(self.layers, config)
+        replace_projections(self.layers, config.projection_kind(), PROJECTION_TARGETS)
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config=config)
         self.gradient_checkpointing = False

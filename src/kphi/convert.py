@@ -1,0 +1,310 @@
+"""``kphi convert``: a transformers causal LM (Llama, Mistral, Qwen2, Phi-3, GPT-2, kphi-3) with structured projections.
+
+:func:`convert` takes a model directory, a model or a config and returns the same architecture with every
+targeted projection replaced by a projection kind (:mod:`kphi.projections`), the rest of the weights copied:
+
+* ``fit="frobenius"`` (the default when the source has weights): each projection is the kind's closest
+  module to the trained dense weight (closed form per kind; ``FitResult.relative_error`` says what is left);
+* ``fit="activations"``: the closest module *on calibration inputs*: one pass of the dense model over
+  ``calibration`` tokens collects ``C = X^T X`` of every projection's input, and each kind solves
+  ``min ||X W^T - module(X)||`` from ``C`` (per group for the grouped block). Every projection sees the dense
+  model's activations (not those of already-compressed layers), so all fits come from the same single pass;
+* ``fit="none"``: the projections are initialised afresh (as the model's own init does).
+
+:func:`convert_to_dir` writes the result as a model directory that loads with ``AutoModelForCausalLM``
+after ``import kphi``, and with ``trust_remote_code=True`` where kphi is not installed (the modeling files are
+copied beside the weights by transformers' custom-code mechanism), plus ``kphi-convert.json``: the kind, the
+targets, the parameter counts and each projection's fit error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import KphiError
+from .files import refuse_foreign_dir, staged_dir
+from .kinds import DenseKind, FitResult
+from .projections import linear_weight, projection_kind
+
+__all__ = ["ConvertError", "ConvertResult", "FITS", "convert", "convert_to_dir", "non_embedding_parameters", "calibration_grams"]
+
+FITS = ("auto", "frobenius", "activations", "none")
+CONVERT_MARKER = "kphi-convert.json"
+
+
+class ConvertError(KphiError, ValueError):
+    """The source cannot be converted as asked (unsupported architecture, bad kind or settings, no data)."""
+
+
+@dataclass
+class ConvertResult:
+    """The converted model, what was replaced, and how well each projection was fitted."""
+
+    model: Any
+    kind: dict[str, Any]
+    targets: list[str]
+    fit: str
+    replaced: list[str] = field(default_factory=list)
+    fits: dict[str, FitResult] = field(default_factory=dict)
+    non_embedding_before: int = 0
+    non_embedding_after: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        errors = [f.relative_error for f in self.fits.values()]
+        calibration = [f.calibration_error for f in self.fits.values() if f.calibration_error is not None]
+        return {
+            "kind": self.kind,
+            "targets": self.targets,
+            "fit": self.fit,
+            "replaced": len(self.replaced),
+            "non_embedding_before": self.non_embedding_before,
+            "non_embedding_after": self.non_embedding_after,
+            "percent_of_source": round(100.0 * self.non_embedding_after / max(self.non_embedding_before, 1), 2),
+            "mean_relative_error": sum(errors) / len(errors) if errors else None,
+            "mean_calibration_error": sum(calibration) / len(calibration) if calibration else None,
+            "projections": {name: asdict(f) for name, f in self.fits.items()},
+        }
+
+
+def non_embedding_parameters(model) -> int:
+    """All parameters minus the input embedding and the output head (counted once if tied), as the report counts."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    total -= embedding.numel()
+    if head is not None and head.weight is not embedding:
+        total -= head.weight.numel()
+    return total
+
+
+def _target_config(source_config, kind, targets: list[str] | None):
+    """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
+    from .configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
+    from .configuration_structured import STRUCTURED_CONFIGS
+
+    model_type = source_config.model_type
+    if model_type == "kphi3":
+        from .modeling_kphi3 import PROJECTION_TARGETS
+
+        if targets and tuple(targets) != PROJECTION_TARGETS:
+            raise ConvertError(f"a kphi-3 model's targets are fixed ({', '.join(PROJECTION_TARGETS)}); drop --targets")
+        if source_config.projection_kind().name != "dense":
+            raise ConvertError(f"the source is already structured ({source_config.projection_kind().describe()}); convert a dense model")
+        config = KPhi3Config(**{**config_fields(source_config), "projection": kind.to_dict()})
+        config.validate_architecture()
+        return config, list(PROJECTION_TARGETS)
+    if model_type.startswith("kphi_"):
+        raise ConvertError(f"the source is already a converted model (model_type {model_type!r}); convert a dense model")
+    if model_type not in STRUCTURED_CONFIGS:
+        supported = ", ".join([*STRUCTURED_CONFIGS, "kphi3"])
+        raise ConvertError(f"kphi convert supports {supported}; the source is {model_type!r}")
+    cls = STRUCTURED_CONFIGS[model_type]
+    fields = {k: v for k, v in source_config.to_dict().items() if k not in BOOKKEEPING_KEYS}
+    config = cls(**{**fields, "projection": kind.to_dict(), "target_modules": list(targets) if targets else None})
+    config.validate_projection()
+    return config, list(config.projection_targets)
+
+
+def calibration_grams(model, names: Iterable[str], input_ids: torch.Tensor, batch_size: int = 8, progress: bool = False):
+    """``{name: X^T X}`` (float64 ``[in, in]``) of the inputs ``X`` that each named projection of ``model``
+    receives while ``model`` reads ``input_ids: [rows, length]``; one forward pass, under ``no_grad``."""
+    from tqdm.auto import tqdm
+
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def accumulate(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            grams[name] = grams[name] + x.T @ x if name in grams else x.T @ x
+
+        return accumulate
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batches = range(0, len(input_ids), batch_size)
+            for start in tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False):
+                model(input_ids=input_ids[start : start + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return grams
+
+
+def _calibration_ids(calibration, tokens: int, vocab_size: int) -> torch.Tensor:
+    """``[rows, length]`` token ids from a tensor, or from a prepared data directory's training split."""
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration
+    else:
+        from .data.prepare import load_prepared
+
+        try:
+            prepared = load_prepared(calibration)
+        except (OSError, ValueError, KphiError) as err:
+            raise ConvertError(f"--calibration-data {calibration}: {err}") from None
+        train = prepared[0]
+        length = len(train[0]["input_ids"])
+        rows = max(1, min(len(train), -(-tokens // length)))
+        ids = torch.tensor([train[i]["input_ids"] for i in range(rows)], dtype=torch.long)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ConvertError("calibration data must be token ids of shape [rows, length]")
+    if int(ids.max()) >= vocab_size:
+        raise ConvertError(
+            f"calibration data holds token id {int(ids.max())}, outside the model's vocabulary ({vocab_size}); "
+            "prepare it with the model's own tokenizer"
+        )
+    return ids
+
+
+def convert(
+    source,
+    kind: str | dict | Any = "grouped",
+    *,
+    targets: list[str] | None = None,
+    fit: str = "auto",
+    calibration=None,
+    calibration_tokens: int = 4096,
+    progress: bool = False,
+    **settings: Any,
+) -> ConvertResult:
+    """``source`` (a model directory, a ``PreTrainedModel`` or a config) with structured projections.
+
+    ``kind``: a projection kind's name, data form or instance; ``settings`` are its fields (e.g.
+    ``min_channels_per_group=32``). ``targets``: module-name suffixes to replace (default: the architecture's
+    attention and MLP projections). ``fit``: see the module docstring (``"auto"``: frobenius when ``source``
+    has weights). ``calibration``: token ids ``[rows, length]`` or a prepared data directory (``fit="activations"``).
+    The source is never modified.
+    """
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    from . import model as _registers  # noqa: F401  (kphi3 and the structured types with the Auto classes)
+
+    if fit not in FITS:
+        raise ConvertError(f"--fit must be one of {', '.join(FITS)}, got {fit!r}")
+    try:
+        if isinstance(kind, str):
+            kind = {"kind": kind}
+        if isinstance(kind, dict):
+            kind = projection_kind({**kind, **settings})
+        else:
+            kind = projection_kind(kind)
+    except ValueError as err:
+        raise ConvertError(str(err)) from None
+    if isinstance(kind, DenseKind):
+        raise ConvertError("converting to the dense kind changes nothing; choose a structured kind")
+
+    dense = None
+    if isinstance(source, (str, os.PathLike)):
+        from .model_dir import load_config, load_model, read_model_config
+
+        config = read_model_config(source, ConvertError)
+        if Path(source, "model.safetensors").is_file() or Path(source, "model.safetensors.index.json").is_file():
+            dense = load_model(source, ConvertError, dtype=torch.float32)
+            source_config = dense.config
+        else:
+            source_config = load_config(source, ConvertError)
+        del config
+    elif isinstance(source, PretrainedConfig):
+        source_config = source
+    else:
+        dense, source_config = source, source.config
+    if fit == "auto":
+        fit = "frobenius" if dense is not None else "none"
+    if fit != "none" and dense is None:
+        raise ConvertError(f"--fit {fit} needs a source with weights; this one is a config only (use --fit none)")
+
+    try:
+        target_config, target_names = _target_config(source_config, kind, targets)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConvertError):
+            raise
+        raise ConvertError(f"cannot build the converted config: {err}") from None
+    model = AutoModelForCausalLM.from_config(target_config)
+    result = ConvertResult(model=model, kind=kind.to_dict(), targets=target_names, fit=fit)
+    result.non_embedding_after = non_embedding_parameters(model)
+    if dense is None:
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(source_config)
+        result.non_embedding_before = non_embedding_parameters(plain)
+        result.replaced = _replaced_names(model, kind)
+        return result
+
+    result.non_embedding_before = non_embedding_parameters(dense)
+    result.replaced = _replaced_names(model, kind)
+    if not result.replaced:
+        raise ConvertError(f"no projection of the source matches the targets {', '.join(target_names)}")
+    _copy_untouched_weights(dense, model, result.replaced)
+    grams = {}
+    if fit == "activations" and calibration is None:
+        raise ConvertError("--fit activations needs calibration data (--calibration-data DIR of kphi data prepare)")
+    if calibration is not None:  # with any fit: the calibration error is reported for every fit
+        ids = _calibration_ids(calibration, calibration_tokens, source_config.vocab_size)
+        grams = calibration_grams(dense, result.replaced, ids, progress=progress)
+    from tqdm.auto import tqdm
+
+    for name in tqdm(result.replaced, desc=f"fit ({fit})", unit="proj", disable=not progress or fit == "none", leave=False):
+        weight, bias = linear_weight(dense.get_submodule(name))
+        module, gram = model.get_submodule(name), grams.get(name)
+        if fit != "none":
+            try:
+                kind.fit(module, weight.float(), bias, gram=gram if fit == "activations" else None)
+            except ValueError as err:
+                raise ConvertError(f"{name}: {err}") from None
+        result.fits[name] = kind.result(module, weight, gram, fit)
+    return result
+
+
+def _replaced_names(model, kind) -> list[str]:
+    return [name for name, module in model.named_modules() if name and kind.owns(module) and _is_projection_root(model, name, kind)]
+
+
+def _is_projection_root(model, name: str, kind) -> bool:
+    parent, _, _ = name.rpartition(".")
+    return not (parent and kind.owns(model.get_submodule(parent)))
+
+
+def _copy_untouched_weights(dense, model, replaced: list[str]) -> None:
+    """Every tensor outside the replaced projections, from ``dense`` into ``model`` (biases of the replaced
+    projections too: they keep their names). Anything else that does not match is an error, not a skip."""
+    state = dense.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    inside = tuple(f"{name}." for name in replaced)
+    stray_missing = [k for k in missing if not k.startswith(inside)]
+    stray_unexpected = [k for k in unexpected if not k.startswith(inside)]
+    if stray_missing or stray_unexpected:  # pragma: no cover - the structured classes mirror the dense ones
+        raise ConvertError(f"converted model does not mirror the source: missing {stray_missing[:3]}, unexpected {stray_unexpected[:3]}")
+
+
+def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True, **kwargs: Any) -> ConvertResult:
+    """:func:`convert` a model directory and write the result to ``out`` (a model directory with its modeling
+    code, tokenizer, generation config and ``kphi-convert.json``). ``out`` is written whole or not at all."""
+    from .export import registered_for_auto_classes
+    from .model_dir import has_tokenizer, load_tokenizer
+
+    src, out = Path(src), Path(out)
+    refuse_foreign_dir(out, (out / CONVERT_MARKER).is_file(), "kphi convert output", ConvertError, "choose another --out")
+    if out.resolve() == src.resolve():
+        raise ConvertError("--out must differ from the source directory")
+    result = convert(src, progress=progress, **kwargs)
+    tokenizer = load_tokenizer(src, ConvertError) if has_tokenizer(src) else None
+    from . import __version__
+
+    with staged_dir(out) as staging:
+        with registered_for_auto_classes(result.model):
+            result.model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        marker = {"kphi_version": __version__, "source": str(src.resolve()), **result.summary()}
+        (staging / CONVERT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return result
