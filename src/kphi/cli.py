@@ -30,6 +30,14 @@ def cmd_params(args: argparse.Namespace) -> int:
     specs = args.presets or list_presets()
     reports = []
     for spec in specs:
+        converted = _converted_config(spec)
+        if converted is not None:  # kphi convert's output: a Llama, GPT-2, ... with structured projections
+            from types import SimpleNamespace
+
+            from .params import structured_report
+
+            reports.append((SimpleNamespace(name=Path(spec).name, model=converted.model_type), structured_report(converted)))
+            continue
         preset = resolve_config(spec)
         baseline = None
         if preset.baseline:
@@ -228,6 +236,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.model_dir)
     chat_loop(ChatSession(model, tokenizer, settings, system=args.system))
     return 0
+
+
+def _converted_config(spec: str):
+    """The config of a converted model directory (``model_type: kphi_*``), else ``None``."""
+    from .configuration_structured import STRUCTURED_CONFIGS
+    from .model_dir import load_config, read_model_config
+    from .presets import PresetError
+
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        return None
+    types = {cls.model_type for cls in STRUCTURED_CONFIGS.values()}
+    if read_model_config(path, PresetError).get("model_type") not in types:
+        return None
+    return load_config(path, PresetError)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

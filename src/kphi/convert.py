@@ -74,13 +74,10 @@ class ConvertResult:
 
 def non_embedding_parameters(model) -> int:
     """All parameters minus the input embedding and the output head (counted once if tied), as the report counts."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    total -= embedding.numel()
-    if head is not None and head.weight is not embedding:
-        total -= head.weight.numel()
-    return total
+    from .params import model_parameter_counts
+
+    total, embedding = model_parameter_counts(model)
+    return total - embedding
 
 
 def _target_config(source_config, kind, targets: list[str] | None):

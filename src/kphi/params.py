@@ -11,7 +11,9 @@ import torch
 
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 
-__all__ = ["ParamReport", "count_parameters", "dense_counterpart", "parameter_report"]
+__all__ = [
+    "ParamReport", "count_parameters", "dense_counterpart", "model_parameter_counts", "parameter_report", "structured_report",
+]
 
 
 @dataclass
@@ -34,15 +36,23 @@ class ParamReport:
         return asdict(self)
 
 
+def model_parameter_counts(model) -> tuple[int, int]:
+    """``(total, embedding)`` parameter counts of any causal LM; ``embedding`` = input embedding + output head
+    (once if tied)."""
+    total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    count = embedding.numel()
+    if head is not None and head.weight is not embedding:
+        count += head.weight.numel()
+    return total, count
+
+
 def count_parameters(config: KPhi3Config) -> tuple[int, int]:
     """``(total, embedding)`` parameter counts of ``KPhi3ForCausalLM(config)``, built on the meta device."""
     with torch.device("meta"):
         model = KPhi3ForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
-    embedding = model.get_input_embeddings().weight.numel()
-    if model.lm_head.weight is not model.get_input_embeddings().weight:
-        embedding += model.lm_head.weight.numel()
-    return total, embedding
+    return model_parameter_counts(model)
 
 
 def dense_counterpart(config: KPhi3Config) -> KPhi3Config:
@@ -73,3 +83,27 @@ def parameter_report(config: KPhi3Config, baseline: tuple[str, KPhi3Config] | No
         report.baseline_non_embedding = base_total - base_embedding
         report.percent_of_baseline = round(100.0 * non_embedding / report.baseline_non_embedding, 2)
     return report
+
+
+def structured_report(config) -> ParamReport:
+    """Counts for a converted model's config (``kphi_llama``, ``kphi_gpt2``, ...) against the same architecture
+    with dense projections, both built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from .configuration_kphi3 import BOOKKEEPING_KEYS
+
+    dense_config = type(config)(**{**{k: v for k, v in config.to_dict().items() if k not in BOOKKEEPING_KEYS}, "projection": None})
+    with torch.device("meta"):
+        total, embedding = model_parameter_counts(AutoModelForCausalLM.from_config(config))
+        dense_total, dense_embedding = model_parameter_counts(AutoModelForCausalLM.from_config(dense_config))
+    non_embedding, dense_non_embedding = total - embedding, dense_total - dense_embedding
+    return ParamReport(
+        layers=getattr(config, "num_hidden_layers", None),
+        intermediate_size=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None),
+        hidden_size=getattr(config, "hidden_size", None),
+        total=total,
+        embedding=embedding,
+        non_embedding=non_embedding,
+        dense_same_shape_non_embedding=dense_non_embedding,
+        percent_of_dense_same_shape=round(100.0 * non_embedding / dense_non_embedding, 2),
+    )

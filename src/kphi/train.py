@@ -124,6 +124,16 @@ class TrainSettings:
     """KPhi3Config fields to change from the preset (e.g. ``min_channels_per_group``)."""
     progress: bool = True
     """One progress line per run on the console."""
+    init_from: str | None = None
+    """A model directory (e.g. ``kphi convert``'s output) whose architecture and weights start the run; the
+    preset then supplies only training defaults. Its vocabulary must be the prepared data's."""
+    distill_from: str | None = None
+    """A teacher model directory: the loss becomes ``(1 - alpha) CE + alpha T^2 KL(teacher || student)``
+    (:mod:`kphi.distill`). The teacher is frozen and never saved."""
+    distill_alpha: float = 0.5
+    """Weight of the distillation term, in ``[0, 1]``."""
+    distill_temperature: float = 1.0
+    """Softmax temperature ``T`` of the distillation term."""
 
     def validate(self) -> None:
         positive = ["vocab_size", "context_length", "batch_size", "gradient_accumulation_steps", "eval_steps",
@@ -146,13 +156,29 @@ class TrainSettings:
             raise TrainError(f"grouped_lr_scale must be one of {', '.join(GROUPED_LR_SCALES)}, got {self.grouped_lr_scale!r}")
         if not self.learning_rate > 0:
             raise TrainError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise TrainError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
+        if not self.distill_temperature > 0:
+            raise TrainError(f"distill_temperature must be positive, got {self.distill_temperature!r}")
+        for name in ("init_from", "distill_from"):
+            value = getattr(self, name)
+            if value is not None and not (Path(value) / "config.json").is_file():
+                raise TrainError(f"--{name.replace('_', '-')} {value}: not a model directory (no config.json)")
 
     def identity(self) -> dict[str, Any]:
         """The settings that make a run what it is: a resume must match them (budgets may change)."""
         d = dataclasses.asdict(self)
         for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit"):
             d.pop(key)
+        # fields added after the first experiments count only when set, so those runs stay resumable
+        for key, default in LATER_FIELDS.items():
+            if d[key] == default:
+                d.pop(key)
         return d
+
+
+#: Settings added after runs were recorded, with the default that leaves them out of a run's identity.
+LATER_FIELDS = {"init_from": None, "distill_from": None, "distill_alpha": 0.5, "distill_temperature": 1.0}
 
 
 def resolve_settings(preset: str, **overrides: Any) -> TrainSettings:
@@ -231,7 +257,7 @@ def _newest_complete_checkpoint(out: Path) -> Path | None:
     return max(complete)[1] if complete else None
 
 
-def _validate_checkpoint(folder: Path, config: KPhi3Config) -> None:
+def _validate_checkpoint(folder: Path, model) -> None:
     """A resume target must hold a trainer state and weights of the same architecture."""
     from safetensors import safe_open
 
@@ -242,11 +268,12 @@ def _validate_checkpoint(folder: Path, config: KPhi3Config) -> None:
             keys = set(handle.keys())
     except Exception as err:  # noqa: BLE001 - any failure means the checkpoint is unusable
         raise TrainError(f"checkpoint {folder} is corrupt or incomplete ({type(err).__name__}: {err})") from None
-    with torch.device("meta"):
-        expected = set(KPhi3ForCausalLM(config).state_dict())
-    fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "min_channels_per_group", "vocab_size")
-    mismatched = [f for f in fields if saved.get(f) != getattr(config, f)]
-    if mismatched or not expected <= keys | {"lm_head.weight"}:
+    config = model.config
+    expected = set(model.state_dict())
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
+    fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "min_channels_per_group", "vocab_size", "projection")
+    mismatched = [f for f in fields if saved.get(f) != getattr(config, f, None)]
+    if mismatched or not expected <= keys | tied:
         raise TrainError(f"checkpoint {folder} does not match this model ({', '.join(mismatched) or 'weights differ'})")
 
 
@@ -287,6 +314,19 @@ def build_model_config(settings: TrainSettings, tokenizer) -> KPhi3Config:
     base["max_position_embeddings"] = max(base.get("max_position_embeddings") or 0, settings.context_length)
     base["original_max_position_embeddings"] = max(base.get("original_max_position_embeddings") or 0, settings.context_length)
     return KPhi3Config(**base)
+
+
+def _load_model_dir(path: str, flag: str, vocab_size: int):
+    """A model directory's causal LM (float32, checked loading) whose vocabulary is the data's."""
+    from .model_dir import load_model
+
+    model = load_model(path, TrainError, dtype=torch.float32)
+    if model.config.vocab_size != vocab_size:
+        raise TrainError(
+            f"{flag} {path}: its vocabulary has {model.config.vocab_size} tokens, the prepared data's tokenizer "
+            f"{vocab_size}; prepare the data with that model's tokenizer"
+        )
+    return model
 
 
 def _precision_flags(precision: str) -> dict[str, bool]:
@@ -380,27 +420,38 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     if row_length != settings.context_length:
         raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
     eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
-    config = build_model_config(settings, tokenizer)
+    torch.manual_seed(settings.seed)
+    if settings.init_from is not None:
+        model = _load_model_dir(settings.init_from, "--init-from", len(tokenizer))
+    else:
+        model = KPhi3ForCausalLM(build_model_config(settings, tokenizer))
+    config = model.config
+    teacher = None
+    if settings.distill_from is not None:
+        teacher = _load_model_dir(settings.distill_from, "--distill-from", len(tokenizer))
 
     def claim_run_dir():
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = _newest_complete_checkpoint(out) if resume else None
         if checkpoint is not None:
-            _validate_checkpoint(checkpoint, config)
+            _validate_checkpoint(checkpoint, model)
         record = {"identity": settings.identity(), "settings": dataclasses.asdict(settings)}
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
         return str(checkpoint) if checkpoint else None
 
     checkpoint = _main_process_first(is_main, claim_run_dir, lambda found: found)
 
-    torch.manual_seed(settings.seed)
-    model = KPhi3ForCausalLM(config)
     csv_logger = CsvLogger(out / "log.csv", tokens_per_step)
     guard = DivergenceGuard()
     callbacks = [CheckpointMarker(), csv_logger, guard]
     if settings.max_minutes is not None:
         callbacks.append(TimeLimit(settings.max_minutes))
-    trainer = _trainer_class(settings.grouped_lr_scale)(
+    trainer_class = _trainer_class(settings.grouped_lr_scale)
+    if teacher is not None:
+        from .distill import distillation_trainer_class
+
+        trainer_class = distillation_trainer_class(trainer_class, teacher, settings.distill_alpha, settings.distill_temperature)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_rows,
@@ -492,12 +543,12 @@ def _leave_process_group() -> None:
 
 
 def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall) -> dict:
-    from .params import count_parameters
+    from .params import model_parameter_counts
 
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
-    total, embedding = count_parameters(config)
+    total, embedding = model_parameter_counts(trainer.model)
     steps = trainer.state.global_step
     return {
         "preset": settings.preset,
@@ -514,9 +565,10 @@ def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per
         "embedding_params": embedding,
         "non_embedding_params": total - embedding,
         "layers": config.num_hidden_layers,
-        "intermediate_size": config.intermediate_size,
+        "intermediate_size": getattr(config, "intermediate_size", None),
         "hidden_size": config.hidden_size,
-        "min_channels_per_group": config.min_channels_per_group,
+        "min_channels_per_group": getattr(config, "min_channels_per_group", None),
+        "projection": config.projection_kind().to_dict() if hasattr(config, "projection_kind") else None,
         "data": {k: data_stats.get(k) for k in ("train_rows", "validation_rows", "train_tokens", "validation_tokens")},
     }
 

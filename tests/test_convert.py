@@ -1,0 +1,235 @@
+"""``kphi convert`` on tiny random Llama, Mistral, Qwen2, Phi-3 and GPT-2 models (no hub needed).
+
+Each converted model must load through the Auto classes (after ``import kphi``, and with
+``trust_remote_code`` where kphi is not imported), give the logits of an independent naive forward (the
+source architecture's own dense forward with every structured projection expanded to its dense matrix
+through the kind's reference path), generate, train with ``kphi train --init-from`` and report its
+parameters with ``kphi params``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from corpus import prepare_small
+from kphi.convert import ConvertError, convert, convert_to_dir
+from kphi.data.prepare import load_prepared
+from kphi.projections import projection_kind
+from kphi.train import TrainSettings, train
+
+LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, LLAMA_LIKE),
+    "mistral": (MistralConfig, MistralForCausalLM, {**LLAMA_LIKE, "sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, LLAMA_LIKE),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {**LLAMA_LIKE, "original_max_position_embeddings": 64}),
+    "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+}
+GROUPED = {"kind": "grouped", "min_channels_per_group": 8}
+
+
+def kphi_cli(*args, timeout=600):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return prepare_small(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def sources(prepared, tmp_path_factory):
+    """A trained-looking dense model directory per architecture, with the prepared data's tokenizer."""
+    tokenizer = load_prepared(prepared)[2]
+    root = tmp_path_factory.mktemp("sources")
+    dirs = {}
+    for arch, (config_class, model_class, fields) in ARCHITECTURES.items():
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        model = model_class(config_class(vocab_size=len(tokenizer), **fields, **ids))
+        with torch.no_grad():  # biases away from zero, so that keeping them is checked
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.1)
+        model.save_pretrained(root / arch)
+        tokenizer.save_pretrained(root / arch)
+        dirs[arch] = root / arch
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def converted(sources, tmp_path_factory):
+    root = tmp_path_factory.mktemp("converted")
+    return {arch: convert_to_dir(src, root / arch, kind=GROUPED, progress=False) and root / arch for arch, src in sources.items()}
+
+
+def replaced_names(model):
+    return [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in model.config.projection_targets]
+
+
+def naive_logits(arch, converted_model, input_ids):
+    """The source architecture's dense forward, each replaced projection expanded to ``kind.dense_weight``."""
+    config_class, model_class, _ = ARCHITECTURES[arch]
+    fields = {k: v for k, v in converted_model.config.to_dict().items() if k not in ("projection", "target_modules", "model_type", "architectures", "auto_map")}
+    dense = model_class(config_class(**fields)).double().eval()  # GPT-2 has dropout
+    dense.load_state_dict({k: v for k, v in converted_model.state_dict().items()}, strict=False)
+    kind = projection_kind(converted_model.config.projection)
+    with torch.no_grad():
+        for name in replaced_names(converted_model):
+            module = converted_model.get_submodule(name)
+            weight = kind.dense_weight(module).double()  # through the block's naive_forward (per-group loops)
+            target = dense.get_submodule(name)
+            target.weight.copy_(weight.T if arch == "gpt2" else weight)  # Conv1D stores [in, out]
+            if module.bias is not None:
+                target.bias.copy_(module.bias)
+    return dense(input_ids=input_ids).logits.float()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_converted_model_matches_a_naive_forward_and_generates(arch, converted):
+    model = AutoModelForCausalLM.from_pretrained(converted[arch])
+    assert type(model).__name__.startswith("Kphi") and type(model).__module__ == "kphi.modeling_structured"
+    assert model.config.model_type == f"kphi_{arch}"
+    names = replaced_names(model)
+    assert len(names) >= 8
+    for name in names:
+        module = model.get_submodule(name)
+        assert type(module).__name__ == "GroupedPointwiseBlock" and module.groups > 1, name
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        reference = naive_logits(arch, model, ids)
+    torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-4)
+    out = model.generate(input_ids=ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=model.config.pad_token_id)
+    assert out.shape == (1, 7)
+
+
+def test_every_targeted_projection_was_replaced_and_biases_kept(sources, converted):
+    for arch in ARCHITECTURES:
+        report = json.loads((converted[arch] / "kphi-convert.json").read_text())
+        source = AutoModelForCausalLM.from_pretrained(sources[arch])
+        model = AutoModelForCausalLM.from_pretrained(converted[arch])
+        dense_names = [n for n, m in source.named_modules() if n.rsplit(".", 1)[-1] in model.config.projection_targets]
+        assert sorted(report["projections"]) == sorted(dense_names) and len(dense_names) >= 8, arch
+        assert report["non_embedding_after"] < report["non_embedding_before"]
+        for name in dense_names:
+            if source.get_submodule(name).bias is not None:
+                torch.testing.assert_close(model.get_submodule(name).bias, source.get_submodule(name).bias)
+        assert 0 < report["mean_relative_error"] < 1  # a random dense matrix is far from any block
+
+
+NO_KPHI = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    results = {}
+    for path in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        ids = torch.tensor([[1, 5, 7, 9]])
+        logits = model(input_ids=ids).logits
+        results[path] = {"class": type(model).__module__ + "." + type(model).__name__, "sum": float(logits.double().sum())}
+    results["kphi_modules"] = sorted(m for m in sys.modules if m == "kphi" or m.startswith("kphi."))
+    print(json.dumps(results))
+    """
+)
+
+
+def test_converted_directories_load_with_trust_remote_code_without_kphi(converted, tmp_path):
+    script = tmp_path / "load.py"
+    script.write_text(NO_KPHI)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
+    paths = [str(p) for p in converted.values()]
+    run = subprocess.run([sys.executable, "-I", str(script), *paths], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report.pop("kphi_modules") == []
+    for arch, path in converted.items():
+        assert report[str(path)]["class"].startswith("transformers_modules.")
+        with torch.no_grad():
+            expected = AutoModelForCausalLM.from_pretrained(path)(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
+        assert report[str(path)]["sum"] == pytest.approx(float(expected.double().sum()), rel=1e-5, abs=1e-3), arch
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_converted_model_trains_with_init_from(arch, converted, prepared, tmp_path):
+    out = tmp_path / "run"
+    result = train(TrainSettings(preset="tiny-kphi3", init_from=str(converted[arch]), data=str(prepared), out=str(out),
+                                 context_length=32, batch_size=4, max_steps=5, eval_steps=5, save_steps=5,
+                                 logging_steps=1, progress=False))
+    assert result.metrics["steps"] == 5
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(converted[arch])
+    assert type(trained) is type(start)
+    moved = [n for n, p in trained.named_parameters() if "pointwise_conv" in n and not torch.equal(p, start.get_parameter(n))]
+    assert moved, "the structured weights did not train"
+    assert result.metrics["non_embedding_params"] == sum(p.numel() for p in start.parameters()) - start.get_input_embeddings().weight.numel() - (
+        0 if start.get_output_embeddings().weight is start.get_input_embeddings().weight else start.get_output_embeddings().weight.numel())
+
+
+def test_kphi_convert_cli_with_activation_fit_and_params(sources, prepared, tmp_path):
+    out = tmp_path / "llama-act"
+    run = kphi_cli("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
+                   "--fit", "activations", "--calibration-data", str(prepared), "--calibration-tokens", "512", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "projections as" in run.stdout and "on calibration inputs" in run.stdout
+    report = json.loads((out / "kphi-convert.json").read_text())
+    frob = convert(str(sources["llama"]), GROUPED, fit="frobenius", calibration=str(prepared), calibration_tokens=512)
+    for name, fit in report["projections"].items():
+        assert fit["method"] == "activations"
+        assert fit["calibration_error"] <= frob.fits[name].calibration_error + 1e-6, name
+    params = kphi_cli("params", str(out), "--json")
+    assert params.returncode == 0, params.stderr
+    counts = json.loads(params.stdout)
+    assert counts["model"] == "kphi_llama" and counts["non_embedding"] == report["non_embedding_after"]
+    assert counts["dense_same_shape_non_embedding"] == report["non_embedding_before"]
+
+
+def test_other_kinds_convert_too(sources, tmp_path):
+    for kind in ({"kind": "low_rank", "fraction": 0.25}, {"kind": "monarch", "blocks": 4, "fraction": 0.25}):
+        result = convert(str(sources["mistral"]), kind)
+        assert result.non_embedding_after < 0.6 * result.non_embedding_before
+        assert result.fit == "frobenius" and all(0 < f.relative_error < 1 for f in result.fits.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "butterfly"], "unknown projection kind 'butterfly'"),
+    (["--kind", "dense"], "changes nothing"),
+    (["--fit", "activations"], "needs calibration data"),
+    (["--kind", "monarch", "--fit", "activations", "--calibration-data", "PREPARED"], "no closed-form activation-aware fit"),
+    (["--targets", "nothing_here"], "no projection of the source matches"),
+    (["--calibration-data", "/nonexistent"], "--calibration-data /nonexistent"),
+])
+def test_bad_conversions_fail_with_one_line_and_write_nothing(args, message, sources, prepared, tmp_path):
+    out = tmp_path / "out"
+    args = [str(prepared) if a == "PREPARED" else a for a in args]
+    run = kphi_cli("convert", str(sources["llama"]), "--out", str(out), "--quiet", *args)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("kphi: error:") and message in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_converting_a_converted_model_is_refused(converted):
+    with pytest.raises(ConvertError, match="already a converted model"):
+        convert(str(converted["llama"]), GROUPED)
