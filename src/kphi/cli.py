@@ -143,6 +143,19 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import format_compress_table, load_compress_suite, run_compress
+
+    suite = load_compress_suite(args.suite)
+    out = args.out or f"runs/{suite.name}"
+    log = (lambda *a, **k: None) if args.quiet else print
+    _quiet_transformers()
+    results = run_compress(suite, Path(out), progress=not args.quiet, log=log)
+    print(format_compress_table(results))
+    print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/compress.png")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import PrepareSettings, prepare_dataset
 
@@ -412,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print every width's models, sizes and budgets; train nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("compress", help="compress a trained dense model into structured projections, heal it, compare")
+    p.add_argument("--suite", default="compress-cpu", help="a compress suite: compress-cpu (default) | compress-smoke | a YAML file")
+    p.add_argument("--out", help="output directory (default runs/SUITE); finished runs in it are reused")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser(
         "generate",

@@ -146,8 +146,9 @@ def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
 def load_suite(name_or_path: str) -> Suite:
     """A bundled suite (``cpu``, ``smoke``, ``paper``, ...) or a suite YAML file."""
     path, data = read_suite_yaml(name_or_path)
-    if isinstance(data, dict) and data.get("kind") == "scaling":
-        raise CompareError(f"{path} is a scaling suite; run it with kphi scale --suite {name_or_path}")
+    if isinstance(data, dict) and data.get("kind") in ("scaling", "compress"):
+        command = "scale" if data["kind"] == "scaling" else "compress"
+        raise CompareError(f"{path} is a {data['kind']} suite; run it with kphi {command} --suite {name_or_path}")
     if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or not data["arms"]:
         raise CompareError(f"suite {path} needs a non-empty 'arms' list")
     labels = [a.get("label") for a in data["arms"]]

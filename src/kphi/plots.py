@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-__all__ = ["plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "read_log"]
+__all__ = [
+    "plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "plot_compress",
+    "read_log",
+]
 
 
 def _pyplot():
@@ -136,3 +139,38 @@ def plot_budgets(series: dict[str, list[tuple[int, float, float]]], out_png: Pat
             ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
     return _finish(fig, ax, out_png, title, "training tokens (each point: a run planned for that budget)",
                    "final validation loss", log_x=True, legend_size=8)
+
+
+def plot_compress(results: dict, out_png: Path) -> Path:
+    """Two panels: validation loss right after each fit; after healing (plain and distilled), with the dense
+    teacher and the from-scratch model as reference lines."""
+    plt = _pyplot()
+    arms = dict(results["arms"])
+    arms.update(results.get("other_architecture") or {})
+    labels = list(arms)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    xs = range(len(labels))
+    left.bar(xs, [arms[a]["val_loss_after_fit"] for a in labels], color="tab:gray")
+    left.axhline(results["teacher"]["val_loss"], color="black", linestyle="--", linewidth=1, label="dense teacher")
+    left.legend(fontsize=8)
+    left.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
+    left.set_ylabel("validation loss")
+    left.set_title("right after the fit")
+    width = 0.38
+    right.bar([x - width / 2 for x in xs], [arms[a]["healed"]["plain"]["val_loss"] for a in labels], width, label="healed (plain)")
+    right.bar([x + width / 2 for x in xs], [arms[a]["healed"]["distill"]["val_loss"] for a in labels], width, label="healed (distillation)")
+    right.axhline(results["teacher"]["val_loss"], color="black", linestyle="--", linewidth=1, label="dense teacher")
+    if results.get("scratch"):
+        right.axhline(results["scratch"]["val_loss"], color="tab:red", linestyle=":", linewidth=1.5, label=results["scratch"]["label"])
+    healed = [arms[a]["healed"][m]["val_loss"] for a in labels for m in ("plain", "distill")]
+    refs = [results["teacher"]["val_loss"]] + ([results["scratch"]["val_loss"]] if results.get("scratch") else [])
+    low, high = min(healed + refs), max(healed + refs)
+    right.set_ylim(low - 0.1 * (high - low + 0.1), high + 0.1 * (high - low + 0.1))
+    right.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
+    right.set_title(f"after healing ({results['heal_tokens']:,} tokens)")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{results['suite']}: compressing a trained dense model")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
