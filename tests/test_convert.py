@@ -233,3 +233,32 @@ def test_bad_conversions_fail_with_one_line_and_write_nothing(args, message, sou
 def test_converting_a_converted_model_is_refused(converted):
     with pytest.raises(ConvertError, match="already a converted model"):
         convert(str(converted["llama"]), GROUPED)
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("config missing", "no config.json"),
+    ("config truncated", "config.json"),
+    ("weights truncated", "not a complete safetensors file"),
+    ("weights wrong type", "model.safetensors"),
+    ("tokenizer truncated", "tokenizer.json"),
+])
+def test_a_broken_source_is_one_line_and_nothing_written(damage, words, sources, tmp_path, capsys):
+    import shutil
+
+    from kphi.cli import main
+
+    src = tmp_path / "src"
+    shutil.copytree(sources["qwen2"], src)
+    name = {"config": "config.json", "weights": "model.safetensors", "tokenizer": "tokenizer.json"}[damage.split()[0]]
+    if damage.endswith("missing"):
+        (src / name).unlink()
+    elif damage.endswith("truncated"):
+        data = (src / name).read_bytes()
+        (src / name).write_bytes(data[: len(data) // 2])
+    else:
+        (src / name).write_text("not tensors at all")
+    status = main(["convert", str(src), "--out", str(tmp_path / "out"), "--min-channels-per-group", "8", "--quiet"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("kphi: error:")]
+    assert status == 2 and len(errors) == 1 and words in errors[0], err
+    assert not (tmp_path / "out").exists()

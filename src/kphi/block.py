@@ -344,7 +344,7 @@ def grouped_frobenius_fit(matrix: torch.Tensor, groups: int) -> tuple[torch.Tens
     Returns ``(A, B)`` of shape ``[G, s, o]`` (the block's ``first``/``second`` weight layout).
     """
     in_features, out_features = matrix.shape
-    step, out_step = in_features // groups, out_features // groups
+    out_step = out_features // groups
     blocks = matrix.reshape(in_features, groups, out_step)  # [in, G, o]: column block g of row i
     first_rows, second_rows = _grouped_supports(in_features, groups)
     g = torch.arange(groups).unsqueeze(1)

@@ -205,13 +205,12 @@ def convert(
     if isinstance(source, (str, os.PathLike)):
         from .model_dir import load_config, load_model, read_model_config
 
-        config = read_model_config(source, ConvertError)
+        read_model_config(source, ConvertError)  # one clear error for a missing or broken config.json
         if Path(source, "model.safetensors").is_file() or Path(source, "model.safetensors.index.json").is_file():
             dense = load_model(source, ConvertError, dtype=torch.float32)
             source_config = dense.config
         else:
             source_config = load_config(source, ConvertError)
-        del config
     elif isinstance(source, PretrainedConfig):
         source_config = source
     else:

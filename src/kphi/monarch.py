@@ -60,7 +60,7 @@ class MonarchLinear(nn.Module):
     def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reference: ``y_j = sum_g x_g @ first[g][:, j] @ second[j][g]``, one rank-``r`` product per pair."""
         g, r = self.blocks, self.rank
-        s, o = self.in_features // g, self.out_features // g
+        s = self.in_features // g
         outs = []
         for j in range(g):
             y_j = sum(x[..., a * s : (a + 1) * s] @ self.first[a][:, j * r : (j + 1) * r] @ self.second[j][a * r : (a + 1) * r] for a in range(g))
