@@ -4,12 +4,8 @@ The loss is checked against a per-position reference; runs are real subprocesses
 resume to the same losses, and leave a normal model directory holding the student only.
 """
 
-import csv
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,6 +13,8 @@ from safetensors import safe_open
 from torch.nn import functional as F
 
 from corpus import prepare_small
+from processes import kill_after_checkpoint, kphi_env
+from processes import train_losses as losses
 from kphi.convert import convert_to_dir
 from kphi.distill import distillation_loss
 
@@ -24,13 +22,7 @@ TINY = ["--preset", "tiny-phi3", "--context-length", "32", "--batch-size", "4", 
 
 
 def kphi(*args, timeout=600):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def losses(run_dir):
-    with open(run_dir / "log.csv") as handle:
-        return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(handle) if r["train_loss"]}
+    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=kphi_env())
 
 
 @pytest.mark.fast
@@ -104,15 +96,7 @@ def test_distillation_trains_the_student_into_a_normal_model_dir(setup, full_dis
 def test_distillation_resumes_after_a_kill_to_the_same_losses(setup, full_distill_run, tmp_path):
     prepared, teacher, student = setup
     out = tmp_path / "killed"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kphi", *distill_args(prepared, teacher, student, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoint-4" / "kphi-complete.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(distill_args(prepared, teacher, student, out), out, step=4)
     resumed = kphi(*distill_args(prepared, teacher, student, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     expected, got = losses(full_distill_run), losses(out)

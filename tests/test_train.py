@@ -3,10 +3,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corpus import prepare_small
+from processes import kill_after_checkpoint
 
 TINY = ["--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 
@@ -75,15 +74,8 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(prepared, full_run, tmp_
 
 def test_sigkill_mid_run_then_resume(prepared, full_run, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "kphi", "train", *TINY, "--data", str(prepared), "--out", str(out),
-            "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoint-4" / "kphi-complete.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(["train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2",
+                           "--eval-steps", "4"], out, step=4)
     result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
     assert result.returncode == 0, result.stderr
     expected, got = losses(full_run), losses(out)
