@@ -190,3 +190,15 @@ def test_a_run_whose_settings_hold_tuples_resumes(tmp_path):
     other = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": (2, 8)})
     with pytest.raises(TrainError, match="config_overrides"):
         _check_run_dir(tmp_path, other, resume=True)
+
+
+@pytest.mark.fast
+def test_settings_added_later_do_not_change_a_recorded_runs_identity():
+    """Runs recorded before init_from/distill_*/projection existed must stay resumable and reusable."""
+    from kphi.train import LATER_FIELDS, TrainSettings
+
+    old = TrainSettings(config_overrides={"hidden_size": 64}).identity()
+    new = TrainSettings(config_overrides={"hidden_size": 64, "projection": None}).identity()
+    assert old == new and not set(LATER_FIELDS) & set(old) and "projection" not in old["config_overrides"]
+    changed = TrainSettings(config_overrides={"projection": {"kind": "monarch"}}, distill_from="teacher").identity()
+    assert changed["distill_from"] == "teacher" and changed["config_overrides"]["projection"] == {"kind": "monarch"}

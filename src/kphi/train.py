@@ -174,11 +174,17 @@ class TrainSettings:
         for key, default in LATER_FIELDS.items():
             if d[key] == default:
                 d.pop(key)
+        overrides = d["config_overrides"] = dict(d["config_overrides"])
+        for key, default in LATER_CONFIG_FIELDS.items():
+            if key in overrides and overrides[key] == default:
+                overrides.pop(key)
         return d
 
 
 #: Settings added after runs were recorded, with the default that leaves them out of a run's identity.
 LATER_FIELDS = {"init_from": None, "distill_from": None, "distill_alpha": 0.5, "distill_temperature": 1.0}
+#: The same for ``KPhi3Config`` fields, which compare's arms pass whole in ``config_overrides``.
+LATER_CONFIG_FIELDS = {"projection": None}
 
 
 def resolve_settings(preset: str, **overrides: Any) -> TrainSettings:
