@@ -50,6 +50,21 @@ def test_dense_control_with_a_generous_target_keeps_the_base_width():
     assert low_rank_control(base, non_embedding(base) // 4).low_rank_fraction < 0.5
 
 
+def test_any_projection_kind_can_be_an_arm(tmp_path):
+    suite = tmp_path / "kinds.yaml"
+    suite.write_text(
+        "arms:\n"
+        "  - {label: dense, preset: tiny-phi3}\n"
+        "  - {label: monarch, preset: tiny-phi3, config: {projection: {kind: monarch, blocks: 4, fraction: 0.25}}}\n"
+        "  - {label: low-rank, preset: tiny-phi3, config: {projection: {kind: low_rank, fraction: 0.25}}}\n"
+    )
+    arms = {a.label: a for a in resolve_arms(load_suite(str(suite)))}
+    assert arms["monarch"].config.projection_kind().name == "monarch"
+    dense = non_embedding(arms["dense"].config)
+    for label in ("monarch", "low-rank"):
+        assert non_embedding(arms[label].config) < 0.6 * dense, label
+
+
 def test_bad_suites_name_the_problem(tmp_path):
     with pytest.raises(CompareError, match="unknown suite 'nope'"):
         load_suite("nope")

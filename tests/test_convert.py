@@ -172,7 +172,7 @@ def test_converted_directories_load_with_trust_remote_code_without_kphi(converte
         assert report[str(path)]["sum"] == pytest.approx(float(expected.double().sum()), rel=1e-5, abs=1e-3), arch
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_converted_model_trains_with_init_from(arch, converted, prepared, tmp_path):
     out = tmp_path / "run"
     result = train(TrainSettings(preset="tiny-kphi3", init_from=str(converted[arch]), data=str(prepared), out=str(out),
