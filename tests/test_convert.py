@@ -80,7 +80,9 @@ def sources(prepared, tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
-    return {arch: convert_to_dir(src, root / arch, kind=GROUPED, progress=False) and root / arch for arch, src in sources.items()}
+    for arch, src in sources.items():
+        convert_to_dir(src, root / arch, kind=GROUPED, progress=False)
+    return {arch: root / arch for arch in sources}
 
 
 def replaced_names(model):
