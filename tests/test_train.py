@@ -176,29 +176,76 @@ def test_max_minutes_stops_with_a_checkpoint_and_a_model(prepared, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def test_a_run_whose_settings_hold_tuples_resumes(tmp_path):
-    """The stored identity is JSON (lists); the live one may hold tuples (e.g. a config's token-id list)."""
+def test_a_recorded_run_resumes_with_its_settings_and_refuses_another_model(tmp_path):
+    """The stored identity is JSON; the live one is compared in the same form (a token-id list included)."""
     import dataclasses
 
     from kphi.train import RUN_FILE, TrainError, TrainSettings, _check_run_dir
 
-    settings = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": (2, 7)})
+    settings = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": [2, 7]})
     tmp_path.mkdir(exist_ok=True)
     record = {"identity": settings.identity(), "settings": dataclasses.asdict(settings)}
     (tmp_path / RUN_FILE).write_text(json.dumps(record))
     _check_run_dir(tmp_path, settings, resume=True)  # the same run: no error
-    other = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": (2, 8)})
-    with pytest.raises(TrainError, match="config_overrides"):
+    other = TrainSettings(out=str(tmp_path), max_steps=1, config_overrides={"eos_token_id": [2, 8]})
+    with pytest.raises(TrainError, match="settings differ: model"):
         _check_run_dir(tmp_path, other, resume=True)
 
 
 @pytest.mark.fast
 def test_settings_added_later_do_not_change_a_recorded_runs_identity():
     """Runs recorded before init_from/distill_*/projection existed must stay resumable and reusable."""
-    from kphi.train import LATER_FIELDS, TrainSettings
+    from kphi.train import LATER_FIELDS, TrainSettings, identity_differences
 
-    old = TrainSettings(config_overrides={"hidden_size": 64}).identity()
-    new = TrainSettings(config_overrides={"hidden_size": 64, "projection": None}).identity()
-    assert old == new and not set(LATER_FIELDS) & set(old) and "projection" not in old["config_overrides"]
-    changed = TrainSettings(config_overrides={"projection": {"kind": "monarch"}}, distill_from="teacher").identity()
-    assert changed["distill_from"] == "teacher" and changed["config_overrides"]["projection"] == {"kind": "monarch"}
+    current = TrainSettings(config_overrides={"hidden_size": 64}).identity()
+    assert not set(LATER_FIELDS) & set(current)
+    assert identity_differences(current, TrainSettings(config_overrides={"hidden_size": 64, "projection": None})) == []
+    changed = TrainSettings(config_overrides={"projection": {"kind": "monarch"}}, distill_from="teacher")
+    assert identity_differences(current, changed) == ["distill_from", "model"]
+
+
+def _old_style_identity(settings, preset, overrides):
+    """A record as runs wrote it before identities held the whole model config: preset + overrides."""
+    import dataclasses
+
+    d = dataclasses.asdict(settings)
+    for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit", *LATER_FIELDS_NAMES):
+        d.pop(key)
+    d["preset"], d["config_overrides"] = preset, overrides
+    return json.loads(json.dumps(d))
+
+
+LATER_FIELDS_NAMES = ("init_from", "distill_from", "distill_alpha", "distill_temperature")
+
+
+@pytest.mark.fast
+def test_a_run_recorded_with_a_preset_is_the_same_run_as_one_given_its_config_object(tmp_path):
+    """compare used to write each arm as a preset YAML and train from it; it now hands train() the config.
+
+    Records of the old form (a preset path + the arm's fields as overrides) must still be recognised as the
+    same run, so finished experiments are reused, and a different model must still be refused.
+    """
+    import yaml
+
+    from kphi.model import KPhi3Config, config_fields
+    from kphi.presets import load_preset
+    from kphi.train import TrainSettings, identity_differences
+
+    arm = KPhi3Config(**{**config_fields(load_preset("cpu-kphi3").config), "num_hidden_layers": 3})
+    fields = {k: v for k, v in config_fields(arm).items() if k not in ("dtype", "torch_dtype")}
+    arm_file = tmp_path / "arms" / "kphi-3.yaml"
+    arm_file.parent.mkdir()
+    arm_file.write_text(yaml.safe_dump({"name": "kphi-3", "config": fields}))
+    settings = TrainSettings(preset=None, data="prepared", learning_rate=4e-3)
+    old = _old_style_identity(settings, str(arm_file), fields)
+    assert identity_differences(old, settings, arm) == []
+    assert identity_differences(old, settings, KPhi3Config(**{**fields, "num_hidden_layers": 2})) == ["model"]
+    assert identity_differences(old, TrainSettings(preset=None, data="prepared", learning_rate=2e-3), arm) == ["learning_rate"]
+    # an old record naming a bundled preset with a few overrides
+    named = TrainSettings(preset="tiny-kphi3", config_overrides={"num_hidden_layers": 1})
+    assert identity_differences(_old_style_identity(named, "tiny-kphi3", {"num_hidden_layers": 1}), named) == []
+    # a preset that no longer resolves matches nothing
+    gone = _old_style_identity(settings, str(tmp_path / "missing.yaml"), fields)
+    assert identity_differences(gone, settings, arm) == ["model"]
+
+

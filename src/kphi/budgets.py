@@ -31,8 +31,20 @@ def run_budget_series(
     data: str | None = None,
     progress: bool = True,
     log=print,
+    seeds: int | None = None,
+    learning_rates: list[float] | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Every arm of ``suite`` at every budget; returns ``results.json``'s content."""
+    """Every arm of ``suite`` at every budget; returns ``results.json``'s content.
+
+    ``seeds`` overrides the suite's seeds. ``learning_rates`` and ``max_tokens`` are refused (they exist so
+    that a caller forwarding a single comparison's options gets a clear answer): every arm trains at its
+    own rates, and the budgets are the series'.
+    """
+    if learning_rates or max_tokens:
+        raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
+    if seeds:
+        suite = dataclasses.replace(suite, seeds=seeds)
     budgets = sorted(set(budgets or suite.budgets or []))
     if len(budgets) < 2:
         raise CompareError("a budget series needs at least two budgets (suite 'budgets:' or --budgets)")

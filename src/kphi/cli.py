@@ -12,58 +12,21 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import add_settings_arguments
+from .settings import add_settings_arguments
 
 __all__ = ["main"]
 
 
-def _format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def cmd_params(args: argparse.Namespace) -> int:
-    from .params import parameter_report
-    from .presets import list_presets, load_preset, resolve_config
+    from .params import format_params_table, report_for
+    from .presets import list_presets
 
-    specs = args.presets or list_presets()
-    reports = []
-    for spec in specs:
-        converted = _converted_config(spec)
-        if converted is not None:  # kphi convert's output: a Llama, GPT-2, ... with structured projections
-            from types import SimpleNamespace
-
-            from .params import structured_report
-
-            reports.append((SimpleNamespace(name=Path(spec).name, model=converted.model_type), structured_report(converted)))
-            continue
-        preset = resolve_config(spec)
-        baseline = None
-        if preset.baseline:
-            base = load_preset(preset.baseline)
-            baseline = (base.name, base.config)
-        reports.append((preset, parameter_report(preset.config, baseline)))
+    reports = [report_for(spec) for spec in args.presets or list_presets()]
     if args.json:
-        objs = [{"name": p.name, "model": p.model, **r.to_dict()} for p, r in reports]
+        objs = [{"name": name, "model": model, **r.to_dict()} for name, model, r in reports]
         print(json.dumps(objs[0] if len(objs) == 1 else objs, indent=2))
-        return 0
-    headers = ["preset", "model", "layers", "interm.", "total", "embedding", "non-emb.", "% dense same shape", "% baseline"]
-    rows = [
-        [
-            p.name,
-            p.model,
-            str(r.layers),
-            str(r.intermediate_size),
-            f"{r.total:,}",
-            f"{r.embedding:,}",
-            f"{r.non_embedding:,}",
-            f"{r.percent_of_dense_same_shape:.1f}%",
-            f"{r.percent_of_baseline:.1f}% of {r.baseline}" if r.baseline else "-",
-        ]
-        for p, r in reports
-    ]
-    print(_format_table(headers, rows))
+    else:
+        print(format_params_table(reports))
     return 0
 
 
@@ -86,57 +49,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log(args: argparse.Namespace):
+    """``print``, or nothing with ``--quiet``."""
+    return (lambda *a, **k: None) if args.quiet else print
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import format_table, load_suite, parse_learning_rates, run_compare
+    from .budgets import format_budget_table, run_budget_series
+    from .compare import format_table, load_suite, parse_counts, parse_learning_rates, run_compare
 
     suite = load_suite(args.suite)
-    rates = parse_learning_rates(args.learning_rates) if args.learning_rates else None
-    out = args.out or f"runs/compare-{suite.name}"
-    log = (lambda *a, **k: None) if args.quiet else print
-    if args.budgets or suite.budgets:
-        return _compare_budgets(suite, out, args, rates, log)
-    results = run_compare(
-        suite, out, seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, learning_rates=rates,
-        progress=not args.quiet, log=log,
+    options = dict(
+        seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=_log(args),
+        learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates else None,
     )
-    print(format_table(results))
+    out = args.out or f"runs/compare-{suite.name}"
+    if args.budgets or suite.budgets:
+        budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
+        print(format_budget_table(run_budget_series(suite, out, budgets=budgets, **options)))
+        print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
+        return 0
+    print(format_table(run_compare(suite, out, **options)))
     plots = [p.name for p in sorted(Path(out).glob("*.png"))]
     print(f"\nresults: {out}/results.json, {out}/results.md, plots: {', '.join(plots)}")
     return 0
 
 
-def _compare_budgets(suite, out: str, args: argparse.Namespace, rates, log) -> int:
-    from .budgets import format_budget_table, run_budget_series
-    from .compare import CompareError, parse_counts
-
-    if rates or args.max_tokens:
-        raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
-    budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
-    if args.seeds:
-        suite.seeds = args.seeds
-    results = run_budget_series(suite, out, budgets=budgets, data=args.data, progress=not args.quiet, log=log)
-    print(format_budget_table(results))
-    print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
-    return 0
-
-
 def cmd_scale(args: argparse.Namespace) -> int:
     from .compare import parse_counts, parse_learning_rates
-    from .scaling import format_scaling_table, load_scaling_suite, run_scaling, scaling_config_summary
+    from .scaling import format_dry_run, format_scaling_table, load_scaling_suite, run_scaling
 
     suite = load_scaling_suite(args.suite)
     if args.widths:
         suite.widths = parse_counts(args.widths, "--widths")
     if args.dry_run:
-        for row in scaling_config_summary(suite):
-            print(f"width {row['width']:>5}  {row['family']:<28} {row['non_embedding']:>12,} non-embedding  "
-                  f"interm. {row['intermediate_size']:>5}  {row['tokens']:>11,} tokens")
+        print(format_dry_run(suite))
         return 0
     rates = parse_learning_rates(args.learning_rates) if args.learning_rates else None
     out = args.out or f"runs/scale-{suite.name}"
-    log = (lambda *a, **k: None) if args.quiet else print
     results = run_scaling(
-        suite, out, seeds=args.seeds, learning_rates=rates, data=args.data, progress=not args.quiet, log=log
+        suite, out, seeds=args.seeds, learning_rates=rates, data=args.data, progress=not args.quiet, log=_log(args)
     )
     print(format_scaling_table(results))
     print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/scaling.png")
@@ -148,9 +100,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     suite = load_compress_suite(args.suite)
     out = args.out or f"runs/{suite.name}"
-    log = (lambda *a, **k: None) if args.quiet else print
     _quiet_transformers()
-    results = run_compress(suite, Path(out), progress=not args.quiet, log=log)
+    results = run_compress(suite, Path(out), progress=not args.quiet, log=_log(args))
     print(format_compress_table(results))
     print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/compress.png")
     return 0
@@ -168,29 +119,20 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_phi3(args: argparse.Namespace) -> int:
-    from .data.tokenizers import build_tokenizer, describe_tokenizer
+    from .data.tokenizers import build_tokenizer, describe_tokenizer, save_tokenizer
 
     tokenizer = build_tokenizer("phi3-hub" if args.hub else "phi3")
-    _save_tokenizer(tokenizer, args.out)
-    info = describe_tokenizer(tokenizer)
-    print(f"phi-3 tokenizer ({info['vocab_size']:,} tokens) saved in {args.out}")
+    save_tokenizer(tokenizer, args.out)
+    print(f"phi-3 tokenizer ({describe_tokenizer(tokenizer)['vocab_size']:,} tokens) saved in {args.out}")
     return 0
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .data.recipe import format_sample
-    from .data.sources import open_source
-    from .data.tokenizers import train_bpe_tokenizer
+    from .data.tokenizers import save_tokenizer, train_bpe_on_source
 
-    source = open_source(args.source)
-    texts = []
-    for i, (instruction, response) in enumerate(source):
-        if args.max_rows is not None and i >= args.max_rows:
-            break
-        texts.append(format_sample(instruction, response))
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=args.vocab_size, show_progress=not args.quiet)
-    _save_tokenizer(tokenizer, args.out)
-    print(f"BPE tokenizer ({len(tokenizer):,} tokens) trained on {len(texts):,} samples, saved in {args.out}")
+    tokenizer, samples = train_bpe_on_source(args.source, args.vocab_size, args.max_rows, show_progress=not args.quiet)
+    save_tokenizer(tokenizer, args.out)
+    print(f"BPE tokenizer ({len(tokenizer):,} tokens) trained on {samples:,} samples, saved in {args.out}")
     return 0
 
 
@@ -212,30 +154,18 @@ def _quiet_transformers() -> None:
 def _sampling_settings(args: argparse.Namespace):
     from .generate import SamplingSettings
 
-    settings = SamplingSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    settings = SamplingSettings(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(SamplingSettings)})
     settings.validate()
     return settings
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import GenerationError, generate_reply, load_for_generation
+    from .generate import generate_reply, load_for_generation, prompt_messages
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt.strip():
-        raise GenerationError("the prompt is empty")
-    if args.raw and args.system:
-        raise GenerationError("--system needs the chat template; it cannot be combined with --raw")
+    messages = prompt_messages(sys.stdin.read() if args.prompt == "-" else args.prompt, args.system, args.raw)
     settings = _sampling_settings(args)
     _quiet_transformers()
     model, tokenizer = load_for_generation(args.model_dir)
-    messages = prompt if args.raw else [*([{"role": "system", "content": args.system}] if args.system else []),
-                                        {"role": "user", "content": prompt}]
     generate_reply(model, tokenizer, messages, settings, stream=sys.stdout, raw=args.raw)
     print(flush=True)
     return 0
@@ -251,39 +181,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _converted_config(spec: str):
-    """The config of a converted model directory (``model_type: kphi_*``), else ``None``."""
-    from .configuration_structured import STRUCTURED_CONFIGS
-    from .model_dir import load_config, read_model_config
-    from .presets import PresetError
-
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        return None
-    types = {cls.model_type for cls in STRUCTURED_CONFIGS.values()}
-    if read_model_config(path, PresetError).get("model_type") not in types:
-        return None
-    return load_config(path, PresetError)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_model, push_to_hub
+    from .export import export_or_push
 
-    if args.out is None and args.push_to_hub is None:
-        raise ExportError("give an output directory OUT, or --push-to-hub REPO_ID")
-    if args.private and args.push_to_hub is None:
-        raise ExportError("--private only applies with --push-to-hub")
-    standalone = args.standalone or not args.onnx or args.push_to_hub is not None
     _quiet_transformers()
-    if args.push_to_hub is not None:
-        result = push_to_hub(args.model_dir, args.push_to_hub, out=args.out, private=args.private, onnx=args.onnx,
-                             onnx_exporter=args.onnx_exporter)
-    else:
-        result = export_model(args.model_dir, args.out, standalone=standalone, onnx=args.onnx,
-                              onnx_exporter=args.onnx_exporter)
+    result, formats = export_or_push(args.model_dir, args.out, standalone=args.standalone, onnx=args.onnx,
+                                     onnx_exporter=args.onnx_exporter, push_to_hub_repo=args.push_to_hub, private=args.private)
     if result.out is not None:
-        kinds = " and ".join(k for k, on in (("standalone", standalone), ("ONNX", args.onnx)) if on)
-        print(f"exported {kinds} to {result.out}: {', '.join(result.files)}")
+        print(f"exported {' and '.join(formats)} to {result.out}: {', '.join(result.files)}")
     if result.onnx is not None:
         print(f"ONNX: {result.onnx.path.name} ({result.onnx.exporter} exporter, opset {result.onnx.opset})")
     if result.url is not None:
@@ -294,36 +199,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_to_dir
 
-    settings = {k: v for k, v in (("min_channels_per_group", args.min_channels_per_group), ("fraction", args.fraction),
-                                  ("blocks", args.blocks)) if v is not None}
+    settings = {k: getattr(args, k) for k in ("min_channels_per_group", "fraction", "blocks") if getattr(args, k) is not None}
     _quiet_transformers()
     result = convert_to_dir(
         args.src, args.out, kind=args.kind, targets=args.targets, fit=args.fit, calibration=args.calibration_data,
         calibration_tokens=args.calibration_tokens, progress=not args.quiet, **settings,
     )
-    summary = result.summary()
-    print(f"converted {args.src} -> {args.out}: {summary['replaced']} projections as {result.kind}, fit {result.fit}")
-    print(f"non-embedding parameters: {result.non_embedding_before:,} -> {result.non_embedding_after:,} "
-          f"({summary['percent_of_source']}%)")
-    if result.fits and result.fit != "none":
-        line = f"relative weight error (mean over projections): {summary['mean_relative_error']:.4f}"
-        if summary["mean_calibration_error"] is not None:
-            line += f"; on calibration inputs: {summary['mean_calibration_error']:.4f}"
-        print(line + f" (per projection: {args.out}/kphi-convert.json)")
+    print(result.describe(args.src, args.out))
     return 0
-
-
-def _save_tokenizer(tokenizer, out: str) -> None:
-    from pathlib import Path
-
-    from .data.tokenizers import TokenizerError
-
-    from .files import refuse_foreign_dir, staged_dir
-
-    path = Path(out)
-    refuse_foreign_dir(path, (path / "tokenizer_config.json").is_file(), "tokenizer", TokenizerError)
-    with staged_dir(path) as staging:
-        tokenizer.save_pretrained(staging)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -352,10 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = data_sub.add_parser("prepare", help="format, filter, split, tokenize and pack a corpus")
     from .data.prepare import PrepareSettings
 
-    add_settings_arguments(
-        d, PrepareSettings, skip=("columns", "filters"),
-        choices={"packing": ["tokens", "reference"], "loss_on": ["all", "assistant"]},
-    )
+    add_settings_arguments(d, PrepareSettings, skip=("columns", "filters"))
     d.add_argument("--columns", help="instruction and response column names, e.g. 'instruction,response'")
     d.add_argument("--out", help="output directory (default: only the cache, whose path is printed)")
     d.add_argument("--quiet", action="store_true")
@@ -387,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .train import TrainSettings
 
-    add_settings_arguments(
-        p, TrainSettings, skip=("progress",), required=("preset", "out"),
-        choices={"precision": ["auto", "fp32", "bf16", "fp16"], "grouped_lr_scale": ["none", "groups"]},
-    )
+    add_settings_arguments(p, TrainSettings, skip=("progress",), required=("preset", "out"))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_train)
@@ -508,12 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    # defaults: the model directory's generation_config.json (kphi train writes the report's sampling there)
-    p.add_argument("--max-new-tokens", type=int, help="most tokens per reply (default: the model's, 128 for kphi runs)")
-    p.add_argument("--temperature", type=float, help="sampling temperature; 0 means greedy (default: the model's)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling probability mass (default: the model's, 0.5 for kphi runs)")
-    p.add_argument("--repetition-penalty", type=float, help="1.0 means none (default: the model's, 1.2 for kphi runs)")
-    p.add_argument("--seed", type=int, help="sampling seed, for reproducible replies")
+    from .generate import SamplingSettings
+
+    add_settings_arguments(p, SamplingSettings)  # not given: the model directory's generation_config.json
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

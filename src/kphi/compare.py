@@ -376,24 +376,22 @@ def run_compare(
 
     def run_one(n: int, arm: Arm, rate: float, seed: int) -> None:
         run_dir = out / "arms" / run_dir_name(arm, rate, seed)
-        fields = _arm_config_fields(arm)
-        preset_path = _write_arm_preset(arm, fields, out / "arms" / f"{slug(arm.label, 'arm')}.yaml")
         try:
             settings = resolve_settings(
-                str(preset_path),
+                None,
                 **{**training, **arm.training, "learning_rate": rate, "out": str(run_dir), "data": str(prepared),
-                   "seed": seed, "progress": progress, "config_overrides": fields},
+                   "seed": seed, "progress": progress},
             )
         except (TrainError, ValueError) as err:
             raise CompareError(f"arm {arm.label!r}: {err}") from None
         head = f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}"
-        m = _finished_run(run_dir, settings)
+        m = _finished_run(run_dir, settings, arm.config)
         if m is not None:
             log(f"{head}: already trained, reusing {run_dir}")
         else:
             log(f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
             try:
-                m = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
+                m = train(settings, resume=(run_dir / "kphi-run.json").is_file(), config=arm.config).metrics
             except DivergedError as err:  # a rate too high for this arm is a result of the grid, not a failure
                 m = {"seed": seed, "train_loss": None, "val_loss": None, "diverged": str(err), "wall_seconds": 0.0}
                 atomic_write_text(run_dir / DIVERGED_FILE, json.dumps(m, indent=2))
@@ -428,20 +426,7 @@ def command_line() -> str | None:
     return None
 
 
-def _arm_config_fields(arm: Arm) -> dict[str, Any]:
-    fields = config_fields(arm.config)
-    return {k: v for k, v in fields.items() if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
-
-
-def _write_arm_preset(arm: Arm, fields: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump({"name": arm.label, "model": arm.model, "description": arm.source, "config": fields}, sort_keys=True)
-    if not path.exists() or path.read_text() != text:
-        atomic_write_text(path, text)
-    return path
-
-
-def _finished_run(run_dir: Path, settings) -> dict[str, Any] | None:
+def _finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished run of exactly these settings; ``None`` when it has yet to (finish) training."""
     run_file = run_dir / "kphi-run.json"
     metrics_file = next((f for f in (run_dir / "metrics.json", run_dir / DIVERGED_FILE) if f.is_file()), None)
@@ -452,7 +437,9 @@ def _finished_run(run_dir: Path, settings) -> dict[str, Any] | None:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, json.JSONDecodeError, AttributeError) as err:
         raise CompareError(f"{run_dir} is damaged ({err}); move it away to retrain that run") from None
-    if json.loads(json.dumps(settings.identity())) != recorded:
+    from .train import identity_differences
+
+    if identity_differences(recorded, settings, config):
         raise CompareError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
     return metrics
 

@@ -55,6 +55,21 @@ class ConvertResult:
     non_embedding_before: int = 0
     non_embedding_after: int = 0
 
+    def describe(self, src, out) -> str:
+        """A few lines for people: what was replaced, the parameter counts, the mean fit errors."""
+        summary = self.summary()
+        lines = [
+            f"converted {src} -> {out}: {summary['replaced']} projections as {self.kind}, fit {self.fit}",
+            f"non-embedding parameters: {self.non_embedding_before:,} -> {self.non_embedding_after:,} "
+            f"({summary['percent_of_source']}%)",
+        ]
+        if self.fits and self.fit != "none":
+            line = f"relative weight error (mean over projections): {summary['mean_relative_error']:.4f}"
+            if summary["mean_calibration_error"] is not None:
+                line += f"; on calibration inputs: {summary['mean_calibration_error']:.4f}"
+            lines.append(line + f" (per projection: {out}/kphi-convert.json)")
+        return "\n".join(lines)
+
     def summary(self) -> dict[str, Any]:
         errors = [f.relative_error for f in self.fits.values()]
         calibration = [f.calibration_error for f in self.fits.values() if f.calibration_error is not None]

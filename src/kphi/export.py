@@ -45,6 +45,7 @@ from .files import refuse_foreign_dir, staged_dir
 from .model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
 
 __all__ = [
+    "export_or_push",
     "AUTO_MAP",
     "CODE_FILES",
     "EXPORT_MARKER",
@@ -369,3 +370,27 @@ def push_to_hub(
         if out is None:
             result.out = None
     return result
+
+
+def export_or_push(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    standalone: bool = False,
+    onnx: bool = False,
+    onnx_exporter: str = "auto",
+    push_to_hub_repo: str | None = None,
+    private: bool = False,
+) -> tuple[ExportResult, list[str]]:
+    """``kphi export``'s choices made once: a standalone export unless only ONNX is asked for (an upload is
+    always standalone), into ``out`` and/or to the hub repository ``push_to_hub_repo``. Returns the result and
+    the formats written."""
+    if out is None and push_to_hub_repo is None:
+        raise ExportError("give an output directory OUT, or --push-to-hub REPO_ID")
+    if private and push_to_hub_repo is None:
+        raise ExportError("--private only applies with --push-to-hub")
+    standalone = standalone or not onnx or push_to_hub_repo is not None
+    formats = [kind for kind, on in (("standalone", standalone), ("ONNX", onnx)) if on]
+    if push_to_hub_repo is not None:
+        return push_to_hub(model_dir, push_to_hub_repo, out=out, private=private, onnx=onnx, onnx_exporter=onnx_exporter), formats
+    return export_model(model_dir, out, standalone=standalone, onnx=onnx, onnx_exporter=onnx_exporter), formats

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, TextIO, Union
 
 from .errors import KphiError
+from .settings import check_settings, setting
 
 __all__ = [
+    "prompt_messages",
     "ChatSession",
     "GenerationError",
     "SamplingSettings",
@@ -59,26 +61,20 @@ REPORT_SAMPLING = {"do_sample": True, "top_p": 0.5, "repetition_penalty": 1.2, "
 class SamplingSettings:
     """How replies are sampled: every field left ``None`` comes from the model's ``generation_config``."""
 
-    max_new_tokens: int | None = None
-    """Most tokens in a reply (fewer when the context is nearly full)."""
-    temperature: float | None = None
-    """Softmax temperature; ``0`` means greedy decoding (no sampling)."""
-    top_p: float | None = None
-    """Nucleus sampling: sample among the most likely tokens that make up this much probability."""
-    repetition_penalty: float | None = None
-    """Divides the logits of tokens already in the sequence (1.0: no penalty); applies to greedy too."""
-    seed: int | None = None
+    max_new_tokens: int | None = setting(None, minimum=1)
+    """Most tokens in a reply, fewer when the context is nearly full (default: the model's; 128 for kphi runs)."""
+    temperature: float | None = setting(None, minimum=0)
+    """Softmax temperature; ``0`` means greedy decoding (default: the model's)."""
+    top_p: float | None = setting(None, above=0, maximum=1)
+    """Nucleus sampling: sample among the most likely tokens that make up this much probability (default: the
+    model's; 0.5 for kphi runs)."""
+    repetition_penalty: float | None = setting(None, above=0)
+    """Divides the logits of tokens already in the sequence; 1.0: none (default: the model's; 1.2 for kphi runs)."""
+    seed: int | None = setting(None)
     """Seed for sampling (same seed, same model, same prompt: same reply)."""
 
     def validate(self) -> None:
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
-            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.temperature is not None and not self.temperature >= 0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise GenerationError(f"repetition_penalty must be positive, got {self.repetition_penalty!r}")
+        check_settings(self, GenerationError)
 
     def resolve(self, model_config) -> "SamplingSettings":
         """Every field filled: this object's values over the model's ``generation_config`` (``model_config``)."""
@@ -165,6 +161,18 @@ def _as_messages(messages_or_prompt: str | Messages) -> Messages:
     if messages[-1]["role"] == "user" and not messages[-1]["content"].strip():
         raise GenerationError("the prompt is empty")
     return messages
+
+
+def prompt_messages(prompt: str, system: str | None = None, raw: bool = False) -> str | Messages:
+    """What to send for one prompt: the text as is (``raw``), else chat messages (an optional system message,
+    then the prompt as the user's)."""
+    if not prompt.strip():
+        raise GenerationError("the prompt is empty")
+    if raw:
+        if system:
+            raise GenerationError("--system needs the chat template; it cannot be combined with --raw")
+        return prompt
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
 
 
 def encode_prompt(tokenizer, messages_or_prompt: str | Messages, *, raw: bool = False) -> list[int]:

@@ -12,7 +12,8 @@ import torch
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 
 __all__ = [
-    "ParamReport", "count_parameters", "dense_counterpart", "model_parameter_counts", "parameter_report", "structured_report",
+    "ParamReport", "count_parameters", "dense_counterpart", "format_params_table", "model_parameter_counts",
+    "parameter_report", "report_for", "structured_report",
 ]
 
 
@@ -107,3 +108,41 @@ def structured_report(config) -> ParamReport:
         dense_same_shape_non_embedding=dense_non_embedding,
         percent_of_dense_same_shape=round(100.0 * non_embedding / dense_non_embedding, 2),
     )
+
+
+def report_for(spec: str) -> tuple[str, str, ParamReport]:
+    """``(name, model family, counts)`` of a preset name, a preset YAML, a ``config.json`` or a model
+    directory, including ``kphi convert``'s output (a Llama, GPT-2, ... with structured projections)."""
+    from pathlib import Path
+
+    from .configuration_structured import STRUCTURED_CONFIGS
+    from .model_dir import load_config, read_model_config
+    from .presets import PresetError, load_preset, resolve_config
+
+    path = Path(spec)
+    structured_types = {cls.model_type for cls in STRUCTURED_CONFIGS.values()}
+    if (path / "config.json").is_file() and read_model_config(path, PresetError).get("model_type") in structured_types:
+        config = load_config(path, PresetError)
+        return path.name, config.model_type, structured_report(config)
+    preset = resolve_config(spec)
+    baseline = None
+    if preset.baseline:
+        base = load_preset(preset.baseline)
+        baseline = (base.name, base.config)
+    return preset.name, preset.model, parameter_report(preset.config, baseline)
+
+
+def format_params_table(reports: list[tuple[str, str, ParamReport]]) -> str:
+    """:func:`report_for` results as an aligned text table, one row per model."""
+    headers = ["preset", "model", "layers", "interm.", "total", "embedding", "non-emb.", "% dense same shape", "% baseline"]
+    rows = [
+        [name, model, str(r.layers), str(r.intermediate_size), f"{r.total:,}", f"{r.embedding:,}", f"{r.non_embedding:,}",
+         f"{r.percent_of_dense_same_shape:.1f}%", f"{r.percent_of_baseline:.1f}% of {r.baseline}" if r.baseline else "-"]
+        for name, model, r in reports
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])

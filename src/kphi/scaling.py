@@ -45,7 +45,7 @@ from .files import atomic_write_text
 from .model import config_fields
 from .presets import load_preset
 
-__all__ = ["ScalingSuite", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
+__all__ = ["ScalingSuite", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
 
 
 @dataclass
@@ -339,3 +339,12 @@ def scaling_config_summary(suite: ScalingSuite) -> list[dict[str, Any]]:
                 "intermediate_size": fields["intermediate_size"], "tokens": suite.tokens_at(width),
             })
     return rows
+
+
+def format_dry_run(suite: ScalingSuite) -> str:
+    """:func:`scaling_config_summary` as one line per (width, family)."""
+    return "\n".join(
+        f"width {row['width']:>5}  {row['family']:<28} {row['non_embedding']:>12,} non-embedding  "
+        f"interm. {row['intermediate_size']:>5}  {row['tokens']:>11,} tokens"
+        for row in scaling_config_summary(suite)
+    )

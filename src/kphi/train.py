@@ -41,11 +41,13 @@ from .callbacks import (
     TimeLimit,
     is_complete_checkpoint,
 )
+from .data.prepare import CorpusSettings
 from .errors import KphiError
 from .files import atomic_write_text, refuse_foreign_dir
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .optim import GROUPED_LR_SCALES, scale_grouped_learning_rates
 from .presets import PresetError, resolve_config
+from .settings import check_settings, setting
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
 
@@ -62,66 +64,64 @@ class DivergedError(TrainError):
 
 
 @dataclass
-class TrainSettings:
-    """Everything that defines a training run. Presets set defaults in their ``training:`` section."""
+class TrainSettings(CorpusSettings):
+    """Everything that defines a training run. Presets set defaults in their ``training:`` section.
 
-    preset: str = "tiny-kphi3"
-    """Preset name, preset YAML, config.json or model directory (its config; weights are not loaded)."""
+    The data fields (``tokenizer``, ``vocab_size``, ``context_length``, ``validation_rows``, ``max_rows``)
+    are :class:`kphi.data.prepare.CorpusSettings`', used when ``data`` names a source to prepare.
+    """
+
+    preset: str | None = "tiny-kphi3"
+    """Preset name, preset YAML, config.json or model directory (its config; weights are not loaded). With a
+    config object given to :func:`train` it may be ``None`` (no preset training defaults)."""
     out: str = "runs/train"
     """Run directory; at the end it is a model directory loadable with ``from_pretrained``."""
     data: str = "default"
     """A prepared data directory (``kphi data prepare``) or a source: ``default``, ``lamini`` or a file path."""
-    tokenizer: str = "bpe"
-    """Tokenizer when preparing data: ``bpe`` (trained), ``phi3`` (exact, offline), ``phi3-hub`` or a path."""
-    vocab_size: int = 4096
-    """Vocabulary size of a trained BPE tokenizer."""
-    context_length: int = 256
-    """Tokens per training row."""
-    validation_rows: int = 5000
-    """Instruction/response pairs held out for validation when preparing data."""
-    max_rows: int | None = None
-    """Cap on pairs read from the source (quick runs)."""
-    max_steps: int | None = None
+    max_steps: int | None = setting(None, minimum=1)
     """Optimizer steps to train; or give ``max_tokens`` / ``max_minutes``."""
-    max_tokens: int | None = None
+    max_tokens: int | None = setting(None, minimum=1)
     """Training tokens (global); converted to steps."""
-    max_minutes: float | None = None
+    max_minutes: float | None = setting(None, above=0)
     """Stop (with a checkpoint) after this much training time."""
-    batch_size: int = 8
+    batch_size: int = setting(8, minimum=1)
     """Rows per device per step (the report: 1)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = setting(1, minimum=1)
     """Batches whose gradients are summed before each optimizer step."""
-    learning_rate: float = 1e-3
+    learning_rate: float = setting(1e-3, above=0)
     """Peak learning rate (the report: 1e-4, constant)."""
     lr_scheduler: str = "constant"
     """Any ``transformers`` scheduler name: constant, constant_with_warmup, cosine, linear, ..."""
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, minimum=0)
     """Steps of linear warm-up to the peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = setting(0.0, minimum=0)
     """AdamW's decoupled weight decay (not applied to biases and norms, as in Trainer)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = setting(1.0, above=0)
     """Gradient clipping by global norm."""
-    eval_steps: int = 50
+    eval_steps: int = setting(50, minimum=1)
     """Evaluate on the validation split every this many steps (and at the end)."""
-    eval_rows: int | None = None
+    eval_rows: int | None = setting(None, minimum=1)
     """Use only the first this-many validation rows for evaluation (``None``: all)."""
-    save_steps: int = 50
+    save_steps: int = setting(50, minimum=1)
     """Write a complete, resumable checkpoint every this many steps."""
-    save_total_limit: int = 2
+    save_total_limit: int = setting(2, minimum=1)
     """Checkpoints kept (the newest ones)."""
-    logging_steps: int = 10
+    logging_steps: int = setting(10, minimum=1)
     """Log the training loss (log.csv, TensorBoard) every this many steps."""
     seed: int = 42
     """Seed of initialisation and data order; runs with equal seeds see the data in the same order."""
-    precision: str = "auto"
+    precision: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16"))
     """``auto`` (bf16 on a GPU that supports it, else float32), ``fp32``, ``bf16`` or ``fp16``."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, more time)."""
-    grouped_lr_scale: str = "none"
+    grouped_lr_scale: str = setting("none", choices=GROUPED_LR_SCALES)
     """``none``, or ``groups``: the learning rate of every grouped weight is multiplied by its group count
     ``G`` (see :func:`kphi.optim.scale_grouped_learning_rates`)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    """KPhi3Config fields to change from the preset (e.g. ``min_channels_per_group``)."""
+    """KPhi3Config fields to change from the preset, as a JSON object (e.g. ``{"min_channels_per_group": 16}``)."""
+    training_arguments: dict[str, Any] = field(default_factory=dict)
+    """Any other ``transformers.TrainingArguments`` field, passed through as is, as a JSON object (e.g.
+    ``{"adam_beta2": 0.95, "torch_compile": true}``); the fields kphi sets from its own settings are refused."""
     progress: bool = True
     """One progress line per run on the console."""
     init_from: str | None = None
@@ -130,72 +130,99 @@ class TrainSettings:
     distill_from: str | None = None
     """A teacher model directory: the loss becomes ``(1 - alpha) CE + alpha T^2 KL(teacher || student)``
     (:mod:`kphi.distill`). The teacher is frozen and never saved."""
-    distill_alpha: float = 0.5
+    distill_alpha: float = setting(0.5, minimum=0, maximum=1)
     """Weight of the distillation term, in ``[0, 1]``."""
-    distill_temperature: float = 1.0
+    distill_temperature: float = setting(1.0, above=0)
     """Softmax temperature ``T`` of the distillation term."""
 
     def validate(self) -> None:
-        positive = ["vocab_size", "context_length", "batch_size", "gradient_accumulation_steps", "eval_steps",
-                    "save_steps", "logging_steps", "save_total_limit"]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise TrainError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_steps", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise TrainError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise TrainError(f"max_minutes must be positive, got {self.max_minutes!r}")
+        """Raise :class:`TrainError` naming the first setting that is out of bounds or inconsistent."""
+        check_settings(self, TrainError)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise TrainError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.grouped_lr_scale not in GROUPED_LR_SCALES:
-            raise TrainError(f"grouped_lr_scale must be one of {', '.join(GROUPED_LR_SCALES)}, got {self.grouped_lr_scale!r}")
-        if not self.learning_rate > 0:
-            raise TrainError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if not 0 <= self.distill_alpha <= 1:
-            raise TrainError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
-        if not self.distill_temperature > 0:
-            raise TrainError(f"distill_temperature must be positive, got {self.distill_temperature!r}")
         for name in ("init_from", "distill_from"):
             value = getattr(self, name)
             if value is not None and not (Path(value) / "config.json").is_file():
                 raise TrainError(f"--{name.replace('_', '-')} {value}: not a model directory (no config.json)")
 
-    def identity(self) -> dict[str, Any]:
-        """The settings that make a run what it is: a resume must match them (budgets may change)."""
+    def identity(self, config: KPhi3Config | None = None) -> dict[str, Any]:
+        """The settings that make a run what it is: a resume must match them (budgets may change).
+
+        The model enters as its whole configuration (``model``: :func:`model_fields`), not as the preset's
+        name plus overrides, so one model spelled two ways (a preset, a config object) is one run.
+        """
         d = dataclasses.asdict(self)
-        for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit"):
+        for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit",
+                    "preset", "config_overrides"):
             d.pop(key)
         # fields added after the first experiments count only when set, so those runs stay resumable
         for key, default in LATER_FIELDS.items():
             if d[key] == default:
                 d.pop(key)
-        overrides = d["config_overrides"] = dict(d["config_overrides"])
-        for key, default in LATER_CONFIG_FIELDS.items():
-            if key in overrides and overrides[key] == default:
-                overrides.pop(key)
-        return d
+        d["model"] = model_fields(self, config)
+        return json.loads(json.dumps(d))  # as stored: tuples become lists
 
 
 #: Settings added after runs were recorded, with the default that leaves them out of a run's identity.
-LATER_FIELDS = {"init_from": None, "distill_from": None, "distill_alpha": 0.5, "distill_temperature": 1.0}
-#: The same for ``KPhi3Config`` fields, which compare's arms pass whole in ``config_overrides``.
-LATER_CONFIG_FIELDS = {"projection": None}
+LATER_FIELDS = {"init_from": None, "distill_from": None, "distill_alpha": 0.5, "distill_temperature": 1.0,
+                "training_arguments": {}}
 
 
-def resolve_settings(preset: str, **overrides: Any) -> TrainSettings:
-    """Defaults <- the preset's ``training:`` section <- ``overrides`` (``None`` values are ignored)."""
+def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> dict[str, Any]:
+    """The fields of the model a run trains: ``config`` (else the preset's config) with ``config_overrides``."""
+    if config is None:
+        if settings.preset is None:
+            raise TrainError("give a preset, or a model config to train()")
+        config = resolve_config(settings.preset).config
+    return {**config_fields(config), **settings.config_overrides}
+
+
+def model_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> dict[str, Any]:
+    """:func:`model_config_fields` rebuilt through ``KPhi3Config`` (every field, its defaults filled in) and
+    stored as JSON stores it: equal models give equal dicts however they were spelled."""
+    fields = config_fields(KPhi3Config(**model_config_fields(settings, config)))
+    return json.loads(json.dumps({k: v for k, v in fields.items() if k not in ("dtype", "torch_dtype")}))
+
+
+def recorded_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded identity in today's form.
+
+    Runs recorded before identities held the whole model config stored ``preset`` (a name or a YAML path,
+    e.g. the arm files ``kphi compare`` used to write) and ``config_overrides``; they are resolved to
+    ``model`` here, so such runs stay resumable and reusable. A preset that no longer resolves gives
+    ``model: None``, which matches nothing.
+    """
+    if "model" in identity or "preset" not in identity:
+        return identity
+    upgraded = dict(identity)
+    old = TrainSettings(preset=upgraded.pop("preset"), config_overrides=upgraded.pop("config_overrides", {}))
+    try:
+        upgraded["model"] = model_fields(old)
+    except (KphiError, TypeError, ValueError):
+        upgraded["model"] = None
+    return upgraded
+
+
+def identity_differences(recorded: dict[str, Any] | None, settings: TrainSettings, config: KPhi3Config | None = None) -> list[str]:
+    """The identity fields in which ``settings`` (training ``config``) differ from a recorded run; ``[]``: the same run."""
+    previous = recorded_identity(recorded or {})
+    current = settings.identity(config)
+    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+
+
+def resolve_settings(preset: str | None, **overrides: Any) -> TrainSettings:
+    """Defaults <- the preset's ``training:`` section <- ``overrides`` (``None`` values are ignored).
+
+    ``preset=None``: no preset; the model then comes as a config object to :func:`train`.
+    """
     known = {f.name for f in dataclasses.fields(TrainSettings)}
-    spec = resolve_config(preset)
     values: dict[str, Any] = {}
-    for key, value in spec.training.items():
-        if key not in known:
-            raise PresetError(f"preset {spec.name}: unknown training setting {key!r}")
-        values[key] = value
+    if preset is not None:
+        spec = resolve_config(preset)
+        for key, value in spec.training.items():
+            if key not in known:
+                raise PresetError(f"preset {spec.name}: unknown training setting {key!r}")
+            values[key] = value
     budgets = [k for k in ("max_steps", "max_tokens", "max_minutes") if overrides.get(k) is not None]
     if len(budgets) > 1:
         raise TrainError(f"give one budget, not {' and '.join(budgets)}")
@@ -223,7 +250,7 @@ class TrainResult:
 # --------------------------------------------------------------------------- run directory
 
 
-def _check_run_dir(out: Path, settings: TrainSettings, resume: bool) -> None:
+def _check_run_dir(out: Path, settings: TrainSettings, resume: bool, config: KPhi3Config | None = None) -> None:
     """Refuse to mix runs: a directory holds one run, identified by ``kphi-run.json``."""
     run_file = out / RUN_FILE
     if run_file.is_file():
@@ -236,12 +263,8 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool) -> None:
             raise TrainError(
                 f"{out} already holds {state} run; pass --resume to continue it or choose another --out"
             )
-        current = json.loads(json.dumps(settings.identity()))  # as stored: tuples become lists
-        if previous.get("identity") != current:
-            changed = sorted(
-                k for k in set(previous.get("identity", {})) | set(current)
-                if previous.get("identity", {}).get(k) != current.get(k)
-            )
+        changed = identity_differences(previous.get("identity"), settings, config)
+        if changed:
             raise TrainError(f"{out} holds a different run (settings differ: {', '.join(changed)}); choose another --out")
     else:
         refuse_foreign_dir(out, False, "kphi run", TrainError, "choose another --out")
@@ -292,29 +315,17 @@ def _load_data(settings: TrainSettings):
     data_path = Path(settings.data)
     if data_path.is_dir() and (data_path / "stats.json").is_file():
         return load_prepared(data_path)
-    prepared = prepare_dataset(
-        PrepareSettings(
-            source=settings.data,
-            tokenizer=settings.tokenizer,
-            vocab_size=settings.vocab_size,
-            context_length=settings.context_length,
-            validation_rows=settings.validation_rows,
-            seed=42,
-            max_rows=settings.max_rows,
-        ),
-        progress=settings.progress,
-    )
+    corpus = {f.name: getattr(settings, f.name) for f in dataclasses.fields(CorpusSettings)}
+    prepared = prepare_dataset(PrepareSettings(source=settings.data, **corpus), progress=settings.progress)
     return load_prepared(prepared)
 
 
-def build_model_config(settings: TrainSettings, tokenizer) -> KPhi3Config:
-    """The preset's config with overrides, sized to the tokenizer and the context length."""
-    base = config_fields(resolve_config(settings.preset).config)
-    base.update(settings.config_overrides)
+def build_model_config(settings: TrainSettings, tokenizer, config: KPhi3Config | None = None) -> KPhi3Config:
+    """The model's config (:func:`model_config_fields`), sized to the tokenizer and the context length."""
+    base = model_config_fields(settings, config)
     base["vocab_size"] = len(tokenizer)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None)
-        base[name] = value
+        base[name] = getattr(tokenizer, name, None)
     if base["pad_token_id"] is None:
         base["pad_token_id"] = base["eos_token_id"]
     base["max_position_embeddings"] = max(base.get("max_position_embeddings") or 0, settings.context_length)
@@ -345,9 +356,10 @@ def _precision_flags(precision: str) -> dict[str, bool]:
 
 
 def _training_arguments(settings: TrainSettings, out: Path, max_steps: int):
+    """``TrainingArguments`` from kphi's settings, plus ``settings.training_arguments`` passed through."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    ours = dict(
         output_dir=str(out),
         max_steps=max_steps,
         per_device_train_batch_size=settings.batch_size,
@@ -376,6 +388,19 @@ def _training_arguments(settings: TrainSettings, out: Path, max_steps: int):
         ddp_find_unused_parameters=False,
         **_precision_flags(settings.precision),
     )
+    extra = settings.training_arguments
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown, taken = sorted(set(extra) - known), sorted(set(extra) & set(ours) - {"optim"})
+    if unknown:
+        raise TrainError(f"training_arguments: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                         "transformers.TrainingArguments fields")
+    if taken:
+        raise TrainError(f"training_arguments: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set from "
+                         "kphi's own settings; use those (kphi train --help)")
+    try:
+        return TrainingArguments(**{**ours, **extra})
+    except (TypeError, ValueError) as err:
+        raise TrainError(f"training_arguments: {err}") from None
 
 
 def _main_process_first(is_main: bool, on_main, on_others=None):
@@ -401,8 +426,12 @@ def _main_process_first(is_main: bool, on_main, on_others=None):
     return verdict[1] if is_main or on_others is None else on_others(verdict[1])
 
 
-def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
-    """Train one model as ``settings`` say; returns the run directory and its metrics."""
+def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | None = None) -> TrainResult:
+    """Train one model as ``settings`` say; returns the run directory and its metrics.
+
+    The model is ``config`` when given (e.g. a comparison's arm), else the preset's config; either way
+    ``settings.config_overrides`` apply on top, and the vocabulary and token ids are the tokenizer's.
+    """
     from transformers import default_data_collator
 
     settings.validate()
@@ -416,7 +445,7 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     args.max_steps = max_steps if max_steps is not None else 10**9  # time-limited: a budget that never binds
 
     def load_and_check():
-        _check_run_dir(out, settings, resume)
+        _check_run_dir(out, settings, resume, config)
         return _load_data(settings)
 
     train_rows, val_rows, tokenizer, data_stats = _main_process_first(is_main, load_and_check, lambda _: _load_data(settings))
@@ -430,8 +459,7 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
     if settings.init_from is not None:
         model = _load_model_dir(settings.init_from, "--init-from", len(tokenizer))
     else:
-        model = KPhi3ForCausalLM(build_model_config(settings, tokenizer))
-    config = model.config
+        model = KPhi3ForCausalLM(build_model_config(settings, tokenizer, config))
     teacher = None
     if settings.distill_from is not None:
         teacher = _load_model_dir(settings.distill_from, "--distill-from", len(tokenizer))
@@ -441,7 +469,7 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         checkpoint = _newest_complete_checkpoint(out) if resume else None
         if checkpoint is not None:
             _validate_checkpoint(checkpoint, model)
-        record = {"identity": settings.identity(), "settings": dataclasses.asdict(settings)}
+        record = {"identity": settings.identity(config), "settings": dataclasses.asdict(settings)}
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
         return str(checkpoint) if checkpoint else None
 
@@ -493,13 +521,13 @@ def train(settings: TrainSettings, resume: bool = False) -> TrainResult:
         trainer.evaluate()
     metrics: dict[str, Any] = {}
     if is_main:
-        metrics = _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall)
+        metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, tokens_per_step, wall)
         with _without_hub_progress_bars():
             _write_model_dir(trainer, tokenizer, out)
         from .plots import plot_loss_curve
 
         if (out / "log.csv").is_file():
-            plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset).name}: loss vs tokens")
+            plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset or out).name}: loss vs tokens")
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _leave_process_group()
     return TrainResult(out=out, metrics=metrics)

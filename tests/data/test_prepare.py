@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +27,19 @@ def settings_for(path, **kw) -> PrepareSettings:
     return PrepareSettings(**base)
 
 
+def naive_split(samples, validation_rows, seed):
+    """The split the preparation promises: one seeded PCG64 permutation, validation first, then training."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(samples))
+    return [samples[i] for i in order[validation_rows:]], [samples[i] for i in order[:validation_rows]]
+
+
 def expected_split(rows, settings):
     """The train/validation sample texts the recipe should produce for ``rows``."""
     texts = [recipe.format_sample(r["instruction"], r["response"]) for r in rows]
     kept = recipe.apply_filters(texts, settings.filters).kept
-    return recipe.split_samples(kept, settings.validation_rows, settings.seed)
+    return naive_split(kept, settings.validation_rows, settings.seed)
 
 
 def col(ds, name: str) -> list:
@@ -48,8 +59,9 @@ def test_settings_defaults_and_validation():
     assert s.columns == ("instruction", "response") and s.max_rows is None
     assert PrepareSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     for bad in ({"packing": "bytes"}, {"loss_on": "user"}, {"context_length": 1}, {"validation_rows": -1},
-                {"max_rows": 0}, {"columns": ("a",)}, {"filters": ("",)}):
-        with pytest.raises(DataError, match="invalid setting"):
+                {"max_rows": 0}, {"columns": ("a",)}, {"filters": ("",)}, {"vocab_size": 1.5}, {"seed": "42"}):
+        (name,) = bad
+        with pytest.raises(DataError, match=rf"(invalid setting )?{name}\b"):
             PrepareSettings(**bad)
 
 
@@ -239,14 +251,16 @@ def test_failure_in_tokenizer_leaves_nothing(tmp_path, corpus_file, monkeypatch)
 
 
 def test_failure_after_a_split_was_written_leaves_nothing(tmp_path, corpus_file, fake_builder, monkeypatch):
-    real_save = prepare._RowWriter.save
+    import datasets
 
-    def save(self, directory):
-        if directory.name == "validation":
+    real_save = datasets.Dataset.save_to_disk
+
+    def save(self, directory, **kwargs):
+        if Path(directory).name == "validation":
             raise OSError("disk full")
-        real_save(self, directory)
+        real_save(self, directory, **kwargs)
 
-    monkeypatch.setattr(prepare._RowWriter, "save", save)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save)
     with pytest.raises(OSError, match="disk full"):
         prepare_dataset(settings_for(corpus_file), cache_dir=tmp_path / "cache", progress=False)
     out = tmp_path / "existing-empty"
@@ -365,3 +379,26 @@ def test_split_too_small_for_one_row(tmp_path, corpus_file, fake_builder):
     with pytest.raises(DataError, match="too small for one row of context_length=100000"):
         prepare_dataset(settings_for(corpus_file, context_length=100_000), cache_dir=tmp_path / "c", progress=False)
     assert _leftovers(tmp_path / "c") == []
+
+
+@pytest.mark.parametrize("validation_rows", [0, 20])
+def test_split_is_the_seeded_permutation(validation_rows):
+    samples = [f"sample {i}" for i in range(137)]
+    split = prepare._split(samples, validation_rows, seed=42)
+    assert (col(split["train"], "text"), col(split["validation"], "text")) == naive_split(samples, validation_rows, 42)
+    assert col(prepare._split(samples, validation_rows, seed=7)["train"], "text") != col(split["train"], "text")
+
+
+def test_split_is_independent_of_hash_seed():
+    code = (
+        "import json\n"
+        "from kphi.data.prepare import _split\n"
+        "s = sorted({f'text {i}' for i in range(300)})\n"
+        "print(json.dumps(list(_split(s, 30, 42)['validation']['text'])))\n"
+    )
+    outputs = set()
+    for hash_seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        outputs.add(out.stdout)
+    assert len(outputs) == 1

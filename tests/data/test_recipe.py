@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from kphi.data import recipe
 from kphi.data.recipe import (
     DEFAULT_FILTERS,
     IGNORE_INDEX,
@@ -23,8 +17,6 @@ from kphi.data.recipe import (
     normalise,
     pack_characters,
     pad_or_truncate,
-    split_indices,
-    split_samples,
 )
 
 pytestmark = [pytest.mark.usefixtures("isolated_caches"), pytest.mark.fast]
@@ -88,49 +80,6 @@ def test_apply_filters_custom_and_empty():
     r = apply_filters(texts, ["bet", "alpha"])
     assert r.kept == []
     assert r.dropped == {"bet": 2, "alpha": 1}
-
-
-def test_split_matches_datasets_train_test_split():
-    import datasets
-
-    n, k = 137, 20
-    ds = datasets.Dataset.from_dict({"i": list(range(n))})
-    parts = ds.train_test_split(test_size=k, seed=42)
-    train_idx, val_idx = split_indices(n, k, 42)
-    assert list(val_idx) == parts["test"]["i"]
-    assert list(train_idx) == parts["train"]["i"]
-
-
-def test_split_sizes_and_determinism():
-    samples = [f"sample {i}" for i in range(1000)]
-    train, val = split_samples(samples, 50, seed=42)
-    assert len(train) == 950 and len(val) == 50
-    assert sorted(train + val) == sorted(samples)
-    assert split_samples(samples, 50, seed=42) == (train, val)
-    other_train, other_val = split_samples(samples, 50, seed=7)
-    assert other_val != val
-    all_train, no_val = split_samples(samples, 0)
-    assert no_val == [] and sorted(all_train) == sorted(samples)
-    with pytest.raises(ValueError):
-        split_indices(10, 11)
-
-
-def test_split_is_independent_of_hash_seed(tmp_path):
-    # load recipe.py on its own (importing the kphi package would pull in torch: slow)
-    code = (
-        "import json, sys, importlib.util as u\n"
-        "spec = u.spec_from_file_location('recipe', %r)\n"
-        "m = sys.modules['recipe'] = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "s = sorted({f'text {i}' for i in range(300)})\n"
-        "print(json.dumps(m.split_samples(s, 30, 42)[1]))\n" % str(Path(recipe.__file__).resolve())
-    )
-    outputs = set()
-    for hash_seed in ("0", "1", "12345"):
-        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        outputs.add(out.stdout)
-    assert len(outputs) == 1
-    assert len(json.loads(outputs.pop())) == 30
 
 
 def naive_pack(seqs, n):

@@ -33,13 +33,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
-from ..files import cache_root, slug
+from ..files import cache_root, slug, staged_dir
+from ..settings import check_settings, setting
 from . import recipe
 from .recipe import DEFAULT_FILTERS, EOS, IGNORE_INDEX
 from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
@@ -49,12 +49,28 @@ FORMAT_VERSION = 1
 PACKINGS = ("tokens", "reference")
 LOSS_ON = ("all", "assistant")
 _TOKENIZE_BATCH = 1_000
-_WRITE_BATCH = 1_024
 _REQUIRED = ("settings.json", "stats.json", "train", "validation", "tokenizer")
 
 
 @dataclass
-class PrepareSettings:
+class CorpusSettings:
+    """The data settings that a training run and a preparation share (one definition for both):
+    :class:`PrepareSettings` and :class:`kphi.train.TrainSettings` inherit them."""
+
+    tokenizer: str = "bpe"
+    """Tokenizer: ``bpe`` (trained on the training split), ``phi3`` (exact, offline), ``phi3-hub`` or a path."""
+    vocab_size: int = setting(4096, minimum=1)
+    """Vocabulary size of a trained BPE tokenizer."""
+    context_length: int = setting(256, minimum=2)
+    """Tokens per packed (training) row."""
+    validation_rows: int = setting(5000, minimum=0)
+    """Instruction/response pairs held out for validation."""
+    max_rows: int | None = setting(None, minimum=1)
+    """Read at most this many pairs from the source, before filtering (quick runs); ``None`` reads everything."""
+
+
+@dataclass
+class PrepareSettings(CorpusSettings):
     """Every knob of the preparation recipe (all of them enter the cache key).
 
     Attributes:
@@ -63,13 +79,6 @@ class PrepareSettings:
             ``"chitchat"``, ``"chatterbot"``, ``"hf:OWNER/NAME[:SPLIT]"``, or a path
             to a parquet/jsonl/json/csv file or a directory of them.
         columns: (instruction column, response column) for files and hub datasets.
-        tokenizer: tokenizer spec for ``kphi.data.tokenizers.build_tokenizer``:
-            ``"bpe"`` (trained here on the training split), ``"phi3"``,
-            ``"phi3-hub"`` or a path.
-        vocab_size: vocabulary size of a ``"bpe"`` tokenizer.
-        context_length: tokens per packed row.
-        validation_rows: number of samples (instruction/response pairs) held out
-            for validation.
         seed: seed of the train/validation split.
         filters: phrases whose presence drops a sample (empty: no filtering).
         packing: ``"tokens"`` (concatenate the token streams of the samples, each
@@ -81,23 +90,16 @@ class PrepareSettings:
             truncated or right-padded with the pad token).
         loss_on: ``"all"`` (every position, including padding with reference
             packing) or ``"assistant"`` (response tokens and ``<|endoftext|>`` only).
-        max_rows: read at most this many pairs from the source (before filtering);
-            None reads everything. For quick runs.
         chars_per_token: characters per token assumed by reference packing.
     """
 
     source: str = "default"
     columns: tuple[str, str] = DEFAULT_COLUMNS
-    tokenizer: str = "bpe"
-    vocab_size: int = 4096
-    context_length: int = 256
-    validation_rows: int = 5000
     seed: int = 42
     filters: tuple[str, ...] = DEFAULT_FILTERS
-    packing: str = "tokens"
-    loss_on: str = "all"
-    max_rows: int | None = None
-    chars_per_token: int = 5
+    packing: str = setting("tokens", choices=PACKINGS)
+    loss_on: str = setting("all", choices=LOSS_ON)
+    chars_per_token: int = setting(5, minimum=1)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, os.PathLike):
@@ -112,37 +114,15 @@ class PrepareSettings:
 
     def validate(self) -> None:
         """Raise :class:`DataError` naming the first invalid field."""
-
-        def bad(name: str, why: str) -> DataError:
-            return DataError(f"invalid setting {name}={getattr(self, name)!r}: {why}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not isinstance(self.source, str) or not self.source.strip():
-            raise bad("source", "name a data source")
+        check_settings(self, DataError)
+        if not self.source.strip():
+            raise DataError("invalid setting source: name a data source")
         if len(self.columns) != 2 or not all(isinstance(c, str) and c for c in self.columns):
-            raise bad("columns", "give two column names (instruction, response)")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise bad("tokenizer", "name a tokenizer spec")
-        if not is_int(self.vocab_size) or self.vocab_size < 1:
-            raise bad("vocab_size", "must be a positive integer")
-        if not is_int(self.context_length) or self.context_length < 2:
-            raise bad("context_length", "must be an integer >= 2")
-        if not is_int(self.validation_rows) or self.validation_rows < 0:
-            raise bad("validation_rows", "must be an integer >= 0")
-        if not is_int(self.seed):
-            raise bad("seed", "must be an integer")
+            raise DataError(f"invalid setting columns={self.columns!r}: give two column names (instruction, response)")
+        if not self.tokenizer:
+            raise DataError("invalid setting tokenizer: name a tokenizer spec")
         if not all(isinstance(f, str) and f for f in self.filters):
-            raise bad("filters", "must be non-empty strings")
-        if self.packing not in PACKINGS:
-            raise bad("packing", f"use one of {', '.join(PACKINGS)}")
-        if self.loss_on not in LOSS_ON:
-            raise bad("loss_on", f"use one of {', '.join(LOSS_ON)}")
-        if self.max_rows is not None and (not is_int(self.max_rows) or self.max_rows < 1):
-            raise bad("max_rows", "must be a positive integer or None")
-        if not is_int(self.chars_per_token) or self.chars_per_token < 1:
-            raise bad("chars_per_token", "must be a positive integer")
+            raise DataError(f"invalid setting filters={self.filters!r}: must be non-empty strings")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -257,63 +237,7 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool = False) 
                      verbose=False)["input_ids"]
 
 
-# --------------------------------------------------------------------------- writing
-
-
-class _RowWriter:
-    """Stream packed rows into an Arrow file, then save it as a ``datasets`` directory."""
-
-    def __init__(self, scratch: Path):
-        import datasets
-        import pyarrow as pa
-
-        self._pa = pa
-        self.features = datasets.Features({
-            "input_ids": datasets.List(datasets.Value("int32")),
-            "labels": datasets.List(datasets.Value("int32")),
-        })
-        self.schema = self.features.arrow_schema
-        self.path = scratch
-        self._sink = pa.OSFile(str(scratch), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self.schema)
-        self._ids: list[list[int]] = []
-        self._labels: list[list[int]] = []
-        self.rows = 0
-
-    def add(self, ids: list[int], labels: list[int]) -> None:
-        self._ids.append(ids)
-        self._labels.append(labels)
-        self.rows += 1
-        if len(self._ids) >= _WRITE_BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._ids:
-            return
-        pa = self._pa
-        batch = pa.record_batch(
-            [pa.array(self._ids, type=pa.list_(pa.int32())), pa.array(self._labels, type=pa.list_(pa.int32()))],
-            schema=self.schema,
-        )
-        self._writer.write_batch(batch)
-        self._ids, self._labels = [], []
-
-    def close(self) -> None:
-        """Close the scratch file (idempotent)."""
-        if not self._sink.closed:
-            self._writer.close()
-            self._sink.close()
-
-    def save(self, directory: Path) -> None:
-        import datasets
-
-        self._flush()
-        self.close()
-        ds = datasets.Dataset.from_file(str(self.path))
-        # an empty split needs one explicit (empty) shard to load back
-        ds.save_to_disk(str(directory), num_shards=1 if self.rows == 0 else None)
-        del ds
-        self.path.unlink()
+# --------------------------------------------------------------------------- packing
 
 
 @dataclass
@@ -326,57 +250,72 @@ class _SplitStats:
     pad_tokens: int = 0
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
-    for start in range(0, len(items), size):
-        yield list(items[start:start + size])
+def _features():
+    import datasets
+
+    row = datasets.List(datasets.Value("int32"))
+    return datasets.Features({"input_ids": row, "labels": row})
 
 
-def _pack_split(name: str, texts: list[str], tokenizer: Any, ids: _TokenIds, settings: PrepareSettings,
-                writer: _RowWriter, progress: bool) -> _SplitStats:
-    from tqdm import tqdm
+def _pack_split(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: PrepareSettings, scratch: Path):
+    """Tokenise and pack one split (a ``datasets.Dataset`` with a ``text`` column) into rows of
+    ``context_length``; returns the packed dataset (written to ``scratch``) and its counts.
+
+    ``datasets.map`` does the batching, the Arrow writing and the progress bar. The packing itself is
+    kphi's: token packing carries each batch's incomplete tail into the next batch (the usual
+    ``group_texts`` recipe drops it at every batch), and the report's character packing cuts the text
+    before tokenising, which no ``datasets`` recipe does. Both need one pass in order, hence one process,
+    and no result cache (the counts are taken as the batches go by).
+    """
+    import datasets
 
     ctx = settings.context_length
     st = _SplitStats(samples=len(texts))
+    if not len(texts):  # datasets.map writes nothing at all for no rows
+        return datasets.Dataset.from_dict({"input_ids": [], "labels": []}, features=_features()), st
     assistant = settings.loss_on == "assistant"
 
     def labels_for(seq: list[int]) -> list[int]:
         return recipe.assistant_labels(seq, ids.assistant, ids.end, ids.eos) if assistant else seq
 
-    def emit(row: list[int], labels: list[int]) -> None:
-        writer.add(row, labels)
-        st.rows += 1
-        st.loss_tokens += sum(1 for x in labels if x != IGNORE_INDEX)
+    def rows_out(rows: list[tuple[list[int], list[int]]]) -> dict[str, list]:
+        st.rows += len(rows)
+        st.loss_tokens += sum(1 for _, labels in rows for x in labels if x != IGNORE_INDEX)
+        return {"input_ids": [r for r, _ in rows], "labels": [labels for _, labels in rows]}
 
     if settings.packing == "tokens":
         packer = recipe.TokenPacker(ctx)
-        bar = tqdm(total=len(texts), desc=f"tokenizing {name}", unit="sample", disable=not progress)
-        for batch in _chunks(texts, _TOKENIZE_BATCH):
-            for seq in _encode(tokenizer, [t + EOS for t in batch]):
-                for row, labels in packer.add(seq, labels_for(seq)):
-                    emit(row, labels)
-            bar.update(len(batch))
-        bar.close()
-        st.tokens = st.rows * ctx
-        st.dropped_tokens = packer.dropped_tokens
+
+        def pack(batch):
+            sequences = _encode(tokenizer, [t + EOS for t in batch["text"]])
+            return rows_out([row for seq in sequences for row in packer.add(seq, labels_for(seq))])
     else:
-        rows = list(recipe.pack_characters((t + EOS for t in texts), settings.chars_per_token * ctx))
-        bar = tqdm(total=len(rows), desc=f"tokenizing {name}", unit="row", disable=not progress)
-        for batch in _chunks(rows, _TOKENIZE_BATCH):
+        texts = datasets.Dataset.from_dict(
+            {"text": list(recipe.pack_characters((t + EOS for t in texts["text"]), settings.chars_per_token * ctx))})
+
+        def pack(batch):
+            rows = []
             # as the reference, with the tokenizer's defaults (a phi-3 tokenizer adds <s> to each row)
-            for seq in _encode(tokenizer, batch, add_special_tokens=True):
+            for seq in _encode(tokenizer, batch["text"], add_special_tokens=True):
                 kept = seq[:ctx]
-                row, real, truncated = recipe.pad_or_truncate(kept, ctx, ids.pad)
-                if assistant:
-                    labels = labels_for(kept) + [IGNORE_INDEX] * (ctx - len(kept))
-                else:
-                    labels = row  # the reference puts the loss on every position, padding included
+                row, real, _ = recipe.pad_or_truncate(kept, ctx, ids.pad)
+                # the reference puts the loss on every position, padding included
+                labels = labels_for(kept) + [IGNORE_INDEX] * (ctx - len(kept)) if assistant else row
                 st.tokens += real
                 st.pad_tokens += ctx - real
                 st.dropped_tokens += len(seq) - len(kept)
-                emit(row, labels)
-            bar.update(len(batch))
-        bar.close()
-    return st
+                rows.append((row, labels))
+            return rows_out(rows)
+
+    packed = texts.map(
+        pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=texts.column_names, features=_features(),
+        load_from_cache_file=False, new_fingerprint=f"kphi-pack-{name}", cache_file_name=str(scratch),
+        desc=f"tokenizing and packing {name}",
+    )
+    if settings.packing == "tokens":
+        st.tokens = st.rows * ctx
+        st.dropped_tokens = packer.dropped_tokens
+    return packed, st
 
 
 # --------------------------------------------------------------------------- build
@@ -395,6 +334,18 @@ def _read_samples(source: PairSource, settings: PrepareSettings, progress: bool)
             break
     bar.close()
     return samples, len(samples)
+
+
+def _split(samples: list[str], validation_rows: int, seed: int):
+    """``{"train", "validation"}`` datasets with a ``text`` column: ``train_test_split``'s seeded permutation
+    (validation first, the training samples after it, shuffled); with no validation rows, the same shuffle."""
+    import datasets
+
+    texts = datasets.Dataset.from_dict({"text": samples})
+    if validation_rows == 0:  # train_test_split refuses an empty test split
+        return datasets.DatasetDict(train=texts.shuffle(seed=seed).flatten_indices(), validation=texts.select([]))
+    parts = texts.train_test_split(test_size=validation_rows, seed=seed)
+    return datasets.DatasetDict(train=parts["train"].flatten_indices(), validation=parts["test"].flatten_indices())
 
 
 def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, progress: bool) -> dict[str, Any]:
@@ -419,27 +370,24 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
         raise DataError(f"only {len(kept)} samples remain after filtering, too few for "
                         f"validation_rows={settings.validation_rows} plus a training split; "
                         f"lower validation_rows (or raise max_rows)")
-    train_texts, val_texts = recipe.split_samples(kept, settings.validation_rows, settings.seed)
+    split = _split(kept, settings.validation_rows, settings.seed)
     filtered.kept = []
     del kept
 
-    tokenizer = _build_tokenizer(settings.tokenizer, train_texts if settings.tokenizer == "bpe" else None,
+    tokenizer = _build_tokenizer(settings.tokenizer, split["train"]["text"] if settings.tokenizer == "bpe" else None,
                                  settings.vocab_size)
     ids = _special_ids(tokenizer, settings.tokenizer)
 
     split_stats = {}
-    for name, texts in (("train", train_texts), ("validation", val_texts)):
-        writer = _RowWriter(work / f".{name}.arrow")
-        try:
-            st = _pack_split(name, texts, tokenizer, ids, settings, writer, progress)
-        except BaseException:
-            writer.close()
-            raise
+    for name in ("train", "validation"):
+        scratch = work / f".{name}.arrow"
+        packed, st = _pack_split(name, split[name], tokenizer, ids, settings, scratch)
         if st.samples and not st.rows:
-            writer.close()
             raise DataError(f"the {name} split ({st.samples} samples, {st.dropped_tokens} tokens) is too small "
                             f"for one row of context_length={settings.context_length}")
-        writer.save(work / name)
+        packed.save_to_disk(str(work / name), num_shards=1 if len(packed) == 0 else None)  # an empty split needs a shard
+        del packed
+        scratch.unlink(missing_ok=True)
         split_stats[name] = st
 
     tokenizer.save_pretrained(str(work / "tokenizer"))
@@ -451,7 +399,7 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
         "per_source": per_source,
         "dropped": filtered.dropped,
         "dropped_total": filtered.dropped_total,
-        "samples_kept": len(train_texts) + len(val_texts),
+        "samples_kept": tr.samples + va.samples,
         "train_samples": tr.samples,
         "validation_samples": va.samples,
         "train_rows": tr.rows,
@@ -493,31 +441,11 @@ def _datasets_bars(enabled: bool) -> Iterator[None]:
             ds_tqdm.enable_progress_bars()
 
 
-def _publish(target: Path, fill, key: str) -> Path:
-    """Run ``fill(tmp)`` in a temporary sibling of ``target``, then rename it into place.
-
-    On any failure (or interrupt) the temporary directory is removed and nothing
-    appears at ``target``. An existing empty ``target`` directory is replaced.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
-    try:
-        fill(tmp)
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if _prepared_key(target) == key:  # another process finished the same work first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _publish(target: Path, fill) -> Path:
+    """``fill`` a staged sibling of ``target`` and swap it into place (:func:`kphi.files.staged_dir`): on any
+    failure or interrupt nothing appears at ``target``."""
+    with staged_dir(target) as work:
+        fill(work)
     return target
 
 
@@ -557,7 +485,7 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
         if _prepared_key(cached) == key:
             _announce(cached, progress, "found in the cache, nothing rebuilt")
             return cached
-        _publish(cached, build, key)
+        _publish(cached, build)
         _announce(cached, progress)
         return cached
 
@@ -580,10 +508,10 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
                     shutil.copytree(item, work / item.name)
                 else:
                     shutil.copy2(item, work / item.name)
-        _publish(out, copy, key)
+        _publish(out, copy)
         _announce(out, progress, "copied from the cache")
         return out
-    _publish(out, build, key)
+    _publish(out, build)
     _announce(out, progress)
     return out
 
@@ -655,6 +583,6 @@ def load_prepared(path: str | os.PathLike):
 
 
 __all__ = [
-    "DataError", "PrepareSettings", "prepare_dataset", "load_prepared", "format_stats",
+    "DataError", "CorpusSettings", "PrepareSettings", "prepare_dataset", "load_prepared", "format_stats",
     "data_cache_dir", "cache_key", "FORMAT_VERSION",
 ]

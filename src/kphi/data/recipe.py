@@ -9,10 +9,10 @@ Parameters in Large Language Models", with every step configurable:
 3. :func:`apply_filters` -- drop samples containing any refusal phrase of
    :data:`DEFAULT_FILTERS`; a dropped sample is counted once, for the first phrase
    (in list order) that it contains.
-4. :func:`split_indices` / :func:`split_samples` -- a seeded validation split. It is
-   index-for-index the split of ``datasets.Dataset.train_test_split(test_size=k,
-   seed=seed)`` (a PCG64 permutation from ``numpy.random.default_rng(seed)``), so it
-   depends only on the number of samples and the seed, never on hash seeds.
+4. A seeded validation split: ``datasets.Dataset.train_test_split(test_size=k,
+   seed=seed)`` (in :mod:`kphi.data.prepare`; a PCG64 permutation from
+   ``numpy.random.default_rng(seed)``), so it depends only on the number of samples
+   and the seed, never on hash seeds.
 5. Tokenisation and packing:
 
    * :class:`TokenPacker` (``packing="tokens"``, the default): the token streams of
@@ -35,8 +35,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
-
-import numpy as np
 
 #: Special tokens of the phi-3 chat format used by the recipe.
 USER = "<|user|>"
@@ -117,28 +115,6 @@ def apply_filters(texts: Iterable[str], filters: Sequence[str]) -> FilterResult:
         else:
             dropped[hit] += 1
     return FilterResult(kept=kept, dropped=dropped)
-
-
-def split_indices(n: int, validation_rows: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, validation indices) of a seeded random split of ``n`` samples.
-
-    Identical to ``datasets.Dataset.train_test_split(test_size=validation_rows,
-    seed=seed)``: ``permutation = numpy.random.default_rng(seed).permutation(n)``;
-    validation = ``permutation[:validation_rows]``, train = the rest, in permuted
-    order (so the training samples come out shuffled).
-    """
-    if validation_rows < 0:
-        raise ValueError(f"validation_rows must be >= 0, got {validation_rows}")
-    if validation_rows > n:
-        raise ValueError(f"validation_rows={validation_rows} exceeds the {n} samples available")
-    permutation = np.random.default_rng(seed).permutation(n)
-    return permutation[validation_rows:], permutation[:validation_rows]
-
-
-def split_samples(samples: Sequence[str], validation_rows: int, seed: int = 42) -> tuple[list[str], list[str]]:
-    """Split ``samples`` into (train, validation) with :func:`split_indices`."""
-    train_idx, val_idx = split_indices(len(samples), validation_rows, seed)
-    return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
 def assistant_labels(ids: Sequence[int], assistant_id: int, end_id: int, eos_id: int) -> list[int]:

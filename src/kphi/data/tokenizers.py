@@ -57,6 +57,8 @@ __all__ = [
     "TokenizerError",
     "build_tokenizer",
     "describe_tokenizer",
+    "save_tokenizer",
+    "train_bpe_on_source",
     "fetch_phi3_gguf",
     "load_hub_phi3_tokenizer",
     "load_reference_tokenizations",
@@ -315,6 +317,29 @@ def train_bpe_tokenizer(
         clean_up_tokenization_spaces=False,
     )
     return _with_chat_template(tokenizer)
+
+
+def train_bpe_on_source(source: str = "default", vocab_size: int = DEFAULT_VOCAB_SIZE, max_rows: int | None = None,
+                        show_progress: bool = False) -> tuple[PreTrainedTokenizerFast, int]:
+    """:func:`train_bpe_tokenizer` on the samples of a data source (:func:`kphi.data.sources.open_source`),
+    formatted as training formats them; returns the tokenizer and the number of samples it saw."""
+    from itertools import islice
+
+    from .recipe import format_sample
+    from .sources import open_source
+
+    texts = [format_sample(instruction, response) for instruction, response in islice(open_source(source), max_rows)]
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size, show_progress=show_progress), len(texts)
+
+
+def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
+    """``save_pretrained`` into ``out`` atomically; ``out`` must be new, empty or hold a tokenizer."""
+    from ..files import refuse_foreign_dir, staged_dir
+
+    path = Path(out)
+    refuse_foreign_dir(path, (path / "tokenizer_config.json").is_file(), "tokenizer", TokenizerError)
+    with staged_dir(path) as staging:
+        tokenizer.save_pretrained(staging)
 
 
 def _with_chat_template(tokenizer: Any) -> PreTrainedTokenizerFast:

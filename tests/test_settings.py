@@ -1,0 +1,99 @@
+"""Settings dataclasses: one declaration per setting gives its check and its flag; nothing given means nothing set."""
+
+import argparse
+import dataclasses
+
+import pytest
+
+from kphi.data.prepare import CorpusSettings, PrepareSettings
+from kphi.settings import add_settings_arguments, check_settings, field_docs, setting
+from kphi.train import TrainError, TrainSettings
+
+pytestmark = pytest.mark.fast
+
+
+def parser():
+    p = argparse.ArgumentParser()
+    add_settings_arguments(p, TrainSettings, skip=("progress",), required=("preset", "out"))
+    return p
+
+
+def test_every_scalar_field_is_a_flag_with_its_docstring_as_help():
+    p = parser()
+    flags = {a.dest: a for a in p._actions if a.dest != "help"}
+    assert set(flags) == {f.name for f in dataclasses.fields(TrainSettings)} - {"progress"}
+    assert "Peak learning rate" in flags["learning_rate"].help
+    assert field_docs(TrainSettings)["eval_rows"].startswith("Use only the first")
+
+
+def test_only_the_flags_given_are_set_and_typed():
+    args = vars(parser().parse_args(["--preset", "tiny-kphi3", "--out", "o", "--learning-rate", "3e-3", "--max-steps", "7",
+                                     "--gradient-checkpointing"]))
+    assert args == {"preset": "tiny-kphi3", "out": "o", "learning_rate": 3e-3, "max_steps": 7, "gradient_checkpointing": True}
+    assert vars(parser().parse_args(["--preset", "p", "--out", "o", "--no-gradient-checkpointing"]))["gradient_checkpointing"] is False
+
+
+def test_required_and_typed_flags_are_enforced():
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--out", "o"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--preset", "p", "--out", "o", "--batch-size", "eight"])
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--preset", "p", "--out", "o", "--config-overrides", "[1, 2]"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--preset", "p", "--out", "o", "--training-arguments", "{adam_beta2: 0.95}"])
+
+
+def test_dict_settings_are_json_flags():
+    args = parser().parse_args(["--preset", "p", "--out", "o", "--config-overrides", '{"hidden_size": 64}',
+                                "--training-arguments", '{"adam_beta2": 0.95}'])
+    assert args.config_overrides == {"hidden_size": 64} and args.training_arguments == {"adam_beta2": 0.95}
+
+
+def test_the_data_fields_are_declared_once_for_training_and_preparation():
+    shared = {f.name for f in dataclasses.fields(CorpusSettings)}
+    assert shared == {"tokenizer", "vocab_size", "context_length", "validation_rows", "max_rows"}
+    for cls in (TrainSettings, PrepareSettings):
+        assert issubclass(cls, CorpusSettings)
+        assert {f.name: f.default for f in dataclasses.fields(cls) if f.name in shared} == {
+            f.name: f.default for f in dataclasses.fields(CorpusSettings)}
+    assert field_docs(TrainSettings)["context_length"] == field_docs(PrepareSettings)["context_length"]
+
+
+@dataclasses.dataclass
+class Example:
+    count: int = setting(1, minimum=1)
+    rate: float = setting(0.5, above=0, maximum=1)
+    mode: str = setting("a", choices=("a", "b"))
+    limit: int | None = setting(None, minimum=0)
+    flag: bool = False
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"count": 0}, "count must be a positive integer, got 0"),
+    ({"count": 2.0}, "count must be a positive integer, got 2.0"),
+    ({"count": True}, "count must be a positive integer, got True"),
+    ({"rate": 0.0}, "rate must be in (0, 1], got 0.0"),
+    ({"rate": float("nan")}, "rate must be in (0, 1], got nan"),
+    ({"mode": "c"}, "mode must be one of a, b, got 'c'"),
+    ({"limit": -1}, "limit must be an integer >= 0, got -1"),
+    ({"flag": "yes"}, "flag must be true or false, got 'yes'"),
+])
+def test_declared_bounds_and_types_are_checked(bad, message):
+    check_settings(Example(), ValueError)  # the defaults pass
+    check_settings(Example(limit=None, rate=1, count=3), ValueError)  # None where allowed, an int for a float
+    with pytest.raises(ValueError) as caught:
+        check_settings(Example(**bad), ValueError)
+    assert str(caught.value) == message
+
+
+def test_training_arguments_pass_through_to_trainer_and_kphis_own_are_refused(tmp_path):
+    from kphi.train import _training_arguments
+
+    args = _training_arguments(TrainSettings(training_arguments={"adam_beta2": 0.95}), tmp_path, max_steps=3)
+    assert args.adam_beta2 == 0.95 and args.max_steps == 3
+    with pytest.raises(TrainError, match="learning_rate is set from kphi's own settings"):
+        _training_arguments(TrainSettings(training_arguments={"learning_rate": 1.0}), tmp_path, max_steps=3)
+    with pytest.raises(TrainError, match="adam_beta3 is not"):
+        _training_arguments(TrainSettings(training_arguments={"adam_beta3": 0.9}), tmp_path, max_steps=3)
