@@ -208,14 +208,13 @@ def _old_style_identity(settings, preset, overrides):
     """A record as runs wrote it before identities held the whole model config: preset + overrides."""
     import dataclasses
 
+    from kphi.train import LATER_FIELDS
+
     d = dataclasses.asdict(settings)
-    for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit", *LATER_FIELDS_NAMES):
+    for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit", *LATER_FIELDS):
         d.pop(key)
     d["preset"], d["config_overrides"] = preset, overrides
     return json.loads(json.dumps(d))
-
-
-LATER_FIELDS_NAMES = ("init_from", "distill_from", "distill_alpha", "distill_temperature")
 
 
 @pytest.mark.fast

@@ -71,10 +71,9 @@ class TokenizerCalls:
 @pytest.fixture
 def fake_builder(monkeypatch) -> TokenizerCalls:
     """Route ``prepare``'s tokenizer construction to the tiny test tokenizer."""
-    from kphi.data import prepare
 
     calls = TokenizerCalls()
-    monkeypatch.setattr(prepare, "_build_tokenizer", calls)
+    monkeypatch.setattr("kphi.data.tokenizers.build_tokenizer", calls)
     return calls
 
 

@@ -241,7 +241,7 @@ def test_failure_in_tokenizer_leaves_nothing(tmp_path, corpus_file, monkeypatch)
     def broken(spec, training_texts=None, vocab_size=4096):
         raise RuntimeError("tokenizer exploded")
 
-    monkeypatch.setattr(prepare, "_build_tokenizer", broken)
+    monkeypatch.setattr("kphi.data.tokenizers.build_tokenizer", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         prepare_dataset(settings_for(corpus_file), cache_dir=tmp_path / "cache", progress=False)
     with pytest.raises(RuntimeError, match="exploded"):
@@ -280,7 +280,7 @@ def test_tokenizer_without_chat_tokens_is_refused(tmp_path, corpus_file, monkeyp
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
-    monkeypatch.setattr(prepare, "_build_tokenizer", plain)
+    monkeypatch.setattr("kphi.data.tokenizers.build_tokenizer", plain)
     with pytest.raises(DataError, match=r"does not encode <\|user\|> as one token"):
         prepare_dataset(settings_for(corpus_file), cache_dir=tmp_path / "cache", progress=False)
     assert _leftovers(tmp_path / "cache") == []
@@ -365,14 +365,15 @@ def test_no_validation_split(tmp_path, corpus_file, fake_builder):
     assert stats["train_samples"] == 240 - 48 and len(train) > 0
 
 
-def test_tokenizer_module_errors_become_dataerror(tmp_path, corpus_file):
-    with pytest.raises(DataError, match="vocab_size"):
+def test_tokenizer_errors_reach_the_caller_as_input_errors_and_leave_nothing(tmp_path, corpus_file):
+    from kphi.errors import KphiError
+
+    with pytest.raises(KphiError, match="vocab_size"):
         prepare_dataset(settings_for(corpus_file, vocab_size=50), cache_dir=tmp_path / "c", progress=False)
-    with pytest.raises(DataError, match="unknown tokenizer spec"):
+    with pytest.raises(KphiError, match="unknown tokenizer spec"):
         prepare_dataset(settings_for(corpus_file, tokenizer="no-such-tokenizer"), cache_dir=tmp_path / "c",
                         progress=False)
     assert _leftovers(tmp_path / "c") == []
-
 
 
 def test_split_too_small_for_one_row(tmp_path, corpus_file, fake_builder):

@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from ..files import cache_root, slug, staged_dir
 from ..settings import check_settings, setting
@@ -191,23 +191,6 @@ def _prepared_key(path: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- tokenizer
-
-
-def _build_tokenizer(spec: str, training_texts: Iterable[str] | None, vocab_size: int):
-    """Build the tokenizer through ``kphi.data.tokenizers.build_tokenizer`` (imported lazily)."""
-    try:
-        from kphi.data import tokenizers
-    except ModuleNotFoundError as exc:
-        if exc.name in ("kphi.data.tokenizers", "kphi"):
-            raise DataError("the tokenizer module kphi.data.tokenizers is not available") from exc
-        raise
-    known = getattr(tokenizers, "TokenizerError", None)
-    try:
-        return tokenizers.build_tokenizer(spec, training_texts=training_texts, vocab_size=vocab_size)
-    except Exception as exc:
-        if known is not None and isinstance(exc, known):
-            raise DataError(str(exc)) from exc  # one kind of error for the CLI to report
-        raise
 
 
 @dataclass
@@ -374,8 +357,10 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
     filtered.kept = []
     del kept
 
-    tokenizer = _build_tokenizer(settings.tokenizer, split["train"]["text"] if settings.tokenizer == "bpe" else None,
-                                 settings.vocab_size)
+    from .tokenizers import build_tokenizer  # its TokenizerError is a KphiError: the CLI reports it as it is
+
+    tokenizer = build_tokenizer(settings.tokenizer, training_texts=split["train"]["text"] if settings.tokenizer == "bpe" else None,
+                                vocab_size=settings.vocab_size)
     ids = _special_ids(tokenizer, settings.tokenizer)
 
     split_stats = {}
