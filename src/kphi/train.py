@@ -68,7 +68,8 @@ class TrainSettings(CorpusSettings):
     """Everything that defines a training run. Presets set defaults in their ``training:`` section.
 
     The data fields (``tokenizer``, ``vocab_size``, ``context_length``, ``validation_rows``, ``max_rows``)
-    are :class:`kphi.data.prepare.CorpusSettings`', used when ``data`` names a source to prepare.
+    are inherited from :class:`kphi.data.prepare.CorpusSettings`; they apply when ``data`` names a source
+    to prepare.
     """
 
     preset: str | None = "tiny-kphi3"
@@ -159,7 +160,8 @@ class TrainSettings(CorpusSettings):
         for key, default in LATER_FIELDS.items():
             if d[key] == default:
                 d.pop(key)
-        d["model"] = model_fields(self, config)
+        # a run started from a model directory with no preset is that directory's model (init_from)
+        d["model"] = model_fields(self, config) if config is not None or self.preset is not None else None
         return json.loads(json.dumps(d))  # as stored: tuples become lists
 
 
