@@ -385,7 +385,7 @@ def run_compare(
         except (TrainError, ValueError) as err:
             raise CompareError(f"arm {arm.label!r}: {err}") from None
         head = f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}"
-        m = _finished_run(run_dir, settings, arm.config)
+        m = finished_run(run_dir, settings, arm.config)
         if m is not None:
             log(f"{head}: already trained, reusing {run_dir}")
         else:
@@ -426,7 +426,7 @@ def command_line() -> str | None:
     return None
 
 
-def _finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
+def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished run of exactly these settings; ``None`` when it has yet to (finish) training."""
     run_file = run_dir / "kphi-run.json"
     metrics_file = next((f for f in (run_dir / "metrics.json", run_dir / DIVERGED_FILE) if f.is_file()), None)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, _finished_run, command_line, read_suite_yaml
+from .compare import CompareError, command_line, finished_run, read_suite_yaml
 from .files import atomic_write_text, slug
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
@@ -81,7 +81,7 @@ class _Runner:
         from .train import TrainError, train
 
         settings = self.settings(run_dir, preset, **overrides)
-        metrics = _finished_run(run_dir, settings)
+        metrics = finished_run(run_dir, settings)
         if metrics is not None:
             self.log(f"{label}: already trained, reusing {run_dir}")
             return metrics
