@@ -71,35 +71,29 @@ class CorpusSettings:
 
 @dataclass
 class PrepareSettings(CorpusSettings):
-    """Every knob of the preparation recipe (all of them enter the cache key).
-
-    Attributes:
-        source: data source spec, see :func:`kphi.data.sources.open_source`:
-            ``"default"`` (offline chitchat + chatterbot corpus), ``"lamini"``,
-            ``"chitchat"``, ``"chatterbot"``, ``"hf:OWNER/NAME[:SPLIT]"``, or a path
-            to a parquet/jsonl/json/csv file or a directory of them.
-        columns: (instruction column, response column) for files and hub datasets.
-        seed: seed of the train/validation split.
-        filters: phrases whose presence drops a sample (empty: no filtering).
-        packing: ``"tokens"`` (concatenate the token streams of the samples, each
-            ending in ``<|endoftext|>``, and cut full rows; the last partial row is
-            dropped; encoded without the tokenizer's own BOS/EOS additions) or
-            ``"reference"`` (the report's packing by ``chars_per_token *
-            context_length`` characters, each row then tokenised with the
-            tokenizer's defaults -- a phi-3 tokenizer prepends ``<s>`` -- and
-            truncated or right-padded with the pad token).
-        loss_on: ``"all"`` (every position, including padding with reference
-            packing) or ``"assistant"`` (response tokens and ``<|endoftext|>`` only).
-        chars_per_token: characters per token assumed by reference packing.
-    """
+    """Every knob of the preparation recipe (all of them enter the cache key); the data fields it shares
+    with training come from :class:`CorpusSettings`. ``source`` is read by
+    :func:`kphi.data.sources.open_source`."""
 
     source: str = "default"
+    """Data source: default (offline chitchat + chatterbot corpus), lamini, chitchat, chatterbot,
+    hf:OWNER/NAME[:SPLIT], or a parquet/jsonl/json/csv file or a directory of them."""
     columns: tuple[str, str] = DEFAULT_COLUMNS
+    """(instruction column, response column) for files and hub datasets."""
     seed: int = 42
+    """Seed of the train/validation split."""
     filters: tuple[str, ...] = DEFAULT_FILTERS
+    """Phrases whose presence drops a sample (empty: no filtering)."""
     packing: str = setting("tokens", choices=PACKINGS)
+    """tokens: concatenate the samples' token streams (each ending in <|endoftext|>) and cut full rows,
+    dropping the last partial row, encoded without the tokenizer's own BOS/EOS; reference: the report's
+    packing by chars_per_token * context_length characters, each row then tokenised with the tokenizer's
+    defaults (a phi-3 tokenizer prepends <s>) and truncated or right-padded with the pad token."""
     loss_on: str = setting("all", choices=LOSS_ON)
+    """all: every position (padding included with reference packing); assistant: response tokens and
+    <|endoftext|> only."""
     chars_per_token: int = setting(5, minimum=1)
+    """Characters per token assumed by reference packing."""
 
     def __post_init__(self) -> None:
         if isinstance(self.source, os.PathLike):
