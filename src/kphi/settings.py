@@ -22,9 +22,6 @@ import typing
 
 __all__ = ["setting", "check_settings", "add_settings_arguments", "field_docs"]
 
-_TYPES = {int: int, float: float, str: str}
-
-
 def setting(default, *, minimum=None, above=None, maximum=None, choices=None):
     """A dataclass field with declared bounds (``minimum <= v``, ``above < v``, ``v <= maximum``) and/or
     allowed ``choices``; ``None`` (where the type allows it) always passes."""
@@ -162,7 +159,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, *, skip=(), req
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = f" (default: {default})" if default is not None and f.name not in required else ""
         parser.add_argument(
-            flag, dest=f.name, type=_TYPES[kind], default=argparse.SUPPRESS, required=f.name in required,
+            flag, dest=f.name, type=kind, default=argparse.SUPPRESS, required=f.name in required,
             choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else f.name.upper(),
             help=(help_text + shown).strip(),
         )
