@@ -130,3 +130,23 @@ def test_rerun_reuses_finished_arms_and_refuses_a_different_comparison(smoke_run
     other = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--max-tokens", "999", "--out", str(out), "--quiet", cache=tmp / "cache")
     assert other.returncode == 2 and "different comparison" in other.stderr and "Traceback" not in other.stderr
     assert json.loads((out / "results.json").read_text())["arms"] == json.loads(before)["arms"]
+
+
+def test_a_run_that_started_from_other_initial_weights_is_not_reused(smoke_run, tmp_path):
+    """A finished run whose recorded initial-weights hash is not what today's code builds for it (the
+    initialisation changed since) is refused by name, not mixed into new results (issue 16)."""
+    import shutil
+
+    out, _, tmp = smoke_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    run_file = next((copy / "arms").glob("phi-3-lr*-seed42/kphi-run.json"))
+    record = json.loads(run_file.read_text())
+    assert len(record["initial_weights_sha256"]) == 64
+    record["initial_weights_sha256"] = "0" * 64
+    run_file.write_text(json.dumps(record))
+    before = (copy / "results.json").read_text()
+    again = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--seeds", "2", "--out", str(copy), "--quiet", cache=tmp / "cache")
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "other initial weights" in again.stderr and run_file.parent.name in again.stderr
+    assert (copy / "results.json").read_text() == before

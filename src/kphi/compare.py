@@ -433,14 +433,22 @@ def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     if metrics_file is None:
         return None
     try:
-        recorded = json.loads(run_file.read_text()).get("identity")
+        record = json.loads(run_file.read_text())
+        recorded = record.get("identity")
         metrics = json.loads(metrics_file.read_text())
     except (OSError, json.JSONDecodeError, AttributeError) as err:
         raise CompareError(f"{run_dir} is damaged ({err}); move it away to retrain that run") from None
-    from .train import identity_differences
+    from .train import identity_differences, initial_weights_sha256
 
     if identity_differences(recorded, settings, config):
         raise CompareError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
+    # runs recorded before the hash was (issue 16) cannot be told apart and are reused as they are
+    started_from = record.get("initial_weights_sha256")
+    if started_from is not None and started_from != initial_weights_sha256(settings, config):
+        raise CompareError(
+            f"{run_dir} started from other initial weights than this code builds for it (the initialisation "
+            f"changed since it was trained); move it away to retrain that run"
+        )
     return metrics
 
 

@@ -78,6 +78,15 @@ def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config)
     return adapter
 
 
+class _RebuiltDense(DenseKind):
+    """The dense kind, but :func:`replace_projections` swaps each projection for a new ``nn.Linear`` (whose
+    construction draws from the RNG) rather than leaving it: the construction order of kphi before the
+    projection-kind registry, which the committed dense results depend on."""
+
+
+_REBUILT_DENSE = _RebuiltDense()
+
+
 class KPhi3PreTrainedModel(Phi3PreTrainedModel):
     config_class = KPhi3Config
     config: KPhi3Config
@@ -118,7 +127,11 @@ class KPhi3Model(KPhi3PreTrainedModel, Phi3Model):
         else:
             self.embed_to_hidden = None
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        replace_projections(self.layers, config.projection_kind(), PROJECTION_TARGETS)
+        kind = config.projection_kind()
+        # A dense kind leaves Phi-3's projections in place, but every dense result in RESULTS.md was made by
+        # code that built them a second time (a fresh nn.Linear per projection): building them again keeps
+        # the seeded RNG sequence, hence the initial weights, of those runs (tests/test_init_hashes.py).
+        replace_projections(self.layers, _REBUILT_DENSE if isinstance(kind, DenseKind) else kind, PROJECTION_TARGETS)
         self.norm = Phi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config=config)
         self.gradient_checkpointing = False

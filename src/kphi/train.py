@@ -44,6 +44,7 @@ from .callbacks import (
 from .data.prepare import CorpusSettings
 from .errors import KphiError
 from .files import atomic_write_text, refuse_foreign_dir
+from .fingerprint import weights_sha256
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .optim import GROUPED_LR_SCALES, scale_grouped_learning_rates
 from .presets import PresetError, resolve_config
@@ -335,6 +336,24 @@ def build_model_config(settings: TrainSettings, tokenizer, config: KPhi3Config |
     return KPhi3Config(**base)
 
 
+def initial_model(settings: TrainSettings, tokenizer, config: KPhi3Config | None = None):
+    """The model a run starts from: ``--init-from``'s weights, else a new model built after
+    ``torch.manual_seed(settings.seed)`` (so the same settings give bit-identical initial weights)."""
+    torch.manual_seed(settings.seed)
+    if settings.init_from is not None:
+        return _load_model_dir(settings.init_from, "--init-from", len(tokenizer))
+    return KPhi3ForCausalLM(build_model_config(settings, tokenizer, config))
+
+
+def initial_weights_sha256(settings: TrainSettings, config: KPhi3Config | None = None) -> str:
+    """:func:`kphi.fingerprint.weights_sha256` of :func:`initial_model` for ``settings`` (the prepared data in
+    ``settings.data`` supplies the tokenizer): what a recorded run's ``initial_weights_sha256`` is checked against."""
+    from .data.prepare import load_prepared
+
+    tokenizer = load_prepared(settings.data)[2]
+    return weights_sha256(initial_model(settings, tokenizer, config))
+
+
 def _load_model_dir(path: str, flag: str, vocab_size: int):
     """A model directory's causal LM (float32, checked loading) whose vocabulary is the data's."""
     from .model_dir import load_model
@@ -457,11 +476,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     if row_length != settings.context_length:
         raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
     eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
-    torch.manual_seed(settings.seed)
-    if settings.init_from is not None:
-        model = _load_model_dir(settings.init_from, "--init-from", len(tokenizer))
-    else:
-        model = KPhi3ForCausalLM(build_model_config(settings, tokenizer, config))
+    model = initial_model(settings, tokenizer, config)
+    initial_weights = weights_sha256(model)
     teacher = None
     if settings.distill_from is not None:
         teacher = _load_model_dir(settings.distill_from, "--distill-from", len(tokenizer))
@@ -471,7 +487,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         checkpoint = _newest_complete_checkpoint(out) if resume else None
         if checkpoint is not None:
             _validate_checkpoint(checkpoint, model)
-        record = {"identity": settings.identity(config), "settings": dataclasses.asdict(settings)}
+        record = {"identity": settings.identity(config), "settings": dataclasses.asdict(settings),
+                  "initial_weights_sha256": initial_weights}
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
         return str(checkpoint) if checkpoint else None
 
@@ -524,6 +541,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     metrics: dict[str, Any] = {}
     if is_main:
         metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, tokens_per_step, wall)
+        metrics["initial_weights_sha256"] = initial_weights
         with _without_hub_progress_bars():
             _write_model_dir(trainer, tokenizer, out)
         from .plots import plot_loss_curve
