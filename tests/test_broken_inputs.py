@@ -42,7 +42,7 @@ def _remove(name):
 
 # damage -> (how, the words the message must contain, whether only the config is read)
 DAMAGE = {
-    "no such directory": (None, "not a directory", True),
+    "no such directory": (None, "does not exist", True),
     "empty directory": ("empty", "no config.json", True),
     "foreign directory": ("foreign", "no config.json", True),
     "config missing": (_remove("config.json"), "no config.json", True),

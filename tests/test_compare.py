@@ -150,3 +150,19 @@ def test_a_run_that_started_from_other_initial_weights_is_not_reused(smoke_run, 
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "other initial weights" in again.stderr and run_file.parent.name in again.stderr
     assert (copy / "results.json").read_text() == before
+
+
+def test_arms_option_trains_only_the_named_arms(smoke_run, tmp_path):
+    """``--arms`` re-runs part of a suite: the others still size the control and set the percentages."""
+    _, _, tmp = smoke_run
+    out = tmp_path / "only"
+    result = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--arms", "phi-3 small (same params)",
+                      "--out", str(out), "--quiet", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    arms = json.loads((out / "results.json").read_text())["arms"]
+    assert [a["label"] for a in arms] == ["phi-3 small (same params)"]
+    assert sorted(p.name.split("-lr")[0] for p in (out / "arms").iterdir()) == ["phi-3-small-same-params"]
+    full = {a.label: a for a in resolve_arms(load_suite("smoke"))}
+    assert arms[0]["percent"] == round(100 * non_embedding(full["phi-3 small (same params)"].config) / non_embedding(full["phi-3"].config), 1)
+    bad = run_kphi("compare", "--suite", "smoke", "--arms", "nope", "--out", str(tmp_path / "bad"), "--quiet", cache=tmp / "cache")
+    assert bad.returncode == 2 and "no arm 'nope'" in bad.stderr and "Traceback" not in bad.stderr

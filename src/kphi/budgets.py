@@ -34,6 +34,7 @@ def run_budget_series(
     seeds: int | None = None,
     learning_rates: list[float] | None = None,
     max_tokens: int | None = None,
+    only_arms: list[str] | None = None,
 ) -> dict[str, Any]:
     """Every arm of ``suite`` at every budget; returns ``results.json``'s content.
 
@@ -57,7 +58,8 @@ def run_budget_series(
         training = {k: v for k, v in suite.training.items() if k != "max_steps"}
         at_budget = dataclasses.replace(suite, training={**training, "max_tokens": tokens}, budgets=None)
         log(f"== {tokens:,} tokens per run, {seeds} seed(s)")
-        per_budget[tokens] = run_compare(at_budget, out / f"tokens-{tokens}", seeds=seeds, data=data, progress=progress, log=log)
+        per_budget[tokens] = run_compare(at_budget, out / f"tokens-{tokens}", seeds=seeds, data=data, progress=progress, log=log,
+                                        only_arms=only_arms)
     results = budget_results(suite, per_budget, time.perf_counter() - started)
     _write_outputs(results, out)
     return results

@@ -17,6 +17,20 @@ from .settings import add_settings_arguments
 __all__ = ["main"]
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_eval_table, run_eval
+
+    _quiet_transformers()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    reports = run_eval(args.models, texts=args.text, data=args.data, tasks=tasks, context=args.context,
+                       stride=args.stride, limit=args.limit, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(format_eval_table(reports))
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     from .params import format_params_table, report_for
     from .presets import list_presets
@@ -62,6 +76,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     options = dict(
         seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=_log(args),
         learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates else None,
+        only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None,
     )
     out = args.out or f"runs/compare-{suite.name}"
     if args.budgets or suite.budgets:
@@ -226,9 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("params", help="parameter counts of presets or model configs (no weights allocated)")
-    p.add_argument("presets", nargs="*", metavar="PRESET_OR_CONFIG", help="preset name, preset YAML, config.json or model dir (default: all presets)")
+    p.add_argument("presets", nargs="*", metavar="PRESET_OR_CONFIG", help="preset name, preset YAML, config.json, or a model: directory, .gguf file, known model (smollm2-135m), hub id (default: all presets)")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one preset)")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("eval", help="bits per byte and perplexity on held-out text, lm-evaluation-harness tasks")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="model directory, .gguf file, known model (smollm2-135m) or hub id; several give one table")
+    p.add_argument("--text", action="append", metavar="FILE",
+                   help="a .txt file (one document) or .jsonl file (a 'text' per line); repeatable "
+                        "(default: kphi's held-out English text)")
+    p.add_argument("--data", metavar="PREPARED", help="also score a prepared corpus's validation split (the model's tokenizer)")
+    p.add_argument("--tasks", metavar="NAME,...", help="lm-evaluation-harness tasks, e.g. kphi_next_sentence (needs kphi[eval])")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N examples per lm_eval task")
+    p.add_argument("--context", type=int, help="tokens per window (default: min(1024, the model's context))")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
+    p.add_argument("--json", action="store_true", help="print every number as JSON on standard output")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="prepare instruction corpora")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -289,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every arm at each of these peak rates and report each arm at its best (e.g. 1e-3,2e-3,4e-3)")
     p.add_argument("--budgets", metavar="TOKENS,TOKENS,...",
                    help="a budget series: every arm at each of these token budgets (e.g. 716800,3e6), one comparison each")
+    p.add_argument("--arms", metavar="LABEL,LABEL,...",
+                   help="train and report only these arms of the suite (the others still size its controls)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

@@ -195,7 +195,7 @@ def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
     intermediate size alone (multiples of 8), since a hidden-size step is coarse.
     """
     fields = config_fields(base)
-    fields.update(min_channels_per_group=-1, low_rank_fraction=None, embed_size=None)
+    fields.update(min_channels_per_group=-1, low_rank_fraction=None, projection=None, embed_size=None)
     heads, ratio = base.num_attention_heads, base.intermediate_size / base.hidden_size
 
     def closest(candidates):
@@ -218,7 +218,7 @@ def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
 def low_rank_control(base: KPhi3Config, target: int) -> KPhi3Config:
     """``base`` with every projection factorised to rank ``round(f * in * out / (in + out))``; ``f`` by bisection."""
     fields = config_fields(base)
-    fields.update(min_channels_per_group=-1)
+    fields.update(min_channels_per_group=-1, projection=None)
     lo, hi = 1e-4, 1.0
     best = None
     for _ in range(40):
@@ -333,8 +333,13 @@ def run_compare(
     learning_rates: list[float] | None = None,
     progress: bool = True,
     log=print,
+    only_arms: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every arm of ``suite`` at each of its rates and seeds, write the results; returns ``results.json``."""
+    """Train every arm of ``suite`` at each of its rates and seeds, write the results; returns ``results.json``.
+
+    ``only_arms`` (labels) trains and reports only those arms; the others still size the controls that
+    match them and the baseline still sets the percentages (e.g. to re-run the arms a code change affected).
+    """
     from .data.prepare import PrepareSettings, prepare_dataset
     from .train import DivergedError, TrainError, resolve_settings, train
 
@@ -342,6 +347,13 @@ def run_compare(
     if seeds < 1:
         raise CompareError(f"--seeds must be at least 1, got {seeds}")
     arms = resolve_arms(suite)
+    baseline_params = non_embedding(next(a.config for a in arms if a.label == suite.baseline))
+    if only_arms:
+        unknown = sorted(set(only_arms) - {a.label for a in arms})
+        if unknown:
+            raise CompareError(f"--arms: no arm {', '.join(map(repr, unknown))} in suite {suite.name} "
+                               f"(arms: {', '.join(a.label for a in arms)})")
+        arms = [a for a in arms if a.label in only_arms]
     out = Path(out)
     marker = out / "kphi-compare.json"
     identity = _comparison_identity(suite, data, max_tokens)
@@ -413,7 +425,7 @@ def run_compare(
             n += 1
             run_one(n, arm, best_rate(runs[arm.label]), seed)
 
-    results = _results(suite, arms, runs, seeds, time.perf_counter() - started)
+    results = _results(suite, arms, runs, seeds, time.perf_counter() - started, baseline_params)
     results["command"] = command_line()
     _write_outputs(results, out, suite)
     return results
@@ -482,8 +494,8 @@ def best_rate(runs_by_rate: dict[float, list[dict[str, Any]]]) -> float:
     return min(sorted(runs_by_rate), key=key)
 
 
-def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dict]]], seeds: int, wall: float) -> dict[str, Any]:
-    baseline_params = non_embedding(next(a.config for a in arms if a.label == suite.baseline))
+def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dict]]], seeds: int, wall: float,
+             baseline_params: int) -> dict[str, Any]:
     rows, warnings = [], []
     for arm in arms:
         grid = {rate: _summary(metrics) for rate, metrics in sorted(runs[arm.label].items())}

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .sources import resolve_model_dir
+
 __all__ = [
     "TOKENIZER_FILES", "has_tokenizer", "read_model_config", "load_config", "check_weights", "load_model", "load_tokenizer",
 ]
@@ -35,8 +37,12 @@ def _read_json_object(path: Path, error: type[Exception]) -> dict:
 
 
 def read_model_config(model_dir: str | Path, error: type[Exception]) -> dict:
-    """``config.json`` of ``model_dir`` as a dict; raises ``error`` with one message when it is not a model dir."""
-    path = Path(model_dir)
+    """``config.json`` of ``model_dir`` as a dict; raises ``error`` with one message when it is not a model dir.
+
+    ``model_dir`` may be any model source (:func:`kphi.sources.resolve_model_dir`: a ``.gguf`` file, a known
+    model such as ``smollm2-135m``, a hub id); so may every function here take.
+    """
+    path = resolve_model_dir(model_dir, error)
     if not path.is_dir():
         raise error(f"{path} is not a directory (expected a model directory, e.g. the --out of kphi train)")
     config_file = path / "config.json"
@@ -46,7 +52,8 @@ def read_model_config(model_dir: str | Path, error: type[Exception]) -> dict:
 
 
 def has_tokenizer(model_dir: str | Path) -> bool:
-    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+    path = resolve_model_dir(model_dir)
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_config(model_dir: str | Path, error: type[Exception]):
@@ -56,7 +63,7 @@ def load_config(model_dir: str | Path, error: type[Exception]):
 
     from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
-    path = Path(model_dir)
+    path = resolve_model_dir(model_dir, error)
     read_model_config(path, error)
     try:
         return AutoConfig.from_pretrained(path)
@@ -75,7 +82,7 @@ def check_weights(model_dir: str | Path, error: type[Exception]) -> list[Path]:
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(model_dir)
+    path = resolve_model_dir(model_dir, error)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(_read_json_object(index, error).get("weight_map", {}).values()))
@@ -106,7 +113,7 @@ def load_model(model_dir: str | Path, error: type[Exception], *, dtype: Any = No
 
     from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
-    path = Path(model_dir)
+    path = resolve_model_dir(model_dir, error)
     config = load_config(path, error)
     for name in JSON_FILES:
         if (path / name).is_file():
@@ -140,7 +147,7 @@ def load_tokenizer(model_dir: str | Path, error: type[Exception]):
     """The tokenizer saved in ``model_dir``; ``error`` when there is none or it is damaged."""
     from transformers import AutoTokenizer
 
-    path = Path(model_dir)
+    path = resolve_model_dir(model_dir, error)
     load_config(path, error)
     if not has_tokenizer(path):
         raise error(

@@ -57,8 +57,8 @@ def count_parameters(config: KPhi3Config) -> tuple[int, int]:
 
 
 def dense_counterpart(config: KPhi3Config) -> KPhi3Config:
-    """The same shape with dense projections (``min_channels_per_group = -1``)."""
-    return KPhi3Config(**{**config_fields(config), "min_channels_per_group": -1})
+    """The same shape with dense projections (whatever kind ``config`` uses: grouped, low-rank or a ``projection``)."""
+    return KPhi3Config(**{**config_fields(config), "min_channels_per_group": -1, "low_rank_fraction": None, "projection": None})
 
 
 def parameter_report(config: KPhi3Config, baseline: tuple[str, KPhi3Config] | None = None) -> ParamReport:
@@ -111,19 +111,24 @@ def structured_report(config) -> ParamReport:
 
 
 def report_for(spec: str) -> tuple[str, str, ParamReport]:
-    """``(name, model family, counts)`` of a preset name, a preset YAML, a ``config.json`` or a model
-    directory, including ``kphi convert``'s output (a Llama, GPT-2, ... with structured projections)."""
+    """``(name, model family, counts)`` of a preset name, a preset YAML, a ``config.json``, or any model source
+    (:func:`kphi.sources.resolve_model_dir`: a directory, a ``.gguf`` file, ``smollm2-135m``, a hub id) of
+    any causal LM architecture, including ``kphi convert``'s output (a Llama, GPT-2, ... with structured
+    projections), which is counted against the same architecture with dense projections."""
     from pathlib import Path
 
-    from .configuration_structured import STRUCTURED_CONFIGS
     from .model_dir import load_config, read_model_config
-    from .presets import PresetError, load_preset, resolve_config
+    from .presets import PresetError, list_presets, load_preset, resolve_config
+    from .sources import resolve_model_dir
 
     path = Path(spec)
-    structured_types = {cls.model_type for cls in STRUCTURED_CONFIGS.values()}
-    if (path / "config.json").is_file() and read_model_config(path, PresetError).get("model_type") in structured_types:
-        config = load_config(path, PresetError)
-        return path.name, config.model_type, structured_report(config)
+    is_preset = spec in list_presets() or path.suffix in (".yaml", ".yml", ".json")
+    if not is_preset:
+        model_dir = resolve_model_dir(spec, PresetError)
+        if read_model_config(model_dir, PresetError).get("model_type") not in ("kphi3", "phi3"):
+            config = load_config(model_dir, PresetError)
+            return path.name, config.model_type, structured_report(config)
+        spec = model_dir
     preset = resolve_config(spec)
     baseline = None
     if preset.baseline:

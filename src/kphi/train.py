@@ -142,10 +142,15 @@ class TrainSettings(CorpusSettings):
         check_settings(self, TrainError)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
+        from .model_dir import read_model_config
+
         for name in ("init_from", "distill_from"):
             value = getattr(self, name)
-            if value is not None and not (Path(value) / "config.json").is_file():
-                raise TrainError(f"--{name.replace('_', '-')} {value}: not a model directory (no config.json)")
+            if value is not None:  # any model source: a directory, a .gguf, a known model, a hub id
+                try:
+                    read_model_config(value, TrainError)
+                except TrainError as err:
+                    raise TrainError(f"--{name.replace('_', '-')} {value}: {err}") from None
 
     def identity(self, config: KPhi3Config | None = None) -> dict[str, Any]:
         """The settings that make a run what it is: a resume must match them (budgets may change).
