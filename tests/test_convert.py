@@ -264,3 +264,56 @@ def test_a_broken_source_is_one_line_and_nothing_written(damage, words, sources,
     errors = [line for line in err.splitlines() if line.startswith("kphi: error:")]
     assert status == 2 and len(errors) == 1 and words in errors[0], err
     assert not (tmp_path / "out").exists()
+
+
+def _gram(x):
+    return (x.T @ x).double()
+
+
+@pytest.mark.parametrize("spec", [{"kind": "grouped", "min_channels_per_group": 8}, {"kind": "low_rank", "fraction": 0.3}])
+def test_an_activation_fit_never_ends_worse_than_frobenius_on_held_out_inputs(spec):
+    """Few, ill-conditioned calibration rows (4 samples of 32 channels: X^T X of rank 4) let a least-squares
+    fit chase directions the held-out rows visit differently; the kept fit is never worse there than the
+    Frobenius fit, and says which it is."""
+    from kphi.convert import _activation_fit_or_fallback
+    from kphi.kinds import calibration_error
+
+    kind = projection_kind(spec)
+    torch.manual_seed(0)
+    weight = torch.randn(32, 32)
+    fit_gram, check_gram = _gram(torch.randn(4, 32) * torch.logspace(0, 3, 32)), _gram(torch.randn(500, 32))
+    module = kind.build(32, 32)
+    method = _activation_fit_or_fallback(kind, module, weight, None, fit_gram, check_gram)
+    kept = calibration_error(check_gram, weight, kind.dense_weight(module))
+    frobenius = kind.build(32, 32)
+    kind.fit(frobenius, weight)
+    assert kept <= calibration_error(check_gram, weight, kind.dense_weight(frobenius)) + 1e-12
+    assert method == "activations" or method.startswith("frobenius (activation fit worse on held-out calibration rows")
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize("spec", [{"kind": "grouped", "min_channels_per_group": 8}, {"kind": "low_rank", "fraction": 0.3}])
+def test_an_activation_fit_wins_where_the_inputs_really_are_low_dimensional(spec):
+    """Inputs on an 6-dimensional subspace (fit and held-out rows alike): the activation fit, which spends the
+    budget on those directions, beats the Frobenius fit on the held-out rows and is kept."""
+    from kphi.convert import _activation_fit_or_fallback
+    from kphi.kinds import calibration_error
+
+    kind = projection_kind(spec)
+    torch.manual_seed(1)
+    weight, basis = torch.randn(32, 32), torch.randn(6, 32)
+    fit_gram, check_gram = _gram(torch.randn(400, 6) @ basis), _gram(torch.randn(400, 6) @ basis)
+    module = kind.build(32, 32)
+    assert _activation_fit_or_fallback(kind, module, weight, None, fit_gram, check_gram) == "activations"
+    frobenius = kind.build(32, 32)
+    kind.fit(frobenius, weight)
+    assert calibration_error(check_gram, weight, kind.dense_weight(module)) < 0.5 * calibration_error(
+        check_gram, weight, kind.dense_weight(frobenius))
+
+
+def test_targets_take_full_module_names_and_patterns(sources, tmp_path):
+    """PEFT's target rule: a name suffix of any depth or a regular expression over the full name."""
+    result = convert(sources["llama"], "grouped", min_channels_per_group=8,
+                     targets=["layers.0.mlp.down_proj", r".*layers\.1\.self_attn\.[qk]_proj"])
+    assert sorted(result.replaced) == ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj",
+                                       "model.layers.1.self_attn.q_proj"]

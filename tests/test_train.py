@@ -248,3 +248,14 @@ def test_a_run_recorded_with_a_preset_is_the_same_run_as_one_given_its_config_ob
     assert identity_differences(gone, settings, arm) == ["model"]
 
 
+
+
+def test_fewer_eval_rows_than_a_batch_still_evaluates_and_keeps_the_model(prepared, tmp_path):
+    """--eval-rows below --batch-size used to end (after training) in an IndexError and no model."""
+    out = tmp_path / "run"
+    result = kphi("train", "--preset", "tiny-kphi3", "--data", str(prepared), "--context-length", "32", "--batch-size", "4",
+                  "--eval-rows", "2", "--max-steps", "2", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_loss"] > 0 and metrics["steps"] == 2
+    assert (out / "model.safetensors").is_file()

@@ -358,7 +358,7 @@ def grouped_frobenius_fit(matrix: torch.Tensor, groups: int) -> tuple[torch.Tens
 
 
 def grouped_activation_fit(
-    matrix: torch.Tensor, gram: torch.Tensor, groups: int, damping: float = 1e-6
+    matrix: torch.Tensor, gram: torch.Tensor, groups: int, damping: float = 1e-2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The block minimising ``||X @ matrix - block(X)||_F`` on calibration inputs with ``gram = X^T X``.
 
@@ -368,9 +368,10 @@ def grouped_activation_fit(
 
         C[S_g, S_g] @ theta_g = C[S_g, :] @ matrix[:, g-th column block],    theta_g = [A[g]; B[g]]: [2s, o]
 
-    A row in both supports makes ``C[S_g, S_g]`` singular (two equal columns of ``X[:, S_g]``); a ridge of
-    ``damping * mean(diag C[S_g, S_g])`` makes it solvable and splits such rows evenly, as the Frobenius
-    fit does. Returns ``(A, B)``, each ``[G, s, o]``.
+    A row in both supports makes ``C[S_g, S_g]`` singular (two equal columns of ``X[:, S_g]``), and real
+    activations make it ill-conditioned; a ridge of ``damping * mean(diag C[S_g, S_g])`` (1%, GPTQ's default
+    dampening) makes it solvable, splits such rows evenly as the Frobenius fit does, and keeps the fit from
+    chasing directions the calibration rows barely visit. Returns ``(A, B)``, each ``[G, s, o]``.
     """
     in_features, out_features = matrix.shape
     step, out_step = in_features // groups, out_features // groups

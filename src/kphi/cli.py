@@ -218,7 +218,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_transformers()
     result = convert_to_dir(
         args.src, args.out, kind=args.kind, targets=args.targets, fit=args.fit, calibration=args.calibration_data,
-        calibration_tokens=args.calibration_tokens, progress=not args.quiet, **settings,
+        calibration_tokens=args.calibration_tokens, heldout_bytes=args.heldout_bytes, progress=not args.quiet, **settings,
     )
     print(result.describe(args.src, args.out))
     return 0
@@ -404,13 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="low_rank, monarch: fraction of each projection's parameters to keep")
     p.add_argument("--blocks", type=int, help="monarch: number of blocks (default 4)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME,...",
-                   help="module-name suffixes to replace (default: the architecture's attention and MLP projections)")
+                   help="modules to replace, as PEFT's target_modules: a name suffix (down_proj, layers.0.mlp.down_proj) "
+                   "or a regular expression over the full name (default: the architecture's attention and MLP projections)")
     p.add_argument("--fit", default="auto", choices=["auto", "frobenius", "activations", "none"],
                    help="frobenius: closest in weights (default with weights); activations: closest on calibration "
                    "inputs; none: fresh initialisation")
     p.add_argument("--calibration-data", metavar="DIR", help="a prepared data directory (kphi data prepare) tokenised "
                    "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
     p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens read (default 4096)")
+    p.add_argument("--heldout-bytes", type=int, default=8192, metavar="N",
+                   help="report bits per byte before and after on N bytes of held-out text (default 8192; 0: skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
     return parser

@@ -54,6 +54,7 @@ class ConvertResult:
     fits: dict[str, FitResult] = field(default_factory=dict)
     non_embedding_before: int = 0
     non_embedding_after: int = 0
+    heldout: dict[str, Any] | None = None  # bits per byte before/after on a slice of held-out text
 
     def describe(self, src, out) -> str:
         """A few lines for people: what was replaced, the parameter counts, the mean fit errors."""
@@ -68,6 +69,14 @@ class ConvertResult:
             if summary["mean_calibration_error"] is not None:
                 line += f"; on calibration inputs: {summary['mean_calibration_error']:.4f}"
             lines.append(line + f" (per projection: {out}/kphi-convert.json)")
+        if self.heldout:
+            h = self.heldout
+            lines.append(f"bits per byte on {h['bytes']:,} bytes of held-out text: {h['before']:.4f} before, "
+                         f"{h['after']:.4f} after ({h['after'] / h['before']:.2f}x)")
+        fallbacks = [name for name, f in self.fits.items() if f.method.startswith("frobenius (")]
+        if fallbacks:
+            lines.append(f"{len(fallbacks)} projection(s) kept the Frobenius fit: the activation fit was worse on "
+                         f"held-out calibration rows (e.g. {fallbacks[0]})")
         return "\n".join(lines)
 
     def summary(self) -> dict[str, Any]:
@@ -84,6 +93,7 @@ class ConvertResult:
             "mean_relative_error": sum(errors) / len(errors) if errors else None,
             "mean_calibration_error": sum(calibration) / len(calibration) if calibration else None,
             "projections": {name: asdict(f) for name, f in self.fits.items()},
+            "heldout_bits_per_byte": self.heldout,
         }
 
 
@@ -219,7 +229,9 @@ def convert(
     dense = None
     if isinstance(source, (str, os.PathLike)):
         from .model_dir import load_config, load_model, read_model_config
+        from .sources import resolve_model_dir
 
+        source = resolve_model_dir(source, ConvertError)  # a directory, a .gguf, a known model, a hub id
         read_model_config(source, ConvertError)  # one clear error for a missing or broken config.json
         if Path(source, "model.safetensors").is_file() or Path(source, "model.safetensors.index.json").is_file():
             dense = load_model(source, ConvertError, dtype=torch.float32)
@@ -259,21 +271,46 @@ def convert(
     grams = {}
     if fit == "activations" and calibration is None:
         raise ConvertError("--fit activations needs calibration data (--calibration-data DIR of kphi data prepare)")
+    fit_grams, check_grams = {}, {}
     if calibration is not None:  # with any fit: the calibration error is reported for every fit
         ids = _calibration_ids(calibration, calibration_tokens, source_config.vocab_size)
-        grams = calibration_grams(dense, result.replaced, ids, progress=progress)
+        # the activation fit sees the even rows; the odd rows judge it against the Frobenius fit
+        fit_ids, check_ids = (ids[0::2], ids[1::2]) if len(ids) > 1 else (ids, ids)
+        fit_grams = calibration_grams(dense, result.replaced, fit_ids, progress=progress)
+        check_grams = calibration_grams(dense, result.replaced, check_ids, progress=progress) if len(ids) > 1 else fit_grams
+        grams = {name: fit_grams[name] + check_grams[name] if len(ids) > 1 else fit_grams[name] for name in fit_grams}
     from tqdm.auto import tqdm
 
     for name in tqdm(result.replaced, desc=f"fit ({fit})", unit="proj", disable=not progress or fit == "none", leave=False):
         weight, bias = linear_weight(dense.get_submodule(name))
         module, gram = model.get_submodule(name), grams.get(name)
-        if fit != "none":
-            try:
-                kind.fit(module, weight.float(), bias, gram=gram if fit == "activations" else None)
-            except ValueError as err:
-                raise ConvertError(f"{name}: {err}") from None
-        result.fits[name] = kind.result(module, weight, gram, fit)
+        method = fit
+        try:
+            if fit == "activations":
+                method = _activation_fit_or_fallback(kind, module, weight.float(), bias, fit_grams[name], check_grams[name])
+            elif fit != "none":
+                kind.fit(module, weight.float(), bias)
+        except ValueError as err:
+            raise ConvertError(f"{name}: {err}") from None
+        result.fits[name] = kind.result(module, weight, gram, method)
     return result
+
+
+def _activation_fit_or_fallback(kind, module, weight, bias, fit_gram, check_gram) -> str:
+    """Fit ``module`` on ``fit_gram``'s calibration inputs, unless the Frobenius fit is better on held-out
+    calibration inputs (``check_gram``, other rows): an activation fit that overfits its rows (few tokens,
+    ill-conditioned ``X^T X``) must never leave the model worse than the plain fit. Returns the method kept."""
+    from .kinds import calibration_error
+
+    kind.fit(module, weight, bias)
+    frobenius_state = {k: v.clone() for k, v in module.state_dict().items()}
+    frobenius_error = calibration_error(check_gram, weight, kind.dense_weight(module))
+    kind.fit(module, weight, bias, gram=fit_gram)
+    activation_error = calibration_error(check_gram, weight, kind.dense_weight(module))
+    if activation_error <= frobenius_error:
+        return "activations"
+    module.load_state_dict(frobenius_state)
+    return f"frobenius (activation fit worse on held-out calibration rows: {activation_error:.4f} vs {frobenius_error:.4f})"
 
 
 def _replaced_names(model, kind) -> list[str]:
@@ -297,18 +334,39 @@ def _copy_untouched_weights(dense, model, replaced: list[str]) -> None:
         raise ConvertError(f"converted model does not mirror the source: missing {stray_missing[:3]}, unexpected {stray_unexpected[:3]}")
 
 
-def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True, **kwargs: Any) -> ConvertResult:
-    """:func:`convert` a model directory and write the result to ``out`` (a model directory with its modeling
-    code, tokenizer, generation config and ``kphi-convert.json``). ``out`` is written whole or not at all."""
+def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any]:
+    """Bits per byte of the source model and of ``converted`` on the first ``size`` bytes of kphi's held-out
+    text (:mod:`kphi.evaluate`; context up to 256 tokens, stride 128): whether the model survived."""
+    from .evaluate import default_text_path, evaluate_text
+    from .model_dir import load_model
+
+    text = default_text_path().read_text(encoding="utf-8")[:size]
+    text = text[: text.rfind("\n") + 1] or text
+    before = evaluate_text(load_model(src, ConvertError, dtype=torch.float32), tokenizer, [text], "heldout", context=256)
+    after = evaluate_text(converted.eval(), tokenizer, [text], "heldout", context=256)
+    return {"bytes": before.bytes, "tokens": before.tokens, "context": before.context, "stride": before.stride,
+            "before": before.bits_per_byte, "after": after.bits_per_byte}
+
+
+def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True, heldout_bytes: int = 8192,
+                   **kwargs: Any) -> ConvertResult:
+    """:func:`convert` any model source (:mod:`kphi.sources`) and write the result to ``out`` (a model
+    directory with its modeling code, tokenizer, generation config and ``kphi-convert.json``), written whole or
+    not at all. With a tokenizer, the source's and the result's bits per byte on ``heldout_bytes`` bytes of
+    held-out text are measured and reported (0: skip)."""
     from .export import registered_for_auto_classes
     from .model_dir import has_tokenizer, load_tokenizer
 
-    src, out = Path(src), Path(out)
+    from .sources import resolve_model_dir
+
+    src, out = resolve_model_dir(src, ConvertError), Path(out)
     refuse_foreign_dir(out, (out / CONVERT_MARKER).is_file(), "kphi convert output", ConvertError, "choose another --out")
     if out.resolve() == src.resolve():
         raise ConvertError("--out must differ from the source directory")
     result = convert(src, progress=progress, **kwargs)
     tokenizer = load_tokenizer(src, ConvertError) if has_tokenizer(src) else None
+    if tokenizer is not None and heldout_bytes and result.fit != "none":
+        result.heldout = heldout_bits_per_byte(src, result.model, tokenizer, heldout_bytes)
     from . import __version__
 
     with staged_dir(out) as staging:

@@ -46,13 +46,13 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def low_rank_fit(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damping: float = 1e-6):
+def low_rank_fit(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None, damping: float = 1e-2):
     """Rank-``r`` factors ``(down: [r, in], up: [out, r])`` of a dense ``weight: [out, in]``.
 
     * ``gram=None``: truncated SVD ``W = U S V^T`` -> ``up = U_r S_r^(1/2)``, ``down = S_r^(1/2) V_r^T``,
       the Frobenius optimum (Eckart–Young).
     * ``gram = X^T X``: minimises ``||X W^T - X (up down)^T||_F``. With ``C = L L^T`` (Cholesky, after a ridge
-      of ``damping * mean(diag C)``) that is ``||L^T (W^T - F^T)||_F``, so the optimum is the truncated SVD of
+      of ``damping * mean(diag C)``, 1% as GPTQ dampens and SVD-LLM regularises ill-conditioned ``X^T X``) that is ``||L^T (W^T - F^T)||_F``, so the optimum is the truncated SVD of
       ``Z = L^T W^T = U S V^T`` mapped back: ``F^T = L^(-T) U_r S_r V_r^T``.
     """
     w = weight.double()

@@ -119,5 +119,5 @@ def resolve_config(spec: str | Path) -> Preset:
         config = _build_config(config_fields(fields), str(path))
         return Preset(name=path.parent.name, config=config, model="kphi-3" if config.is_grouped else "phi-3", path=path)
     if path.suffix not in (".yaml", ".yml") and len(path.parts) > 1 and not path.exists():
-        raise PresetError(f"{spec} is not a directory (expected a preset name, a preset YAML, a config.json or a model directory)")
+        raise PresetError(f"{spec} does not exist (expected a preset name, a preset YAML, a config.json or a model directory)")
     return load_preset(spec)

@@ -5,13 +5,14 @@ its kind as data, ``projection: {kind: grouped, min_channels_per_group: 64}``. A
 (beside its module) and one line here.
 
 :func:`replace_projections` walks ``named_modules()`` and swaps every projection whose name ends with one of
-the targets (PEFT's ``target_modules`` convention) for the kind's module, keeping its bias if it has one.
+the targets (PEFT's ``target_modules`` convention, :func:`matches_target`) for the kind's module, keeping its bias if it has one.
 Targets may be ``nn.Linear`` (``y = x W^T + b``, ``W: [out, in]``) or transformers' GPT-2 ``Conv1D``
 (``y = x W + b``, ``W: [in, out]``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "replace_projections",
     "linear_weight",
     "is_dense_projection",
+    "matches_target",
 ]
 
 #: Every projection kind by name. A new kind: its class beside its module, and one entry here.
@@ -71,6 +73,18 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return module.weight.detach().T, None if module.bias is None else module.bias.detach()
 
 
+_PATTERN_CHARACTERS = set("*[]()|?+\\^$")
+
+
+def matches_target(name: str, target: str) -> bool:
+    """PEFT's ``target_modules`` rule: ``name`` is ``target``, ends with ``"." + target`` (so ``down_proj``,
+    ``mlp.down_proj`` and ``layers.0.mlp.down_proj`` all work), or — when ``target`` has regex characters —
+    fully matches it as a regular expression (``layers\\.(0|1)\\..*_proj``)."""
+    if name == target or name.endswith("." + target):
+        return True
+    return bool(_PATTERN_CHARACTERS & set(target)) and re.fullmatch(target, name) is not None
+
+
 def _in_out(module: nn.Module) -> tuple[int, int]:
     if type(module) is nn.Linear:
         return module.in_features, module.out_features
@@ -95,7 +109,7 @@ def replace_projections(
     if type(kind) is DenseKind:
         return replaced
     for name, child in list(root.named_modules()):
-        if not name or name.rsplit(".", 1)[-1] not in targets or not is_dense_projection(child):
+        if not name or not any(matches_target(name, t) for t in targets) or not is_dense_projection(child):
             continue
         in_features, out_features = _in_out(child)
         param = child.weight

@@ -481,6 +481,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     if row_length != settings.context_length:
         raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
     eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
+    if len(eval_rows) < args.per_device_eval_batch_size * args.world_size:  # drop_last would leave no eval batch
+        args.per_device_eval_batch_size = max(1, len(eval_rows) // args.world_size)
     model = initial_model(settings, tokenizer, config)
     initial_weights = weights_sha256(model)
     teacher = None
@@ -545,10 +547,10 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         trainer.evaluate()
     metrics: dict[str, Any] = {}
     if is_main:
+        with _without_hub_progress_bars():  # the trained model first: nothing after it may lose it
+            _write_model_dir(trainer, tokenizer, out)
         metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, tokens_per_step, wall)
         metrics["initial_weights_sha256"] = initial_weights
-        with _without_hub_progress_bars():
-            _write_model_dir(trainer, tokenizer, out)
         from .plots import plot_loss_curve
 
         if (out / "log.csv").is_file():
