@@ -55,3 +55,46 @@ def test_a_series_needs_two_budgets_and_refuses_rate_flags(tmp_path):
     assert result.returncode == 2 and "budget series" in result.stderr and "Traceback" not in result.stderr
     result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,many", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "--budgets must be positive whole numbers" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_budgets_per_parameter_become_whole_steps_of_the_baselines_size(tmp_path):
+    import math
+
+    from kphi.budgets import budgets_per_parameter
+    from kphi.compare import non_embedding, resolve_arms
+
+    suite_file = tmp_path / "per-param.yaml"
+    suite_file.write_text(
+        "budgets_per_parameter: [0.01, 0.03]\n"
+        "training: {context_length: 64, batch_size: 4, gradient_accumulation_steps: 2}\n"
+        "arms:\n  - {label: phi-3, preset: tiny-phi3}\n  - {label: kphi-3, preset: tiny-kphi3}\n")
+    suite = load_suite(str(suite_file))
+    n = non_embedding(resolve_arms(suite)[0].config)
+    per_step = 4 * 64 * 2
+    budgets = budgets_per_parameter(suite)
+    assert budgets == [math.ceil(r * n / per_step) * per_step for r in (0.01, 0.03)]
+    assert all(b % per_step == 0 and b >= r * n for b, r in zip(budgets, (0.01, 0.03)))
+
+
+def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path):
+    """A tiny corpus and budgets beyond one pass over it: the series runs at the computed token counts and
+    its warnings say which points trained on repeated data."""
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
+    suite_file = tmp_path / "per-param.yaml"
+    smoke = load_suite("smoke")
+    import yaml
+
+    spec = {"name": "per-param", "baseline": "phi-3", "budgets_per_parameter": [0.01, 0.1],
+            "data": smoke.data, "training": {k: v for k, v in smoke.training.items() if k != "max_steps"},
+            "arms": smoke.arms[:2]}
+    suite_file.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    result = run_kphi("compare", "--suite", str(suite_file), "--data", str(corpus), "--out", str(out), "--quiet", cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    small, large = results["budgets"]
+    assert results["tokens_per_parameter"] == {str(small): 0.01, str(large): 0.1}
+    assert large > results["train_split_tokens"] >= small
+    assert [w for w in results["warnings"] if "more than one pass" in w] == [
+        f"{large:,} tokens is more than one pass over the training split ({results['train_split_tokens']:,} tokens): "
+        "that point trained on repeated data"]

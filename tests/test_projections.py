@@ -22,6 +22,7 @@ pytestmark = pytest.mark.fast
 KINDS = [
     DenseKind(),
     GroupedKind(min_channels_per_group=4),
+    GroupedKind(min_channels_per_group=4, branches=1),
     LowRankKind(fraction=0.3),
     MonarchKind(blocks=4, fraction=0.3),
 ]
@@ -57,7 +58,7 @@ def test_bad_projection_settings_name_the_problem(spec, message):
         projection_kind(spec)
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.describe())
 @pytest.mark.parametrize("n_in, n_out", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_count_forward_and_dense_matrix_agree(kind, n_in, n_out, bias):
@@ -77,7 +78,7 @@ def test_structured_kinds_save_parameters_on_a_wide_projection():
         assert kind.num_parameters(256, 768) < 0.5 * 256 * 768, kind
 
 
-@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.describe())
 def test_initialisation_matches_a_dense_layers_output_scale(kind):
     """Every kind starts with the output std of a dense layer with weights N(0, std^2): sqrt(in) * std."""
     torch.manual_seed(0)
@@ -121,7 +122,7 @@ def test_grouped_frobenius_fit_reaches_the_least_squares_optimum(n_in, n_out, m)
     assert fitted.relative_error == pytest.approx(float(optimum), abs=1e-9)
 
 
-@pytest.mark.parametrize("kind", KINDS[1:], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", KINDS[1:], ids=lambda k: k.describe())
 def test_a_matrix_of_the_kinds_own_structure_is_recovered_exactly(kind):
     torch.manual_seed(2)
     source = _built(kind, 16, 32, std=0.3)
@@ -163,7 +164,7 @@ def _correlated_inputs(n, dim, seed):
     return torch.randn(n, dim, generator=g, dtype=torch.float64) @ (mix * scale)
 
 
-@pytest.mark.parametrize("kind", [GroupedKind(min_channels_per_group=4), LowRankKind(fraction=0.3)], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", [GroupedKind(min_channels_per_group=4), LowRankKind(fraction=0.3)], ids=lambda k: k.describe())
 def test_activation_fit_is_never_worse_on_calibration_data(kind):
     torch.manual_seed(5)
     weight = torch.randn(32, 16, dtype=torch.float64)
@@ -189,14 +190,18 @@ def test_grouped_activation_fit_solves_each_groups_least_squares():
     kind = GroupedKind(min_channels_per_group=4)
     block = kind.build(n_in, n_out).double()
     result = kind.fit(block, weight, gram=x.T @ x)
-    # reference: one lstsq per output group on the columns of X the group reads
+    # reference: one ridge least squares per output group on the columns of X the group reads, solved as a
+    # plain lstsq on the design stacked over sqrt(lambda) I, lambda = 1% of the mean diagonal of its Gram
     groups, s, o = block.groups, n_in // block.groups, n_out // block.groups
     residual = 0.0
     for g in range(groups):
         rows = list(range(g * s, (g + 1) * s)) + [b * groups + g for b in range(s)]
         target = x @ weight.T[:, g * o:(g + 1) * o]
         design = x[:, rows]
-        sol = torch.linalg.lstsq(design, target, driver="gelsd").solution
+        ridge = 0.01 * float((design * design).sum(0).mean())
+        stacked = torch.cat([design, ridge**0.5 * torch.eye(len(rows), dtype=design.dtype)])
+        padded = torch.cat([target, torch.zeros(len(rows), o, dtype=target.dtype)])
+        sol = torch.linalg.lstsq(stacked, padded, driver="gelsd").solution
         residual += float(torch.linalg.norm(design @ sol - target) ** 2)
     assert result.calibration_error == pytest.approx((residual / float(torch.linalg.norm(x @ weight.T) ** 2)) ** 0.5, rel=1e-4)
 
@@ -257,3 +262,40 @@ def test_a_new_kind_is_one_class_and_one_registry_entry(monkeypatch):
     assert replaced == ["0", "2"]
     assert isinstance(model[0], DiagonalPlusRowLinear)
     torch.testing.assert_close(model[2].weight, weights[1].tril())
+
+
+def test_a_single_branch_block_is_block_diagonal_and_keeps_the_report_keys():
+    """``branches=1`` is the first grouped layer alone: each output reads only its own group of inputs (its
+    dense matrix is block diagonal), half the block's parameters; the report's two-branch block keeps its keys."""
+    one, two = GroupedKind(4, branches=1), GroupedKind(4)
+    single = _built(one, 16, 32)
+    w = one.dense_weight(single)
+    groups, step, out_step = single.groups, 16 // single.groups, 32 // single.groups
+    mask = torch.block_diag(*[torch.ones(out_step, step, dtype=torch.bool)] * groups)
+    assert w[~mask].abs().max() == 0 and w[mask].abs().min() > 0
+    assert one.num_parameters(16, 32) * 2 == two.num_parameters(16, 32)
+    assert sorted(dict(single.named_parameters())) == ["first_pointwise_conv.weight"]
+    assert sorted(dict(two.build(16, 32).named_parameters())) == ["first_pointwise_conv.weight", "second_pointwise_conv.weight"]
+    with pytest.raises(ValueError, match="branches must be 1 or 2"):
+        projection_kind({"kind": "grouped", "min_channels_per_group": 4, "branches": 3})
+
+
+def test_single_branch_fits_are_the_diagonal_blocks_and_their_least_squares():
+    torch.manual_seed(4)
+    kind = GroupedKind(4, branches=1)
+    weight = torch.randn(32, 16, dtype=torch.float64)
+    block = kind.build(16, 32).double()
+    kind.fit(block, weight)
+    mask = torch.block_diag(*[torch.ones(32 // block.groups, 16 // block.groups, dtype=torch.bool)] * block.groups)
+    torch.testing.assert_close(kind.dense_weight(block), weight * mask)
+    x = torch.randn(200, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    gram = x.T @ x
+    kind.fit(block, weight, gram=gram)
+    # each group's least squares over its own inputs, solved directly (the 1% ridge aside: compare loosely)
+    step, out_step = 16 // block.groups, 32 // block.groups
+    for g in range(block.groups):
+        xs = x[:, g * step:(g + 1) * step]
+        target = x @ weight.T[:, g * out_step:(g + 1) * out_step]
+        direct = torch.linalg.lstsq(xs, target).solution
+        fitted = block.first_pointwise_conv.weight[g].detach()
+        assert torch.linalg.norm(xs @ fitted - target) <= 1.01 * torch.linalg.norm(xs @ direct - target)

@@ -145,19 +145,19 @@ class SingleGroupLinear(nn.Module):
         return self.group_layers[0](x)
 
 
-def init_grouped_weight(weight: torch.Tensor, scheme: str, std: float) -> torch.Tensor:
-    """Initialise a grouped weight ``[G, s, o]`` in place.
+def init_grouped_weight(weight: torch.Tensor, scheme: str, std: float, branches: int = 2) -> torch.Tensor:
+    """Initialise a grouped weight ``[G, s, o]`` of a block with ``branches`` grouped layers, in place.
 
-    * ``"scaled_normal"`` (default): ``N(0, (std * sqrt(G / 2))^2)``. Each output of the block sums
-      ``2 * in / G`` products instead of the dense layer's ``in``, so this scale gives the block the output
-      variance of a dense layer initialised with ``N(0, std^2)`` (phi-3's ``initializer_range``): the model
-      starts from the same signal scale as the baseline it is compared with.
+    * ``"scaled_normal"`` (default): ``N(0, (std * sqrt(G / branches))^2)``. Each output of the block sums
+      ``branches * in / G`` products instead of the dense layer's ``in``, so this scale gives the block the
+      output variance of a dense layer initialised with ``N(0, std^2)`` (phi-3's ``initializer_range``): the
+      model starts from the same signal scale as the baseline it is compared with.
     * ``"kaiming_uniform"``: the reference implementation's init, ``kaiming_uniform_(a=sqrt(5))`` applied to
       the 3-d tensor, so torch computes ``fan_in = s * o``, i.e. ``U(-1/sqrt(s*o), 1/sqrt(s*o))``.
     """
     groups = weight.shape[0]
     if scheme == "scaled_normal":
-        return weight.normal_(0.0, std * math.sqrt(groups / 2))
+        return weight.normal_(0.0, std * math.sqrt(groups / branches))
     if scheme == "kaiming_uniform":
         return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     raise ValueError(f"unknown grouped init scheme {scheme!r}; choose 'scaled_normal' or 'kaiming_uniform'")
@@ -269,10 +269,15 @@ class GroupedPointwiseBlock(nn.Module):
 
     ``G > 1``: ``y = GL_first(x) + GL_second(interleave(x))`` with two :class:`GroupedLinear` of ``G`` groups
     (``2 * in * out / G`` parameters). ``G == 1``: one dense projection (:class:`SingleGroupLinear`).
+    ``branches=1`` (an ablation, not the report's block): ``y = GL_first(x)`` alone, ``in * out / G``
+    parameters, each output reading one group of inputs only.
     """
 
-    def __init__(self, in_features: int, out_features: int, groups: int, *, bias: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, groups: int, *, bias: bool = False, branches: int = 2,
+                 device=None, dtype=None):
         super().__init__()
+        if branches not in (1, 2):
+            raise ValueError(f"a grouped block has 1 or 2 branches, got {branches!r}")
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         # GPT-2's and Qwen2's projections carry a bias; the report's kphi-3 blocks do not (no ``bias`` key)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
@@ -281,7 +286,9 @@ class GroupedPointwiseBlock(nn.Module):
             self.second_pointwise_conv = None
         else:
             self.first_pointwise_conv = GroupedLinear(in_features, out_features, groups, device=device, dtype=dtype)
-            self.second_pointwise_conv = GroupedLinear(in_features, out_features, groups, device=device, dtype=dtype)
+            self.second_pointwise_conv = (
+                GroupedLinear(in_features, out_features, groups, device=device, dtype=dtype) if branches == 2 else None
+            )
 
     @classmethod
     def from_min_channels(cls, in_features: int, out_features: int, min_channels_per_group: int, **kw):
@@ -308,7 +315,8 @@ class GroupedPointwiseBlock(nn.Module):
 
     def extra_repr(self) -> str:
         bias = ", bias=True" if self.bias is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}{bias}"
+        branches = ", branches=1" if self.groups > 1 and self.second_pointwise_conv is None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}{bias}{branches}"
 
 
 # --- the grouped kind: build, count, initialise and fit the block ----------------------------------------
@@ -393,28 +401,33 @@ class GroupedKind(ProjectionKind):
     """The report's grouped pointwise block, ``G = group_count(in, out, min_channels_per_group)`` groups.
 
     ``init``: ``"scaled_normal"`` (dense-equivalent output variance) or ``"kaiming_uniform"`` (the
-    report's), see :func:`init_grouped_weight`.
+    report's), see :func:`init_grouped_weight`. ``branches``: 2 (the report's block) or 1 (the first grouped
+    layer alone, no interleaved branch: an ablation of what the interleave earns).
     """
 
     name: ClassVar[str] = "grouped"
     min_channels_per_group: int = 256
     init: str = "scaled_normal"
+    branches: int = 2
 
     def __post_init__(self):
         if not isinstance(self.min_channels_per_group, int) or self.min_channels_per_group <= 0:
             raise ValueError(f"grouped: min_channels_per_group must be a positive integer, got {self.min_channels_per_group!r}")
         if self.init not in ("scaled_normal", "kaiming_uniform"):
             raise ValueError(f"grouped: init must be 'scaled_normal' or 'kaiming_uniform', got {self.init!r}")
+        if self.branches not in (1, 2):
+            raise ValueError(f"grouped: branches must be 1 or 2, got {self.branches!r}")
 
     def groups(self, in_features: int, out_features: int) -> int:
         return group_count(in_features, out_features, self.min_channels_per_group)
 
     def build(self, in_features, out_features, bias=False):
-        return GroupedPointwiseBlock(in_features, out_features, self.groups(in_features, out_features), bias=bias)
+        return GroupedPointwiseBlock(in_features, out_features, self.groups(in_features, out_features), bias=bias,
+                                     branches=self.branches)
 
     def num_parameters(self, in_features, out_features, bias=False):
         groups = self.groups(in_features, out_features)
-        weights = in_features * out_features * (2 if groups > 1 else 1) // groups
+        weights = in_features * out_features * (self.branches if groups > 1 else 1) // groups
         return weights + (out_features if bias else 0)
 
     def initialize(self, module, std):
@@ -423,7 +436,7 @@ class GroupedKind(ProjectionKind):
         from transformers import initialization as init
 
         if isinstance(module, GroupedLinear) and not getattr(module.weight, "_is_hf_initialized", False):
-            init_grouped_weight(module.weight, self.init, std)
+            init_grouped_weight(module.weight, self.init, std, self.branches)
         elif isinstance(module, GroupedPointwiseBlock) and module.bias is not None:
             init.zeros_(module.bias)
 
@@ -432,6 +445,8 @@ class GroupedKind(ProjectionKind):
         with torch.no_grad():
             if module.groups == 1:
                 module.first_pointwise_conv.group_layers[0].weight.copy_(weight)
+            elif module.second_pointwise_conv is None:
+                module.first_pointwise_conv.weight.copy_(_single_branch_fit(matrix, module.groups, None if gram is None else gram.double()))
             else:
                 first, second = grouped_frobenius_fit(matrix, module.groups)
                 if gram is not None:
@@ -445,6 +460,24 @@ class GroupedKind(ProjectionKind):
 
     def owns(self, module):
         return isinstance(module, (GroupedPointwiseBlock, GroupedLinear))
+
+
+def _single_branch_fit(matrix: torch.Tensor, groups: int, gram: torch.Tensor | None) -> torch.Tensor:
+    """The first grouped layer alone closest to ``matrix: [in, out]``: ``[G, s, o]``. In Frobenius norm that is
+    ``matrix``'s diagonal blocks; on calibration inputs each group solves its least squares over its own rows
+    (ridge as :func:`grouped_activation_fit`)."""
+    in_features, out_features = matrix.shape
+    step, out_step = in_features // groups, out_features // groups
+    out = matrix.new_empty(groups, step, out_step)
+    for g in range(groups):
+        rows, cols = slice(g * step, (g + 1) * step), slice(g * out_step, (g + 1) * out_step)
+        if gram is None:
+            out[g] = matrix[rows, cols]
+        else:
+            lhs = gram[rows, rows]
+            lhs = lhs + 1e-2 * lhs.diagonal().mean().clamp_min(1e-12) * torch.eye(step, dtype=lhs.dtype)
+            out[g] = torch.linalg.solve(lhs, gram[rows] @ matrix[:, cols])
+    return out
 
 
 def _better_on_calibration(module, weight, gram, *candidates):

@@ -6,6 +6,12 @@ reuses finished runs like one). The largest budget runs ``seeds_at_largest`` see
 With the cosine schedule every budget is a separate run that ends at a learning rate of zero, so each
 point is the final loss of a run planned for that many tokens (not a point on a longer run's curve).
 
+A suite may state its budgets as **tokens per non-embedding parameter** of its baseline arm
+(``budgets_per_parameter: [2.5, 5, 10]``): each becomes ``ceil(r * N / T) * T`` tokens, ``N`` the baseline's
+non-embedding parameters and ``T`` the tokens of one optimizer step on one process (batch x context x
+gradient accumulation), so the budget is whole steps. A budget above the training split's size would need a
+second pass over the corpus; the results say so in their warnings rather than mixing epochs silently.
+
 Outputs in ``OUT``: ``results.json`` (per arm: tokens -> final validation loss, spread, rate),
 ``results.md`` and ``budgets.png`` (final validation loss against tokens, log x, one line per arm).
 """
@@ -21,7 +27,7 @@ from typing import Any
 from .compare import CompareError, Suite, command_line, _fmt, run_compare
 from .files import atomic_write_text
 
-__all__ = ["run_budget_series", "format_budget_table"]
+__all__ = ["run_budget_series", "format_budget_table", "budgets_per_parameter"]
 
 
 def run_budget_series(
@@ -46,9 +52,10 @@ def run_budget_series(
         raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
     if seeds:
         suite = dataclasses.replace(suite, seeds=seeds)
-    budgets = sorted(set(budgets or suite.budgets or []))
+    per_parameter = dict(zip(budgets_per_parameter(suite), suite.budgets_per_parameter or [])) if not (budgets or suite.budgets) else {}
+    budgets = sorted(set(budgets or suite.budgets or per_parameter))
     if len(budgets) < 2:
-        raise CompareError("a budget series needs at least two budgets (suite 'budgets:' or --budgets)")
+        raise CompareError("a budget series needs at least two budgets (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -61,8 +68,38 @@ def run_budget_series(
         per_budget[tokens] = run_compare(at_budget, out / f"tokens-{tokens}", seeds=seeds, data=data, progress=progress, log=log,
                                         only_arms=only_arms)
     results = budget_results(suite, per_budget, time.perf_counter() - started)
+    results["tokens_per_parameter"] = {str(tokens): ratio for tokens, ratio in per_parameter.items()}
+    train_tokens = _train_tokens(suite, data)
+    results["train_split_tokens"] = train_tokens
+    results["warnings"] += [f"{tokens:,} tokens is more than one pass over the training split ({train_tokens:,} "
+                            f"tokens): that point trained on repeated data" for tokens in budgets
+                            if train_tokens is not None and tokens > train_tokens]
     _write_outputs(results, out)
     return results
+
+
+def budgets_per_parameter(suite: Suite) -> list[int]:
+    """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
+    import math
+
+    from .compare import non_embedding, resolve_arms
+
+    if not suite.budgets_per_parameter:
+        return []
+    baseline = next(arm for arm in resolve_arms(suite) if arm.label == suite.baseline)
+    t = suite.training
+    per_step = int(t.get("batch_size", 8)) * int(t.get("context_length", 256)) * int(t.get("gradient_accumulation_steps", 1))
+    return [math.ceil(ratio * non_embedding(baseline.config) / per_step) * per_step for ratio in suite.budgets_per_parameter]
+
+
+def _train_tokens(suite: Suite, data: str | None) -> int | None:
+    """Tokens in the prepared training split the series trained on (prepared already: a cache hit)."""
+    from .data.prepare import PrepareSettings, prepare_dataset
+
+    settings = {**suite.data, **({"source": data} if data else {})}
+    prepared = prepare_dataset(PrepareSettings(context_length=suite.training.get("context_length", 256), **settings), progress=False)
+    stats = json.loads((Path(prepared) / "stats.json").read_text())
+    return stats.get("train_tokens")
 
 
 def budget_results(suite: Suite, per_budget: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:

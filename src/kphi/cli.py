@@ -79,7 +79,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None,
     )
     out = args.out or f"runs/compare-{suite.name}"
-    if args.budgets or suite.budgets:
+    if args.budgets or suite.budgets or suite.budgets_per_parameter:
         budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
         print(format_budget_table(run_budget_series(suite, out, budgets=budgets, **options)))
         print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")

@@ -90,17 +90,20 @@ class Suite:
     learning_rates: list[float] | None = None
     budgets: list[int] | None = None  # a budget series (kphi.budgets): every arm at each of these token budgets
     seeds_at_largest: int | None = None  # seeds at the largest budget of a series (default: ``seeds``)
+    # budgets stated as tokens per non-embedding parameter of the baseline arm (kphi.budgets turns them into
+    # token counts, whole optimizer steps): ``budgets_per_parameter: [2.5, 5, 10, 20, 40]``
+    budgets_per_parameter: list[float] | None = None
 
 
-def _positive_rates(rates, where: str) -> list[float] | None:
+def _positive_rates(rates, where: str, what: str = "learning rates") -> list[float] | None:
     if rates is None:
         return None
     try:
         values = [float(r) for r in rates]
     except (TypeError, ValueError):
-        raise CompareError(f"{where}: learning rates must be numbers, got {rates!r}") from None
+        raise CompareError(f"{where}: {what} must be numbers, got {rates!r}") from None
     if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise CompareError(f"{where}: learning rates must be a non-empty list of positive numbers, got {rates!r}")
+        raise CompareError(f"{where}: {what} must be a non-empty list of positive numbers, got {rates!r}")
     return sorted(set(values))
 
 
@@ -168,6 +171,7 @@ def load_suite(name_or_path: str) -> Suite:
         learning_rates=_positive_rates(data.get("learning_rates"), f"suite {path}"),
         budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
         seeds_at_largest=data.get("seeds_at_largest"),
+        budgets_per_parameter=_positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
     )
 
 
@@ -284,6 +288,8 @@ def _arm_training(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
+    """Where a comparison ran. The CPU model and torch's vector ISA are recorded because float results (and,
+    through training, losses in the third decimal) differ between CPUs even at equal code, seed and threads."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
         "platform": platform.platform(),
@@ -291,8 +297,21 @@ def _machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": device,
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{names[0]} ({' '.join(isa)})" if names else None
 
 
 def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:

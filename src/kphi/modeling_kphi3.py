@@ -103,7 +103,7 @@ class KPhi3PreTrainedModel(Phi3PreTrainedModel):
         if isinstance(kind, DenseKind) or not kind.owns(module):
             return
         if isinstance(kind, GroupedKind) and hasattr(module, "dense_init_std"):
-            kind = GroupedKind(kind.min_channels_per_group, "scaled_normal")
+            kind = GroupedKind(kind.min_channels_per_group, "scaled_normal", kind.branches)
         kind.initialize(module, std)
 
 
