@@ -96,3 +96,43 @@ def test_smollm2_from_its_pypi_package_answers_in_its_own_chat_format(tmp_path):
     assert json.loads(params.stdout)["non_embedding"] == 106_203_456
     answer = run_kphi("generate", "smollm2-135m", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", cache=cache)
     assert answer.returncode == 0 and "Paris" in answer.stdout
+
+
+def test_data_for_a_model_uses_its_own_chat_template_and_trains_from_it(tiny_gguf, tmp_path):
+    """A tokenizer without phi-3's chat tokens (the GGUF's ChatML one): pairs are rendered by its own template,
+    the loss mask keeps exactly the replies, and kphi train starts from the model with no --preset."""
+    from corpus import write_corpus
+
+    from kphi.data.prepare import load_prepared
+
+    path, _, cache = tiny_gguf
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=120)
+    env_cache = tmp_path / "cache"
+    prepared = run_kphi("data", "prepare", "--source", str(corpus), "--tokenizer", str(_cached_dir(path, env_cache)),
+                        "--context-length", "32", "--validation-rows", "10", "--loss-on", "assistant", cache=env_cache)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    data = next((env_cache / "data").glob("pairs.jsonl-*"))
+    train_rows, _, tokenizer, _ = load_prepared(data)
+    text = tokenizer.decode([t for row in train_rows.select(range(20)) for t in row["input_ids"]])
+    assert "<|im_start|>user\n" in text and "<|im_start|>assistant\n" in text and "<|user|>" not in text
+    kept = tokenizer.decode([t for row in train_rows.select(range(20)) for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
+    assert kept and "<|im_start|>user" not in kept and "<|im_start|>assistant" not in kept
+    out = tmp_path / "healed"
+    trained = run_kphi("train", "--init-from", str(path), "--data", str(data), "--context-length", "32", "--batch-size", "4",
+                       "--max-steps", "2", "--out", str(out), "--quiet", cache=env_cache)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama" and (out / "model.safetensors").is_file()
+
+
+def _cached_dir(path, cache):
+    env = {**os.environ, "KPHI_CACHE": str(cache)}
+    code = "import sys; from kphi.sources import resolve_model_dir; print(resolve_model_dir(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def test_train_needs_a_preset_or_a_model_to_start_from(tmp_path):
+    result = run_kphi("train", "--data", "default", "--max-steps", "1", "--out", str(tmp_path / "x"), cache=tmp_path / "c")
+    assert result.returncode == 2 and "--preset" in result.stderr and "--init-from" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in fields and k != "preset"}
     if args.quiet:
         overrides["progress"] = False
-    settings = resolve_settings(args.preset, **overrides)
+    settings = resolve_settings(getattr(args, "preset", None), **overrides)
     result = train(settings, resume=args.resume)
     m = result.metrics
     if m:
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from .train import TrainSettings
 
-    add_settings_arguments(p, TrainSettings, skip=("progress",), required=("preset", "out"))
+    add_settings_arguments(p, TrainSettings, skip=("progress",), required=("out",))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_train)

@@ -461,6 +461,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     from transformers import default_data_collator
 
     settings.validate()
+    if settings.preset is None and settings.init_from is None and config is None:
+        raise TrainError("give --preset (a model to build) or --init-from MODEL (a model to start from)")
     out = Path(settings.out)
     args = _training_arguments(settings, out, max_steps=1)  # also joins the process group when launched distributed
     is_main = args.process_index == 0

@@ -58,7 +58,9 @@ class CorpusSettings:
     :class:`PrepareSettings` and :class:`kphi.train.TrainSettings` inherit them."""
 
     tokenizer: str = "bpe"
-    """Tokenizer: ``bpe`` (trained on the training split), ``phi3`` (exact, offline), ``phi3-hub`` or a path."""
+    """Tokenizer: ``bpe`` (trained on the training split), ``phi3`` (exact, offline), ``phi3-hub``, or a model:
+    a model directory or a known model (``smollm2-135m``). A model whose tokenizer lacks phi-3's chat tokens
+    gets its pairs in its own chat template (SmolLM2: ChatML), not phi-3's layout."""
     vocab_size: int = setting(4096, minimum=1)
     """Vocabulary size of a trained BPE tokenizer."""
     context_length: int = setting(256, minimum=2)
@@ -189,20 +191,29 @@ def _prepared_key(path: Path) -> str | None:
 
 @dataclass
 class _TokenIds:
-    user: int
-    assistant: int
-    end: int
+    user: int | None  # None: the pairs are formatted with the tokenizer's own chat template
+    assistant: int | None
+    end: int | None
     eos: int
     pad: int
 
 
 def _special_ids(tokenizer: Any, spec: str) -> _TokenIds:
+    from .tokenizers import encodes_phi3_chat_tokens
+
+    if not encodes_phi3_chat_tokens(tokenizer) and getattr(tokenizer, "chat_template", None):
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError(f"tokenizer {spec!r} has no end-of-text token to separate samples with")
+        pad = tokenizer.pad_token_id
+        return _TokenIds(None, None, None, eos, eos if pad is None else pad)
     ids = {}
     for name, token in (("user", recipe.USER), ("assistant", recipe.ASSISTANT), ("end", recipe.END), ("eos", EOS)):
         enc = tokenizer.encode(token, add_special_tokens=False)
         if len(enc) != 1:
-            raise DataError(f"tokenizer {spec!r} does not encode {token} as one token (got {enc}); "
-                            f"it needs the special tokens {recipe.USER} {recipe.ASSISTANT} {recipe.END} {EOS}")
+            raise DataError(f"tokenizer {spec!r} does not encode {token} as one token (got {enc}) and has no chat "
+                            f"template of its own; it needs the special tokens {recipe.USER} {recipe.ASSISTANT} "
+                            f"{recipe.END} {EOS}, or a chat template")
         ids[name] = enc[0]
     pad = getattr(tokenizer, "pad_token_id", None)
     ids["pad"] = ids["eos"] if pad is None else pad
@@ -248,6 +259,8 @@ def _pack_split(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: Prep
 
     ctx = settings.context_length
     st = _SplitStats(samples=len(texts))
+    if ids.user is None:
+        return _pack_split_templated(name, texts, tokenizer, ids, settings, scratch, st)
     if not len(texts):  # datasets.map writes nothing at all for no rows
         return datasets.Dataset.from_dict({"input_ids": [], "labels": []}, features=_features()), st
     assistant = settings.loss_on == "assistant"
@@ -292,6 +305,48 @@ def _pack_split(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: Prep
     if settings.packing == "tokens":
         st.tokens = st.rows * ctx
         st.dropped_tokens = packer.dropped_tokens
+    return packed, st
+
+
+def _templated(tokenizer: Any, text: str) -> tuple[str, int]:
+    """A phi-3-formatted sample as the tokenizer's own chat template writes it: ``(text, prompt_chars)``, the
+    prompt being the characters up to where the assistant's reply starts (its generation prompt included)."""
+    instruction, response = recipe.parse_pair(text)
+    user = [{"role": "user", "content": instruction}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=False)
+    return full, len(prompt) if full.startswith(prompt) else 0
+
+
+def _pack_split_templated(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: PrepareSettings, scratch: Path,
+                          st: _SplitStats):
+    """:func:`_pack_split` for a model's own chat template: each pair rendered by ``apply_chat_template``,
+    tokenised with offsets (the loss mask of ``loss_on="assistant"`` is every token that starts inside the
+    prompt), followed by the tokenizer's end-of-text token, and token-packed as usual."""
+    if settings.packing != "tokens":
+        raise DataError("packing 'reference' is the report's phi-3 layout; a model's own chat template packs by tokens")
+    packer = recipe.TokenPacker(settings.context_length)
+    assistant = settings.loss_on == "assistant"
+
+    def pack(batch):
+        rendered = [_templated(tokenizer, t) for t in batch["text"]]
+        encoded = tokenizer([r for r, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
+                            return_attention_mask=False, verbose=False)
+        rows = []
+        for (_, prompt_chars), seq, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+            labels = [IGNORE_INDEX if assistant and start < prompt_chars else tok for tok, (start, _) in zip(seq, offsets)]
+            rows += packer.add([*seq, ids.eos], [*labels, ids.eos])
+        st.rows += len(rows)
+        st.loss_tokens += sum(1 for _, labels in rows for x in labels if x != IGNORE_INDEX)
+        return {"input_ids": [r for r, _ in rows], "labels": [labels for _, labels in rows]}
+
+    packed = texts.map(
+        pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=texts.column_names, features=_features(),
+        load_from_cache_file=False, new_fingerprint=f"kphi-pack-{name}", cache_file_name=str(scratch),
+        desc=f"tokenizing and packing {name} (chat template)",
+    )
+    st.tokens = st.rows * settings.context_length
+    st.dropped_tokens = packer.dropped_tokens
     return packed, st
 
 

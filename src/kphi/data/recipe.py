@@ -64,6 +64,14 @@ def format_pair(instruction: str, response: str) -> str:
     return f"{USER}{instruction}{END}{ASSISTANT}{response}{END}"
 
 
+def parse_pair(text: str) -> tuple[str, str]:
+    """``(instruction, response)`` of a :func:`format_sample` text (the inverse of the phi-3 layout)."""
+    if not text.startswith(USER) or ASSISTANT not in text:
+        raise ValueError(f"not a formatted pair: {text[:60]!r}")
+    instruction, _, response = text[len(USER):].partition(ASSISTANT)
+    return instruction.removesuffix(END), response.removesuffix(END)
+
+
 def normalise(text: str) -> str:
     """Remove one newline right after / right before a special token, then strip.
 

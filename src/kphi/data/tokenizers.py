@@ -52,6 +52,7 @@ __all__ = [
     "PHI3_SDIST",
     "PHI3_SPECIAL_TOKENS",
     "TOKENIZER_SPECS",
+    "encodes_phi3_chat_tokens",
     "TokenizerError",
     "build_tokenizer",
     "describe_tokenizer",
@@ -112,6 +113,9 @@ _VOCAB_TEST_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 HUB_PHI3_NAME = "microsoft/Phi-3-mini-4k-instruct"
 TOKENIZER_SPECS = ("bpe", "phi3", "phi3-hub")
+
+#: The tokens of phi-3's chat layout (kphi.data.recipe) that a tokenizer must keep whole to use it.
+PHI3_CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
 DEFAULT_VOCAB_SIZE = 4096
 
 
@@ -355,18 +359,32 @@ def build_tokenizer(
     if spec == "phi3-hub":
         return load_hub_phi3_tokenizer(os.environ.get("KPHI_PHI3_HUB") or HUB_PHI3_NAME)
     path = Path(spec).expanduser()
-    if spec.strip() and path.is_dir():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
-            raise TokenizerError(f"could not load a tokenizer from directory {path}: {exc}") from exc
-        return _with_chat_template(tokenizer)
     if path.is_file() and path.suffix == ".gguf":
         return phi3_tokenizer_from_gguf(path)
+    from ..sources import known_models, resolve_model_dir
+
+    if spec.strip() and (path.is_dir() or spec in known_models()):
+        directory = resolve_model_dir(spec, TokenizerError)  # a model directory, or a known model (smollm2-135m)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except (OSError, ValueError) as exc:
+            raise TokenizerError(f"could not load a tokenizer from directory {directory}: {exc}") from exc
+        return tokenizer if _keeps_own_template(tokenizer) else _with_chat_template(tokenizer)
     raise TokenizerError(
         f"unknown tokenizer spec {spec!r}: expected one of {', '.join(repr(s) for s in TOKENIZER_SPECS)}, "
-        "a directory saved with save_pretrained, or a path to a .gguf file"
+        f"a model or tokenizer directory, a known model ({', '.join(known_models())}), or a phi-3 .gguf vocabulary"
     )
+
+
+def encodes_phi3_chat_tokens(tokenizer: Any) -> bool:
+    """Whether every phi-3 chat token (``<|user|>``, ``<|assistant|>``, ``<|end|>``, ``<|endoftext|>``) is one token."""
+    return all(len(tokenizer.encode(t, add_special_tokens=False)) == 1 for t in PHI3_CHAT_TOKENS)
+
+
+def _keeps_own_template(tokenizer: Any) -> bool:
+    """A model's tokenizer without phi-3's chat tokens keeps its own chat template (e.g. SmolLM2's ChatML):
+    data prepared with it is formatted the way that model was trained to read."""
+    return bool(getattr(tokenizer, "chat_template", None)) and not encodes_phi3_chat_tokens(tokenizer)
 
 
 def describe_tokenizer(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
