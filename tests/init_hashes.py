@@ -53,6 +53,8 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
             for width in scaling.widths:
                 for arm in resolve_arms(scaling.suite_at(width)):
                     yield f"{suite_name}:w{width}:{arm.label}", seed, arm.config
+        elif kind == "structure":
+            continue  # fits a pretrained model's weights: nothing is initialised from a seed
         elif kind == "compress":
             suite = load_compress_suite(suite_name)
             seed = int(suite.training.get("seed", 42))

@@ -65,3 +65,37 @@ def test_compress_and_compare_suites_are_not_interchangeable():
         load_suite("compress-smoke")
     with pytest.raises(CompareError, match="not a compress suite"):
         load_compress_suite("smoke")
+
+
+def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
+    """kind: structure on a GGUF file: every fit converted and scored in bits per byte beside the source, each
+    result kept as it is measured, a rerun reusing them all."""
+    import json as _json
+    import os as _os
+    import subprocess as _subprocess
+    import sys as _sys
+
+    from tiny_gguf import write_tiny_llama_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(gguf)
+    suite = tmp_path / "structure.yaml"
+    suite.write_text(
+        f"kind: structure\nname: tiny-structure\nsource: {gguf}\nheldout_bytes: 2048\ncontext: 64\nstride: 32\n"
+        "fits:\n"
+        "  - {label: low-rank 50%, kind: {kind: low_rank, fraction: 0.5}}\n"
+        "  - {label: grouped m=8, kind: {kind: grouped, min_channels_per_group: 8}, targets: [down_proj]}\n")
+    env = {**_os.environ, "KPHI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    command = [_sys.executable, "-m", "kphi", "compress", "--suite", str(suite), "--out", str(tmp_path / "out"), "--quiet"]
+    first = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = _json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [f["label"] for f in results["fits"]] == ["low-rank 50%", "grouped m=8"]
+    low_rank, grouped = results["fits"]
+    assert 45 < low_rank["percent_kept"] < 55 and grouped["replaced"] == 2 and grouped["targets"] == ["down_proj"]
+    for fit in results["fits"]:
+        assert fit["relative_bits_per_byte"] == fit["bits_per_byte"] / results["source"]["bits_per_byte"]
+    assert (tmp_path / "out" / "structure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stamp = (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns
+    again = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns == stamp

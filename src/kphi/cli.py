@@ -111,8 +111,18 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from .compare import read_suite_yaml
     from .compress import format_compress_table, load_compress_suite, run_compress
 
+    if (read_suite_yaml(args.suite)[1] or {}).get("kind") == "structure":  # a pretrained model, fitted, no training
+        from .structure import format_structure_table, load_structure_suite, run_structure
+
+        structure = load_structure_suite(args.suite)
+        out = args.out or f"runs/{structure.name}"
+        _quiet_transformers()
+        print(format_structure_table(run_structure(structure, Path(out), progress=not args.quiet, log=_log(args))))
+        print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/structure.png")
+        return 0
     suite = load_compress_suite(args.suite)
     out = args.out or f"runs/{suite.name}"
     _quiet_transformers()

@@ -149,7 +149,7 @@ def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
 def load_suite(name_or_path: str) -> Suite:
     """A bundled suite (``cpu``, ``smoke``, ``paper``, ...) or a suite YAML file."""
     path, data = read_suite_yaml(name_or_path)
-    if isinstance(data, dict) and data.get("kind") in ("scaling", "compress"):
+    if isinstance(data, dict) and data.get("kind") in ("scaling", "compress", "structure"):
         command = "scale" if data["kind"] == "scaling" else "compress"
         raise CompareError(f"{path} is a {data['kind']} suite; run it with kphi {command} --suite {name_or_path}")
     if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or not data["arms"]:

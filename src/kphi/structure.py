@@ -1,0 +1,192 @@
+"""What structured projections do to a real pretrained model: fit, measure bits per byte, no training.
+
+A suite of ``kind: structure`` (``suites/compress-smollm2.yaml``; run with ``kphi compress --suite NAME``)
+names a pretrained ``source`` (any model source, :mod:`kphi.sources`) and a list of ``fits``, each a
+projection kind, a fit (``frobenius`` or ``activations``) and optionally ``targets`` (PEFT's rule,
+:func:`kphi.projections.matches_target`). For every fit the source is converted (:func:`kphi.convert.convert`)
+and scored on the first ``heldout_bytes`` bytes of kphi's held-out text (:mod:`kphi.evaluate`, windows of
+``context`` tokens every ``stride``), beside the source itself, a uniform guess over the vocabulary
+(``log2(V) * tokens / bytes`` bits per byte) and the fit's weight and calibration errors.
+
+Activation-aware fits read ``calibration_tokens`` tokens of the suite's ``data`` prepared with the source's
+own tokenizer (``kphi data prepare --tokenizer SOURCE``): a calibration set in another vocabulary would be
+read as noise. Each fit's result is written as soon as it is measured (``OUT/fits/LABEL.json``) and reused
+on a rerun, so an interrupted study resumes. Outputs: ``results.json``, ``results.md``, ``structure.png``
+(bits per byte against the share of non-embedding parameters kept, one line per kind and fit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compare import CompareError, command_line, read_suite_yaml
+from .files import atomic_write_text, slug
+
+__all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
+
+
+@dataclass
+class StructureSuite:
+    name: str
+    source: str
+    fits: list[dict[str, Any]]
+    description: str = ""
+    heldout_bytes: int = 32768
+    context: int = 1024
+    stride: int = 512
+    calibration_tokens: int = 8192
+    data: dict[str, Any] = field(default_factory=lambda: {"source": "default"})
+
+
+def load_structure_suite(name_or_path: str) -> StructureSuite:
+    path, data = read_suite_yaml(name_or_path)
+    if not isinstance(data, dict) or data.get("kind") != "structure":
+        raise CompareError(f"{path} is not a structure suite (it needs kind: structure)")
+    try:
+        suite = StructureSuite(**{k: v for k, v in data.items() if k != "kind"})
+    except TypeError as err:
+        raise CompareError(f"structure suite {path}: {err}") from None
+    labels = [f.get("label") for f in suite.fits if isinstance(f, dict)]
+    if len(labels) != len(suite.fits) or not all(labels) or len(set(labels)) != len(labels):
+        raise CompareError(f"structure suite {path}: every fit needs a unique label")
+    for spec in suite.fits:
+        if spec.get("fit", "frobenius") not in ("frobenius", "activations") or "kind" not in spec:
+            raise CompareError(f"structure suite {path}: fit {spec['label']!r} needs a kind and fit frobenius|activations")
+    return suite
+
+
+def _heldout_text(size: int) -> str:
+    from .evaluate import default_text_path
+
+    text = default_text_path().read_text(encoding="utf-8")[:size]
+    return text[: text.rfind("\n") + 1] or text
+
+
+def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
+    from .data.prepare import PrepareSettings, load_prepared, prepare_dataset
+
+    settings = PrepareSettings(**{"context_length": 256, **suite.data, "tokenizer": suite.source})
+    train = load_prepared(prepare_dataset(settings, progress=progress))[0]
+    rows = max(2, math.ceil(suite.calibration_tokens / len(train[0]["input_ids"])))
+    return torch.tensor([train[i]["input_ids"] for i in range(min(rows, len(train)))], dtype=torch.long)
+
+
+def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
+    """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
+    from .convert import ConvertError, convert
+    from .evaluate import evaluate_text
+    from .model_dir import load_model, load_tokenizer
+    from .sources import describe_source
+
+    out = Path(out)
+    (out / "fits").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    dense = load_model(suite.source, CompareError, dtype=torch.float32)
+    tokenizer = load_tokenizer(suite.source, CompareError)
+    text = _heldout_text(suite.heldout_bytes)
+
+    def score(model, name):
+        return evaluate_text(model, tokenizer, [text], name, suite.context, suite.stride, progress).to_dict()
+
+    source_file = out / "source.json"
+    if source_file.is_file():
+        source = json.loads(source_file.read_text())
+    else:
+        source = {"model": describe_source(suite.source), **score(dense, "source")}
+        atomic_write_text(source_file, json.dumps(source, indent=2))
+    log(f"source: {source['bits_per_byte']:.4f} bits per byte ({source['tokens']:,} tokens, {source['bytes']:,} bytes)")
+    uniform = math.log2(dense.config.vocab_size) * source["tokens"] / source["bytes"]
+    calibration = None
+    rows = []
+    for n, spec in enumerate(suite.fits, start=1):
+        cached = out / "fits" / f"{slug(spec['label'], 'fit')}.json"
+        if cached.is_file():
+            rows.append(json.loads(cached.read_text()))
+            log(f"[{n}/{len(suite.fits)}] {spec['label']}: measured already ({rows[-1]['bits_per_byte']:.4f})")
+            continue
+        fit = spec.get("fit", "frobenius")
+        if fit == "activations" and calibration is None:
+            calibration = _calibration_ids(suite, progress)
+        fit_started = time.perf_counter()
+        try:
+            result = convert(dense, spec["kind"], targets=spec.get("targets"), fit=fit,
+                             calibration=calibration if fit == "activations" else None, progress=progress)
+        except ConvertError as err:
+            raise CompareError(f"fit {spec['label']!r}: {err}") from None
+        summary = result.summary()
+        scored = score(result.model.eval(), spec["label"])
+        fallbacks = sum(1 for f in result.fits.values() if f.method.startswith("frobenius ("))
+        row = {
+            "label": spec["label"], "kind": summary["kind"], "fit": fit, "targets": spec.get("targets"),
+            "replaced": summary["replaced"], "percent_kept": summary["percent_of_source"],
+            "mean_relative_error": summary["mean_relative_error"], "activation_fallbacks": fallbacks,
+            "bits_per_byte": scored["bits_per_byte"], "perplexity": scored["perplexity"],
+            "relative_bits_per_byte": scored["bits_per_byte"] / source["bits_per_byte"],
+            "seconds": round(time.perf_counter() - fit_started, 1),
+        }
+        atomic_write_text(cached, json.dumps(row, indent=2))
+        rows.append(row)
+        log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
+            f"{row['mean_relative_error']:.3f}, {row['bits_per_byte']:.4f} bits per byte ({row['seconds']:.0f} s)")
+        del result
+    results = {
+        "suite": suite.name, "description": suite.description, "command": command_line(), "source": source,
+        "uniform_bits_per_byte": uniform, "heldout_bytes": source["bytes"], "context": suite.context,
+        "stride": suite.stride, "fits": rows, "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", format_structure_table(results) + "\n")
+    _plot(results, out / "structure.png")
+    return results
+
+
+def format_structure_table(results: dict[str, Any]) -> str:
+    source = results["source"]
+    lines = [
+        f"source {source['model']}: {source['bits_per_byte']:.4f} bits per byte (perplexity {source['perplexity']:.2f}) "
+        f"on {results['heldout_bytes']:,} bytes; a uniform guess: {results['uniform_bits_per_byte']:.2f}",
+        "",
+        "| fit | kind | fit | targets | % kept | weight error | bits per byte | x source | perplexity |",
+        "|:--|:--|:--|:--|--:|--:|--:|--:|--:|",
+    ]
+    for r in results["fits"]:
+        kind = ", ".join(f"{k}={v}" for k, v in r["kind"].items() if k != "kind")
+        targets = ",".join(r["targets"]) if r["targets"] else "all"
+        lines.append(f"| {r['label']} | {r['kind']['kind']} ({kind}) | {r['fit']} | {targets} | {r['percent_kept']:.1f} | "
+                     f"{r['mean_relative_error']:.3f} | {r['bits_per_byte']:.3f} | {r['relative_bits_per_byte']:.2f} | "
+                     f"{r['perplexity']:,.1f} |")
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results["fits"]:
+        if r["targets"]:
+            continue
+        series.setdefault(f"{r['kind']['kind']} ({r['fit']})", []).append((r["percent_kept"], r["bits_per_byte"]))
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p for p, _ in points], [b for _, b in points], marker="o", label=label)
+    ax.axhline(results["source"]["bits_per_byte"], color="black", linestyle="--", label="source (dense)")
+    ax.axhline(results["uniform_bits_per_byte"], color="grey", linestyle=":", label="uniform guess")
+    ax.set_yscale("log")
+    ax.set_xlabel("non-embedding parameters kept (%)")
+    ax.set_ylabel("bits per byte on held-out text (log)")
+    ax.set_title(f"{results['suite']}: structured projections fitted to a pretrained model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
