@@ -104,7 +104,7 @@ def test_eval_compares_a_kphi_run_and_a_gguf_model_on_the_same_text(trained_mode
 
 
 def test_eval_defaults_to_the_shipped_heldout_text(trained_model_dir, tmp_path):
-    result = run_kphi("eval", str(trained_model_dir), "--context", "32", "--stride", "32", "--json", cache=tmp_path / "cache")
+    result = run_kphi("eval", str(trained_model_dir), "--context", "128", "--stride", "128", "--json", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     (score,) = json.loads(result.stdout)[0]["texts"]
     assert score["name"].startswith("heldout") and score["bytes"] > 100_000
