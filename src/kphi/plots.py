@@ -7,6 +7,7 @@ from pathlib import Path
 
 __all__ = [
     "plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "plot_compress",
+    "plot_structure",
     "read_log",
 ]
 
@@ -174,3 +175,22 @@ def plot_compress(results: dict, out_png: Path) -> Path:
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+def plot_structure(results: dict, out_png: Path) -> Path:
+    """Bits per byte on held-out text against the share of non-embedding parameters kept (log y), one line per
+    kind and fit (fits of every projection only), with the source model and a uniform guess as reference lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results["fits"]:
+        if not r["targets"]:
+            series.setdefault(f"{r['kind']['kind']} ({r['fit']})", []).append((r["percent_kept"], r["bits_per_byte"]))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, "o-", markersize=4, label=label)
+    ax.axhline(results["source"]["bits_per_byte"], color="black", linestyle="--", linewidth=1, label="source (dense)")
+    ax.axhline(results["uniform_bits_per_byte"], color="grey", linestyle=":", linewidth=1.5, label="uniform guess")
+    ax.set_yscale("log")
+    return _finish(fig, ax, out_png, f"{results['suite']}: structured projections fitted to a pretrained model",
+                   "non-embedding parameters kept (%)", "bits per byte on held-out text", legend_size=8)

@@ -83,6 +83,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     from .convert import ConvertError, convert
     from .evaluate import evaluate_text
     from .model_dir import load_model, load_tokenizer
+    from .plots import plot_structure
     from .sources import describe_source
 
     out = Path(out)
@@ -143,7 +144,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", format_structure_table(results) + "\n")
-    _plot(results, out / "structure.png")
+    plot_structure(results, out / "structure.png")
     return results
 
 
@@ -163,30 +164,3 @@ def format_structure_table(results: dict[str, Any]) -> str:
                      f"{r['mean_relative_error']:.3f} | {r['bits_per_byte']:.3f} | {r['relative_bits_per_byte']:.2f} | "
                      f"{r['perplexity']:,.1f} |")
     return "\n".join(lines)
-
-
-def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in results["fits"]:
-        if r["targets"]:
-            continue
-        series.setdefault(f"{r['kind']['kind']} ({r['fit']})", []).append((r["percent_kept"], r["bits_per_byte"]))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p for p, _ in points], [b for _, b in points], marker="o", label=label)
-    ax.axhline(results["source"]["bits_per_byte"], color="black", linestyle="--", label="source (dense)")
-    ax.axhline(results["uniform_bits_per_byte"], color="grey", linestyle=":", label="uniform guess")
-    ax.set_yscale("log")
-    ax.set_xlabel("non-embedding parameters kept (%)")
-    ax.set_ylabel("bits per byte on held-out text (log)")
-    ax.set_title(f"{results['suite']}: structured projections fitted to a pretrained model")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
