@@ -119,11 +119,12 @@ def report_for(spec: str) -> tuple[str, str, ParamReport]:
 
     from .model_dir import load_config, read_model_config
     from .presets import PresetError, list_presets, load_preset, resolve_config
-    from .sources import resolve_model_dir
+    from .sources import HUB_ID, known_models, resolve_model_dir
 
     path = Path(spec)
     is_preset = spec in list_presets() or path.suffix in (".yaml", ".yml", ".json")
-    if not is_preset:
+    is_model = path.exists() or spec in known_models() or HUB_ID.match(str(spec)) is not None
+    if is_model and not is_preset:  # a bare unknown name is an unknown preset, and says so
         model_dir = resolve_model_dir(spec, PresetError)
         if read_model_config(model_dir, PresetError).get("model_type") not in ("kphi3", "phi3"):
             config = load_config(model_dir, PresetError)
