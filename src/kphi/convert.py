@@ -337,11 +337,10 @@ def _copy_untouched_weights(dense, model, replaced: list[str]) -> None:
 def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any]:
     """Bits per byte of the source model and of ``converted`` on the first ``size`` bytes of kphi's held-out
     text (:mod:`kphi.evaluate`; context up to 256 tokens, stride 128): whether the model survived."""
-    from .evaluate import default_text_path, evaluate_text
+    from .evaluate import evaluate_text, heldout_sample
     from .model_dir import load_model
 
-    text = default_text_path().read_text(encoding="utf-8")[:size]
-    text = text[: text.rfind("\n") + 1] or text
+    text = heldout_sample(size)
     before = evaluate_text(load_model(src, ConvertError, dtype=torch.float32), tokenizer, [text], "heldout", context=256)
     after = evaluate_text(converted.eval(), tokenizer, [text], "heldout", context=256)
     return {"bytes": before.bytes, "tokens": before.tokens, "context": before.context, "stride": before.stride,

@@ -35,7 +35,7 @@ import torch
 from .errors import KphiError
 
 __all__ = ["EvalError", "TextScore", "score_documents", "evaluate_text", "default_text_path", "read_documents",
-           "run_eval", "format_eval_table", "KPHI_TASKS"]
+           "run_eval", "format_eval_table", "KPHI_TASKS", "heldout_sample"]
 
 #: lm-evaluation-harness tasks kphi ships (offline): name -> JSON-lines file in ``kphi/data/heldout``.
 KPHI_TASKS = {"kphi_next_sentence": "python-reference-next-sentence.jsonl"}
@@ -76,6 +76,12 @@ class TextScore:
 
 def default_text_path() -> Path:
     return Path(str(resources.files("kphi") / "data" / "heldout" / "python-reference.txt"))
+
+
+def heldout_sample(size: int) -> str:
+    """The first ``size`` bytes' worth of kphi's held-out text, cut at a paragraph end (a quick survival check)."""
+    text = default_text_path().read_text(encoding="utf-8")[:size]
+    return text[: text.rfind("\n") + 1] or text
 
 
 def read_documents(path: str | Path) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 import tempfile
 import zipfile
 from importlib import resources

@@ -62,13 +62,6 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
     return suite
 
 
-def _heldout_text(size: int) -> str:
-    from .evaluate import default_text_path
-
-    text = default_text_path().read_text(encoding="utf-8")[:size]
-    return text[: text.rfind("\n") + 1] or text
-
-
 def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
     from .data.prepare import PrepareSettings, load_prepared, prepare_dataset
 
@@ -81,7 +74,7 @@ def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
     from .convert import ConvertError, convert
-    from .evaluate import evaluate_text
+    from .evaluate import evaluate_text, heldout_sample
     from .model_dir import load_model, load_tokenizer
     from .plots import plot_structure
     from .sources import describe_source
@@ -91,7 +84,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     started = time.perf_counter()
     dense = load_model(suite.source, CompareError, dtype=torch.float32)
     tokenizer = load_tokenizer(suite.source, CompareError)
-    text = _heldout_text(suite.heldout_bytes)
+    text = heldout_sample(suite.heldout_bytes)
 
     def score(model, name):
         return evaluate_text(model, tokenizer, [text], name, suite.context, suite.stride, progress).to_dict()
