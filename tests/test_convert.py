@@ -1,4 +1,5 @@
-"""``kphi convert`` on tiny random Llama, Mistral, Qwen2, Phi-3 and GPT-2 models (no hub needed).
+"""``kphi convert`` on tiny random Llama, Mistral, Qwen2, Phi-3 and GPT-2 models, and on two architectures
+kphi has no class written for (GPT-NeoX, OPT: classes built on first use, targets found in the model).
 
 Each converted model must load through the Auto classes (after ``import kphi``, and with
 ``trust_remote_code`` where kphi is not imported), give the logits of an independent naive forward (the
@@ -19,10 +20,14 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -32,6 +37,7 @@ from transformers import (
 from corpus import prepare_small
 from kphi.convert import ConvertError, convert, convert_to_dir
 from kphi.data.prepare import load_prepared
+from kphi.export import code_files, export_model
 from kphi.projections import projection_kind
 from kphi.train import TrainSettings, train
 
@@ -43,7 +49,14 @@ ARCHITECTURES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, LLAMA_LIKE),
     "phi3": (Phi3Config, Phi3ForCausalLM, {**LLAMA_LIKE, "original_max_position_embeddings": 64}),
     "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    # beyond the five written out: projection names found by kphi (query_key_value, dense, ...; q/k/v/out_proj, fc1, fc2)
+    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, max_position_embeddings=64)),
+    "opt": (OPTConfig, OPTForCausalLM, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                            word_embed_proj_dim=32, max_position_embeddings=64)),
 }
+GENERIC_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+                   "opt": ["k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"]}
 GROUPED = {"kind": "grouped", "min_channels_per_group": 8}
 
 
@@ -181,6 +194,9 @@ def test_converted_model_trains_with_init_from(arch, converted, prepared, tmp_pa
                                  context_length=32, batch_size=4, max_steps=5, eval_steps=5, save_steps=5,
                                  logging_steps=1, progress=False))
     assert result.metrics["steps"] == 5
+    # the trained model keeps its modeling files, as its converted source had them
+    assert json.loads((out / "config.json").read_text())["auto_map"] == json.loads((converted[arch] / "config.json").read_text())["auto_map"]
+    assert code_files(out) and all((out / name).is_file() for name in code_files(out))
     trained = AutoModelForCausalLM.from_pretrained(out)
     start = AutoModelForCausalLM.from_pretrained(converted[arch])
     assert type(trained) is type(start)
@@ -230,6 +246,36 @@ def test_bad_conversions_fail_with_one_line_and_write_nothing(args, message, sou
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("kphi: error:") and message in run.stderr and "Traceback" not in run.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", list(GENERIC_TARGETS))
+def test_an_architecture_beyond_the_five_gets_its_layer_projections_as_targets(arch, converted):
+    model = AutoModelForCausalLM.from_pretrained(converted[arch])
+    assert model.config.model_type == f"kphi_{arch}" and type(model).__name__.startswith("Kphi")
+    assert model.config.target_modules == GENERIC_TARGETS[arch]
+    assert len(replaced_names(model)) == 2 * len(GENERIC_TARGETS[arch])  # every layer, never lm_head
+    assert not any(n.startswith("lm_head") for n in replaced_names(model))
+
+
+def test_kphi_export_takes_a_converted_model(converted, tmp_path):
+    out = tmp_path / "export"
+    export_model(converted["gpt_neox"], out)
+    assert "modeling_structured.py" in code_files(out) and all((out / name).is_file() for name in code_files(out))
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)(input_ids=ids).logits
+        expected = AutoModelForCausalLM.from_pretrained(converted["gpt_neox"])(input_ids=ids).logits
+    torch.testing.assert_close(exported, expected)
+
+
+def test_an_architecture_without_a_causal_lm_is_one_line(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path / "vit")
+    run = kphi_cli("convert", str(tmp_path / "vit"), "--out", str(tmp_path / "out"), "--fit", "none", "--quiet")
+    assert run.returncode == 2 and run.stderr.startswith("kphi: error:") and "Traceback" not in run.stderr, run.stderr
+    assert "no causal LM for model_type 'vit'" in run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_converting_a_converted_model_is_refused(converted):

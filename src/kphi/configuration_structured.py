@@ -1,6 +1,11 @@
 """Configurations of transformers decoders whose projections are of any kphi projection kind.
 
-One class per supported architecture, each the architecture's own config plus two fields:
+One class per architecture, each the architecture's own config plus two fields. Five are written out
+(Llama, Mistral, Qwen2, Phi-3, GPT-2, with their projection names as defaults); any other causal-LM
+architecture of transformers gets its class on first use (:func:`structured_config_class`), named
+``Kphi<Base>Config`` with ``model_type`` ``kphi_<base type>``, and this module hands it out by name too
+(module ``__getattr__``), so a converted model of any architecture loads with ``trust_remote_code=True``.
+Those classes have no default targets: ``kphi convert`` stores the projection names it replaced.
 
 projection (`dict`, *optional*):
     The projection kind as data (:mod:`kphi.projections`), e.g. ``{"kind": "grouped",
@@ -18,7 +23,15 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-__all__ = ["KphiLlamaConfig", "KphiMistralConfig", "KphiQwen2Config", "KphiPhi3Config", "KphiGPT2Config", "STRUCTURED_CONFIGS"]
+__all__ = [
+    "KphiLlamaConfig",
+    "KphiMistralConfig",
+    "KphiQwen2Config",
+    "KphiPhi3Config",
+    "KphiGPT2Config",
+    "STRUCTURED_CONFIGS",
+    "structured_config_class",
+]
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -95,3 +108,42 @@ STRUCTURED_CONFIGS = {
     "phi3": KphiPhi3Config,
     "gpt2": KphiGPT2Config,
 }
+
+
+def structured_config_class(source_model_type: str):
+    """The structured config of the transformers architecture ``source_model_type`` (e.g. ``"gpt_neox"``).
+
+    One of the five above, or a class built once from transformers' own config for that type: the same
+    fields plus ``projection`` and ``target_modules``. Raises ``KeyError`` naming the type when transformers
+    has no config for it.
+    """
+    if source_model_type in STRUCTURED_CONFIGS:
+        return STRUCTURED_CONFIGS[source_model_type]
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if source_model_type not in CONFIG_MAPPING:
+        raise KeyError(f"transformers has no model type {source_model_type!r}")
+    base = CONFIG_MAPPING[source_model_type]
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": f"Kphi{base.__name__}",
+        "__annotations__": {"projection": "dict | None", "target_modules": "list[str] | None"},
+        "model_type": f"kphi_{source_model_type}",
+        "projection": None,
+        "target_modules": None,
+    }
+    cls = strict(type(f"Kphi{base.__name__}", (_StructuredConfig, base), namespace))
+    STRUCTURED_CONFIGS[source_model_type] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    """``Kphi<Base>Config`` for any transformers config class ``<Base>Config`` (the ``auto_map`` of a
+    converted model names it; transformers' remote-code loader looks it up with ``getattr``)."""
+    if name.startswith("Kphi") and name.endswith("Config"):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        for model_type, base in CONFIG_MAPPING.items():
+            if base.__name__ == name[len("Kphi"):]:
+                return structured_config_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

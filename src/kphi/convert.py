@@ -108,7 +108,7 @@ def non_embedding_parameters(model) -> int:
 def _target_config(source_config, kind, targets: list[str] | None):
     """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
     from .configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
-    from .configuration_structured import STRUCTURED_CONFIGS
+    from .model import register_structured
 
     model_type = source_config.model_type
     if model_type == "kphi3":
@@ -123,14 +123,48 @@ def _target_config(source_config, kind, targets: list[str] | None):
         return config, list(PROJECTION_TARGETS)
     if model_type.startswith("kphi_"):
         raise ConvertError(f"the source is already a converted model (model_type {model_type!r}); convert a dense model")
-    if model_type not in STRUCTURED_CONFIGS:
-        supported = ", ".join([*STRUCTURED_CONFIGS, "kphi3"])
-        raise ConvertError(f"kphi convert supports {supported}; the source is {model_type!r}")
-    cls = STRUCTURED_CONFIGS[model_type]
+    try:
+        cls, _ = register_structured(model_type)
+    except KeyError as err:
+        raise ConvertError(f"kphi convert handles transformers' causal LMs; {err.args[0]}") from None
+    if not targets and not cls.default_target_modules:
+        targets = layer_projection_names(source_config)
     fields = {k: v for k, v in source_config.to_dict().items() if k not in BOOKKEEPING_KEYS}
     config = cls(**{**fields, "projection": kind.to_dict(), "target_modules": list(targets) if targets else None})
     config.validate_projection()
     return config, list(config.projection_targets)
+
+
+def layer_projection_names(source_config) -> list[str]:
+    """The projections of an architecture kphi has no target list for: the distinct last names of every
+    ``nn.Linear`` / ``Conv1D`` inside a repeated block (a ``ModuleList`` entry such as ``layers.0``), so
+    attention and MLP projections but never ``lm_head`` or embeddings. Built on the meta device (no memory).
+
+    Raises :class:`ConvertError` naming what is missing when the architecture has no causal LM or no such
+    projection."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from .projections import is_dense_projection
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(source_config)
+    except (ValueError, KeyError) as err:
+        raise ConvertError(f"transformers has no causal LM for model_type {source_config.model_type!r}: {err}") from None
+    names: list[str] = []
+    for name, module in skeleton.named_modules():
+        if re.search(r"\.\d+\.", f".{name}") and is_dense_projection(module):
+            leaf = name.rpartition(".")[2]
+            if leaf not in names:
+                names.append(leaf)
+    if not names:
+        raise ConvertError(
+            f"a {source_config.model_type!r} model has no nn.Linear or Conv1D projection inside its repeated "
+            "blocks; kphi convert has nothing to replace (name the modules with --targets)"
+        )
+    return names
 
 
 def calibration_grams(model, names: Iterable[str], input_ids: torch.Tensor, batch_size: int = 8, progress: bool = False):

@@ -1,7 +1,7 @@
 """``kphi export``: checkpoints that load without kphi (remote code), ONNX, and the Hugging Face hub.
 
-Three ways out of a model directory (one written by ``kphi train``, or any ``save_pretrained`` folder of a
-kphi-3 model):
+Three ways out of a model directory (one written by ``kphi train`` or ``kphi convert``, or any
+``save_pretrained`` folder of a kphi-3 or converted ``kphi_*`` model):
 
 * **standalone** (:func:`export_model` with ``standalone=True``): weights (safetensors), ``config.json``,
   tokenizer, generation config *and the modeling code* beside them, with an ``auto_map`` in
@@ -52,6 +52,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "OnnxResult",
+    "code_files",
     "export_model",
     "export_onnx",
     "push_to_hub",
@@ -96,17 +97,38 @@ class ExportResult:
 
 
 def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
-    """The kphi-3 model in ``model_dir`` (kphi's own classes), in eval mode."""
-    from .model import KPhi3ForCausalLM
+    """The kphi model in ``model_dir`` (any model source), in eval mode: a kphi-3 model (``kphi3``) or a
+    converted one (``kphi_llama``, ``kphi_gpt_neox``, ...: every model type kphi registers)."""
+    from .sources import resolve_model_dir
 
-    path = Path(model_dir)
+    path = resolve_model_dir(model_dir, ExportError)
     model_type = read_model_config(path, ExportError).get("model_type")
-    if model_type != "kphi3":
-        raise ExportError(f"{path} holds a {model_type!r} model; kphi export handles kphi-3 models (model_type 'kphi3')")
-    model = load_model(path, ExportError, dtype=dtype)
-    if not isinstance(model, KPhi3ForCausalLM):  # pragma: no cover - the registry maps kphi3 to it
-        raise ExportError(f"{path} did not load as a kphi-3 model (got {type(model).__name__})")
-    return model
+    if not isinstance(model_type, str) or not (model_type == "kphi3" or model_type.startswith("kphi_")):
+        raise ExportError(
+            f"{path} holds a {model_type!r} model; kphi export handles kphi's model types (kphi3, and the kphi_* "
+            "models of kphi convert); a plain transformers model needs no export"
+        )
+    return load_model(path, ExportError, dtype=dtype)
+
+
+def code_files(model_dir: Path) -> list[str]:
+    """The Python files a standalone directory needs: the modules its ``auto_map`` names and, recursively,
+    the modules they import relatively."""
+    import ast
+
+    auto_map = json.loads((model_dir / "config.json").read_text()).get("auto_map") or {}
+    pending = sorted({reference.split("--")[-1].rsplit(".", 1)[0] for reference in auto_map.values()})
+    needed: list[str] = []
+    while pending:
+        module = pending.pop()
+        if f"{module}.py" in needed:
+            continue
+        needed.append(f"{module}.py")
+        file = model_dir / f"{module}.py"
+        if file.is_file():
+            pending += [node.module for node in ast.walk(ast.parse(file.read_text()))
+                        if isinstance(node, ast.ImportFrom) and node.level and node.module]
+    return sorted(needed)
 
 
 def _load_tokenizer(model_dir: Path):
@@ -260,7 +282,7 @@ def _write_standalone(model, tokenizer, staging: Path, name: str) -> list[str]:
 
     with registered_for_auto_classes(model):
         model.save_pretrained(staging)
-    missing = [f for f in CODE_FILES if not (staging / f).is_file()]
+    missing = [f for f in code_files(staging) if not (staging / f).is_file()]
     if missing:  # pragma: no cover - guards the mechanism against a transformers change
         raise ExportError(f"save_pretrained did not copy the modeling code ({', '.join(missing)}); please report this")
     if tokenizer is not None:
@@ -281,7 +303,8 @@ def export_model(
     name: str | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export the kphi-3 model in ``model_dir`` to ``out`` (see the module docstring).
+    """Export the kphi model in ``model_dir`` (kphi-3 or converted, any model source) to ``out`` (see the
+    module docstring).
 
     ``standalone``: weights, config with ``auto_map``, tokenizer, generation config and the modeling code.
     ``onnx``: ``model.onnx`` (logits for ``input_ids`` + ``attention_mask``), plus config and tokenizer.
@@ -291,7 +314,9 @@ def export_model(
     if not standalone and not onnx:
         raise ExportError("nothing to export: choose standalone and/or onnx")
     warn = warn or (lambda message: print(f"kphi: {message}", file=sys.stderr))
-    source, out = Path(model_dir), Path(out)
+    from .sources import resolve_model_dir
+
+    source, out = resolve_model_dir(model_dir, ExportError), Path(out)
     model = _load_kphi_model(source, dtype=None)
     tokenizer = _load_tokenizer(source)
     if tokenizer is None:

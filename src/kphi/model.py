@@ -18,7 +18,8 @@ from .modeling_kphi3 import (
     make_projection,
     make_width_adapter,
 )
-from .modeling_structured import STRUCTURED_MODELS
+from .configuration_structured import structured_config_class
+from .modeling_structured import STRUCTURED_MODELS, structured_model_class
 from .projections import replace_projections
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "config_fields",
     "make_projection",
     "make_width_adapter",
+    "register_structured",
+    "register_model_type",
     "replace_projections",
 ]
 
@@ -41,3 +44,27 @@ AutoModelForCausalLM.register(KPhi3Config, KPhi3ForCausalLM, exist_ok=True)
 for _config_class, _model_class in STRUCTURED_MODELS.items():  # kphi convert's outputs (Llama, GPT-2, ...)
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+
+
+def register_structured(source_model_type: str):
+    """The structured config and causal-LM classes for a transformers architecture (``"gpt_neox"``), built on
+    first use and registered with ``AutoConfig`` / ``AutoModelForCausalLM`` as ``kphi_<type>``. Raises
+    ``KeyError`` when transformers has no such model type."""
+    config_class = structured_config_class(source_model_type)
+    model_class = structured_model_class(config_class)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    return config_class, model_class
+
+
+def register_model_type(model_type: str) -> None:
+    """Make ``model_type`` of a ``config.json`` loadable with the Auto classes: a converted model of an
+    architecture beyond the five written out (``kphi_gpt_neox``) registers its classes; others are left as
+    they are (transformers knows them, or says it does not)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type.startswith("kphi_") and model_type not in CONFIG_MAPPING:
+        try:
+            register_structured(model_type[len("kphi_"):])
+        except KeyError:
+            pass  # transformers' own loader then names the unknown type

@@ -64,7 +64,9 @@ def load_config(model_dir: str | Path, error: type[Exception]):
     from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
     path = resolve_model_dir(model_dir, error)
-    read_model_config(path, error)
+    model_type = read_model_config(path, error).get("model_type")
+    if isinstance(model_type, str):
+        _registers_kphi3.register_model_type(model_type)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as err:

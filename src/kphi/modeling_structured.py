@@ -6,6 +6,10 @@ named by ``config.projection_targets`` for ``config.projection_kind()``'s module
 also builds kphi-3. Parameter names of the untouched modules are the architecture's own, so a converted
 checkpoint differs from the dense one only in the replaced projections.
 
+Five classes are written out; for any other architecture :func:`structured_model_class` builds
+``Kphi<Base>ForCausalLM`` on first use from transformers' own causal LM (and the module hands it out by
+name, so an ``auto_map`` naming it resolves under ``trust_remote_code=True``).
+
 For ``kphi3`` (the report's models) see ``modeling_kphi3.py``; this file serves ``kphi convert``.
 """
 
@@ -20,6 +24,7 @@ from .configuration_structured import (
     KphiMistralConfig,
     KphiPhi3Config,
     KphiQwen2Config,
+    structured_config_class,
 )
 from .kinds import DenseKind
 from .projections import is_dense_projection, replace_projections
@@ -31,6 +36,7 @@ __all__ = [
     "KphiPhi3ForCausalLM",
     "KphiGPT2LMHeadModel",
     "STRUCTURED_MODELS",
+    "structured_model_class",
 ]
 
 
@@ -47,7 +53,9 @@ class _StructuredCausalLM:
     def _init_weights(self, module):
         kind = self.config.projection_kind()
         if not isinstance(kind, DenseKind) and kind.owns(module):
-            kind.initialize(module, self.config.initializer_range)
+            # initializer_range in most configs; OPT calls it init_std
+            std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
+            kind.initialize(module, std)
             return
         proj = getattr(module, "c_proj", None)
         if proj is not None and not is_dense_projection(proj):
@@ -85,3 +93,31 @@ STRUCTURED_MODELS = {
     KphiPhi3Config: KphiPhi3ForCausalLM,
     KphiGPT2Config: KphiGPT2LMHeadModel,
 }
+
+
+def structured_model_class(config_class):
+    """The causal LM for a structured config class (one of the five above, or built once from the causal LM
+    transformers maps the config's base class to). Raises ``KeyError`` when transformers has none."""
+    if config_class in STRUCTURED_MODELS:
+        return STRUCTURED_MODELS[config_class]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base_config = config_class.__mro__[2]  # (Kphi<Base>Config, _StructuredConfig, <Base>Config, ...)
+    if base_config not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise KeyError(f"transformers has no causal LM for model_type {base_config.model_type!r}")
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    cls = type(f"Kphi{base.__name__}", (_StructuredCausalLM, base), {"__module__": __name__, "config_class": config_class})
+    STRUCTURED_MODELS[config_class] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    """``Kphi<Base>`` for any transformers causal LM class ``<Base>`` (see the module docstring)."""
+    if name.startswith("Kphi"):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+            if class_name == name[len("Kphi"):] and model_type in CONFIG_MAPPING:
+                return structured_model_class(structured_config_class(model_type))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -649,7 +649,15 @@ def _write_model_dir(trainer, tokenizer, out: Path) -> None:
     config = trainer.model.config
     staging = out / ".final-staging"
     shutil.rmtree(staging, ignore_errors=True)
-    trainer.model.save_pretrained(staging)
+    if config.model_type.startswith("kphi_"):
+        # a converted model (kphi convert) keeps its modeling files, so it loads with trust_remote_code as its
+        # source did; kphi-3 outputs load after `import kphi` (or through kphi export)
+        from .export import registered_for_auto_classes
+
+        with registered_for_auto_classes(trainer.model):
+            trainer.model.save_pretrained(staging)
+    else:
+        trainer.model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     end_id = end_id if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else None
