@@ -257,6 +257,42 @@ def test_an_architecture_beyond_the_five_gets_its_layer_projections_as_targets(a
     assert not any(n.startswith("lm_head") for n in replaced_names(model))
 
 
+def test_overrides_keep_projections_dense_or_give_them_their_own_kind(sources, tmp_path):
+    from kphi.lowrank import LowRankLinear
+
+    grouped = projection_kind(GROUPED)
+    out = tmp_path / "mixed"
+    run = kphi_cli("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
+                   "--override", "v_proj=dense", "--override", r".*layers\.0\.mlp\..*=low_rank:fraction=0.5", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert "v_proj as {'kind': 'dense'}" in run.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    source = AutoModelForCausalLM.from_pretrained(sources["llama"])
+    for layer in (0, 1):
+        attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
+        assert type(attn.v_proj) is torch.nn.Linear  # kept dense: the source's weights, untouched
+        torch.testing.assert_close(attn.v_proj.weight, source.model.layers[layer].self_attn.v_proj.weight)
+        assert grouped.owns(attn.q_proj)
+        assert all(isinstance(m, LowRankLinear) if layer == 0 else grouped.owns(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    report = json.loads((out / "kphi-convert.json").read_text())
+    assert len(report["projections"]) == 2 * 7 - 2 and report["overrides"][0]["targets"] == ["v_proj"]
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():  # a fresh build from the saved config lays out the same modules, and loads the fit
+        torch.testing.assert_close(model(input_ids=ids).logits, convert(str(sources["llama"]), GROUPED, overrides=[
+            "v_proj=dense", r".*layers\.0\.mlp\..*=low_rank:fraction=0.5"]).model.eval()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("v_proj", "expected TARGETS=KIND"),
+    ("v_proj=butterfly", "unknown projection kind 'butterfly'"),
+    ("v_proj=low_rank:fraction", "is not FIELD=VALUE"),
+])
+def test_a_bad_override_is_one_line(override, message, sources, tmp_path):
+    run = kphi_cli("convert", str(sources["llama"]), "--out", str(tmp_path / "out"), "--override", override, "--quiet")
+    assert run.returncode == 2 and run.stderr.startswith("kphi: error:") and message in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_kphi_export_takes_a_converted_model(converted, tmp_path):
     out = tmp_path / "export"
     export_model(converted["gpt_neox"], out)

@@ -227,7 +227,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in ("min_channels_per_group", "fraction", "blocks") if getattr(args, k) is not None}
     _quiet_transformers()
     result = convert_to_dir(
-        args.src, args.out, kind=args.kind, targets=args.targets, fit=args.fit, calibration=args.calibration_data,
+        args.src, args.out, kind=args.kind, targets=args.targets, overrides=args.override, fit=args.fit, calibration=args.calibration_data,
         calibration_tokens=args.calibration_tokens, heldout_bytes=args.heldout_bytes, progress=not args.quiet, **settings,
     )
     print(result.describe(args.src, args.out))
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "directory's generation_config.json (for kphi runs the report's: top_p 0.5, repetition penalty 1.2). A prompt that does not fit in the model's context "
         "(max_position_embeddings) with room for the reply is truncated from the left, with a warning on stderr.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (kphi train's --out, an export)")
+    p.add_argument("model_dir", metavar="MODEL", help="a model: directory (kphi train's --out, an export), .gguf file, known model (smollm2-135m) or hub id")
     p.add_argument("--prompt", required=True, help="the user message ('-' reads it from standard input); "
                    "too long for the context: truncated from the left with a warning on stderr")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         "terminal (a script), standard output carries only the replies, one per message. When the "
         "conversation outgrows the context, the oldest turns are dropped (noted on stderr).",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model directory (kphi train's --out, an export)")
+    p.add_argument("model_dir", metavar="MODEL", help="a model: directory (kphi train's --out, an export), .gguf file, known model (smollm2-135m) or hub id")
     p.add_argument("--system", help="a system message that starts (and stays in) the conversation")
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "without kphi. --onnx: model.onnx, logits for input_ids + attention_mask. OUT must be empty, new or a "
         "previous export; it is replaced atomically.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a kphi-3 model directory")
+    p.add_argument("model_dir", metavar="MODEL", help="a kphi model (kphi-3, or a kphi convert output of any architecture): directory, known model or hub id")
     p.add_argument("out", metavar="OUT", nargs="?", help="output directory (optional with --push-to-hub)")
     p.add_argument("--standalone", action="store_true", help="weights + modeling code + auto_map (default unless --onnx alone)")
     p.add_argument("--onnx", action="store_true", help="also (or only) write model.onnx; needs pip install 'kphi[onnx]'")
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoModelForCausalLM after `import kphi`, or with trust_remote_code=True without kphi; it trains with "
         "kphi train --init-from OUT. Per-projection fit errors go to OUT/kphi-convert.json.",
     )
-    p.add_argument("src", metavar="SRC", help="a model directory (config.json, and model.safetensors to fit)")
+    p.add_argument("src", metavar="SRC", help="the dense model: directory (config.json, and model.safetensors to fit), .gguf file, known model (smollm2-135m) or hub id")
     p.add_argument("--out", required=True, help="output model directory (new, empty or a previous conversion)")
     p.add_argument("--kind", default="grouped", help="projection kind: grouped (default), low_rank, monarch")
     p.add_argument("--min-channels-per-group", type=int, help="grouped: m in the group rule (default 256; the cpu presets use 32)")
@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME,...",
                    help="modules to replace, as PEFT's target_modules: a name suffix (down_proj, layers.0.mlp.down_proj) "
                    "or a regular expression over the full name (default: the architecture's attention and MLP projections)")
+    p.add_argument("--override", action="append", metavar="TARGETS=KIND[:FIELD=VALUE,...]",
+                   help="another kind for some of the targets, first match wins (repeatable): v_proj=dense keeps "
+                   "v_proj dense; '.*layers\\.0\\..*=low_rank:fraction=0.9' gives layer 0 its own ratio")
     p.add_argument("--fit", default="auto", choices=["auto", "frobenius", "activations", "none"],
                    help="frobenius: closest in weights (default with weights); activations: closest on calibration "
                    "inputs; none: fresh initialisation")

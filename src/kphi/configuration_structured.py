@@ -13,6 +13,10 @@ projection (`dict`, *optional*):
 target_modules (`list[str]`, *optional*):
     Names (suffixes of module names, as PEFT's ``target_modules``) of the projections to replace;
     ``None`` means the architecture's attention and MLP projections (``default_target_modules``).
+projection_overrides (`list[dict]`, *optional*):
+    Other kinds for some of those projections, e.g. ``[{"targets": ["v_proj"], "projection": {"kind":
+    "dense"}}, {"targets": [".*layers\\.0\\..*"], "projection": {"kind": "low_rank", "fraction": 0.9}}]``: a
+    projection takes the first override whose targets match it, else ``projection``.
 
 Like ``configuration_kphi3.py`` this file imports only transformers and kphi files imported relatively, so it
 ships beside the weights of a converted model (``kphi convert``) and loads with ``trust_remote_code=True``.
@@ -51,8 +55,30 @@ class _StructuredConfig:
     def projection_targets(self) -> tuple[str, ...]:
         return tuple(self.target_modules) if self.target_modules else self.default_target_modules
 
+    def projection_kind_for(self, name: str):
+        """The kind of the module called ``name``: the first override matching it, else ``projection``;
+        ``None`` for a module no target names."""
+        from .projections import matches_target, projection_kind
+
+        if not any(matches_target(name, t) for t in self.projection_targets):
+            return None
+        for override in self.projection_overrides or ():
+            if any(matches_target(name, t) for t in override["targets"]):
+                return projection_kind(override["projection"])
+        return self.projection_kind()
+
+    def projection_kinds(self) -> list:
+        """Every kind this config uses: ``projection`` and each override's."""
+        from .projections import projection_kind
+
+        return [self.projection_kind(), *(projection_kind(o["projection"]) for o in self.projection_overrides or ())]
+
     def validate_projection(self):
-        self.projection_kind()
+        self.projection_kinds()
+        for override in self.projection_overrides or ():
+            targets = override.get("targets") if isinstance(override, dict) else None
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets) or set(override) != {"targets", "projection"}:
+                raise ValueError(f"each projection override is {{targets: [names], projection: kind}}, got {override!r}")
         if self.target_modules is not None and (
             not isinstance(self.target_modules, (list, tuple)) or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
@@ -65,6 +91,7 @@ class KphiLlamaConfig(_StructuredConfig, LlamaConfig):
     default_target_modules = LLAMA_STYLE_TARGETS
     projection: dict | None = None
     target_modules: list[str] | None = None
+    projection_overrides: list[dict] | None = None
 
 
 @strict
@@ -73,6 +100,7 @@ class KphiMistralConfig(_StructuredConfig, MistralConfig):
     default_target_modules = LLAMA_STYLE_TARGETS
     projection: dict | None = None
     target_modules: list[str] | None = None
+    projection_overrides: list[dict] | None = None
 
 
 @strict
@@ -81,6 +109,7 @@ class KphiQwen2Config(_StructuredConfig, Qwen2Config):
     default_target_modules = LLAMA_STYLE_TARGETS  # q/k/v carry biases; the structured modules keep them
     projection: dict | None = None
     target_modules: list[str] | None = None
+    projection_overrides: list[dict] | None = None
 
 
 @strict
@@ -89,6 +118,7 @@ class KphiPhi3Config(_StructuredConfig, Phi3Config):
     default_target_modules = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
     projection: dict | None = None
     target_modules: list[str] | None = None
+    projection_overrides: list[dict] | None = None
 
 
 @strict
@@ -98,6 +128,7 @@ class KphiGPT2Config(_StructuredConfig, GPT2Config):
     default_target_modules = ("c_attn", "c_proj", "c_fc")
     projection: dict | None = None
     target_modules: list[str] | None = None
+    projection_overrides: list[dict] | None = None
 
 
 #: The structured config for each source ``model_type`` that ``kphi convert`` accepts.
@@ -127,10 +158,12 @@ def structured_config_class(source_model_type: str):
     namespace = {
         "__module__": __name__,
         "__qualname__": f"Kphi{base.__name__}",
-        "__annotations__": {"projection": "dict | None", "target_modules": "list[str] | None"},
+        "__annotations__": {"projection": "dict | None", "target_modules": "list[str] | None",
+                            "projection_overrides": "list[dict] | None"},
         "model_type": f"kphi_{source_model_type}",
         "projection": None,
         "target_modules": None,
+        "projection_overrides": None,
     }
     cls = strict(type(f"Kphi{base.__name__}", (_StructuredConfig, base), namespace))
     STRUCTURED_CONFIGS[source_model_type] = cls

@@ -60,7 +60,9 @@ class ConvertResult:
         """A few lines for people: what was replaced, the parameter counts, the mean fit errors."""
         summary = self.summary()
         lines = [
-            f"converted {src} -> {out}: {summary['replaced']} projections as {self.kind}, fit {self.fit}",
+            f"converted {src} -> {out}: {summary['replaced']} projections as {self.kind}"
+            + "".join(f"; {', '.join(o['targets'])} as {o['projection']}" for o in summary["overrides"] or [])
+            + f", fit {self.fit}",
             f"non-embedding parameters: {self.non_embedding_before:,} -> {self.non_embedding_after:,} "
             f"({summary['percent_of_source']}%)",
         ]
@@ -85,6 +87,7 @@ class ConvertResult:
         return {
             "kind": self.kind,
             "targets": self.targets,
+            "overrides": getattr(self.model.config, "projection_overrides", None),
             "fit": self.fit,
             "replaced": len(self.replaced),
             "non_embedding_before": self.non_embedding_before,
@@ -105,7 +108,7 @@ def non_embedding_parameters(model) -> int:
     return total - embedding
 
 
-def _target_config(source_config, kind, targets: list[str] | None):
+def _target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None = None):
     """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
     from .configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
     from .model import register_structured
@@ -114,6 +117,8 @@ def _target_config(source_config, kind, targets: list[str] | None):
     if model_type == "kphi3":
         from .modeling_kphi3 import PROJECTION_TARGETS
 
+        if overrides:
+            raise ConvertError("a kphi-3 model has one projection kind; --override applies to other architectures")
         if targets and tuple(targets) != PROJECTION_TARGETS:
             raise ConvertError(f"a kphi-3 model's targets are fixed ({', '.join(PROJECTION_TARGETS)}); drop --targets")
         if source_config.projection_kind().name != "dense":
@@ -130,9 +135,46 @@ def _target_config(source_config, kind, targets: list[str] | None):
     if not targets and not cls.default_target_modules:
         targets = layer_projection_names(source_config)
     fields = {k: v for k, v in source_config.to_dict().items() if k not in BOOKKEEPING_KEYS}
-    config = cls(**{**fields, "projection": kind.to_dict(), "target_modules": list(targets) if targets else None})
+    config = cls(**{**fields, "projection": kind.to_dict(), "target_modules": list(targets) if targets else None,
+                    "projection_overrides": _override_dicts(overrides)})
     config.validate_projection()
     return config, list(config.projection_targets)
+
+
+def parse_override(text: str) -> dict:
+    r"""``--override`` text, ``TARGETS=KIND[:FIELD=VALUE,...]``, as ``{"targets": [...], "projection": {...}}``.
+
+    ``TARGETS`` is a comma-free name or pattern (several: separate ``--override`` options), e.g.
+    ``v_proj=dense``, ``.*layers\.(0|1)\..*=low_rank:fraction=0.9``, ``down_proj=grouped:min_channels_per_group=128``.
+    """
+    import yaml
+
+    targets, sep, spec = text.partition("=")
+    kind_name, _, fields = spec.partition(":")
+    if not sep or not targets or not kind_name:
+        raise ConvertError(f"--override {text!r}: expected TARGETS=KIND[:FIELD=VALUE,...], e.g. v_proj=dense")
+    projection = {"kind": kind_name}
+    for item in filter(None, fields.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConvertError(f"--override {text!r}: {item!r} is not FIELD=VALUE")
+        projection[key] = yaml.safe_load(value)
+    return {"targets": [targets], "projection": projection}
+
+
+def _override_dicts(overrides: list | None) -> list[dict] | None:
+    """Overrides as data, each kind checked (a bad one is one :class:`ConvertError`)."""
+    if not overrides:
+        return None
+    result = []
+    for override in overrides:
+        override = parse_override(override) if isinstance(override, str) else dict(override)
+        try:
+            override["projection"] = projection_kind(override.get("projection")).to_dict()
+        except (ValueError, TypeError) as err:
+            raise ConvertError(f"override {override!r}: {err}") from None
+        result.append(override)
+    return result
 
 
 def layer_projection_names(source_config) -> list[str]:
@@ -228,6 +270,7 @@ def convert(
     kind: str | dict | Any = "grouped",
     *,
     targets: list[str] | None = None,
+    overrides: list | None = None,
     fit: str = "auto",
     calibration=None,
     calibration_tokens: int = 4096,
@@ -238,7 +281,8 @@ def convert(
 
     ``kind``: a projection kind's name, data form or instance; ``settings`` are its fields (e.g.
     ``min_channels_per_group=32``). ``targets``: module-name suffixes to replace (default: the architecture's
-    attention and MLP projections). ``fit``: see the module docstring (``"auto"``: frobenius when ``source``
+    attention and MLP projections). ``overrides``: other kinds for some targets (:func:`parse_override` text
+    or ``{"targets": [...], "projection": {...}}``; ``{"kind": "dense"}`` keeps a projection dense). ``fit``: see the module docstring (``"auto"``: frobenius when ``source``
     has weights). ``calibration``: token ids ``[rows, length]`` or a prepared data directory (``fit="activations"``).
     The source is never modified.
     """
@@ -282,7 +326,7 @@ def convert(
         raise ConvertError(f"--fit {fit} needs a source with weights; this one is a config only (use --fit none)")
 
     try:
-        target_config, target_names = _target_config(source_config, kind, targets)
+        target_config, target_names = _target_config(source_config, kind, targets, overrides)
     except (ValueError, TypeError) as err:
         if isinstance(err, ConvertError):
             raise
@@ -318,6 +362,7 @@ def convert(
     for name in tqdm(result.replaced, desc=f"fit ({fit})", unit="proj", disable=not progress or fit == "none", leave=False):
         weight, bias = linear_weight(dense.get_submodule(name))
         module, gram = model.get_submodule(name), grams.get(name)
+        kind = _kind_of(model, name, result)
         method = fit
         try:
             if fit == "activations":
@@ -348,7 +393,16 @@ def _activation_fit_or_fallback(kind, module, weight, bias, fit_gram, check_gram
 
 
 def _replaced_names(model, kind) -> list[str]:
-    return [name for name, module in model.named_modules() if name and kind.owns(module) and _is_projection_root(model, name, kind)]
+    """The structured projections of ``model``, in model order (each override's kind included)."""
+    kinds = [k for k in getattr(model.config, "projection_kinds", lambda: [kind])() if not isinstance(k, DenseKind)]
+    return [name for name, module in model.named_modules()
+            if name and any(k.owns(module) and _is_projection_root(model, name, k) for k in kinds)]
+
+
+def _kind_of(model, name: str, result: ConvertResult):
+    """The kind the projection ``name`` was built with (its override's, or the conversion's)."""
+    kind_for = getattr(model.config, "projection_kind_for", None)
+    return kind_for(name) if kind_for is not None else projection_kind(result.kind)
 
 
 def _is_projection_root(model, name: str, kind) -> bool:

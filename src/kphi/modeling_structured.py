@@ -46,17 +46,25 @@ class _StructuredCausalLM:
     def __init__(self, config):
         super().__init__(config)  # builds and initialises the dense architecture (or builds it empty, under from_pretrained)
         with torch.no_grad():
-            for name in replace_projections(self, config.projection_kind(), config.projection_targets):
+            if not config.projection_overrides:
+                replaced = replace_projections(self, config.projection_kind(), config.projection_targets)
+            else:  # each projection by its own kind, in model order
+                replaced = []
+                for name, module in list(self.named_modules()):
+                    kind = config.projection_kind_for(name) if name and is_dense_projection(module) else None
+                    if kind is not None:
+                        replaced += replace_projections(self, kind, [name])
+            for name in replaced:
                 for module in self.get_submodule(name).modules():
                     self._init_weights(module)
 
     def _init_weights(self, module):
-        kind = self.config.projection_kind()
-        if not isinstance(kind, DenseKind) and kind.owns(module):
-            # initializer_range in most configs; OPT calls it init_std
-            std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
-            kind.initialize(module, std)
-            return
+        for kind in self.config.projection_kinds():
+            if not isinstance(kind, DenseKind) and kind.owns(module):
+                # initializer_range in most configs; OPT calls it init_std
+                std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
+                kind.initialize(module, std)
+                return
         proj = getattr(module, "c_proj", None)
         if proj is not None and not is_dense_projection(proj):
             # GPT-2's attention/MLP init rescales c_proj.weight, which a structured c_proj does not have;
