@@ -3,7 +3,8 @@
 A suite of ``kind: structure`` (``suites/compress-smollm2.yaml``; run with ``kphi compress --suite NAME``)
 names a pretrained ``source`` (any model source, :mod:`kphi.sources`) and a list of ``fits``, each a
 projection kind, a fit (``frobenius`` or ``activations``) and optionally ``targets`` (PEFT's rule,
-:func:`kphi.projections.matches_target`). For every fit the source is converted (:func:`kphi.convert.convert`)
+:func:`kphi.projections.matches_target`) and ``overrides`` (``kphi convert --override`` text, e.g.
+``v_proj=dense``). For every fit the source is converted (:func:`kphi.convert.convert`)
 and scored on the first ``heldout_bytes`` bytes of kphi's held-out text (:mod:`kphi.evaluate`, windows of
 ``context`` tokens every ``stride``), beside the source itself, a uniform guess over the vocabulary
 (``log2(V) * tokens / bytes`` bits per byte) and the fit's weight and calibration errors.
@@ -110,7 +111,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
             calibration = _calibration_ids(suite, progress)
         fit_started = time.perf_counter()
         try:
-            result = convert(dense, spec["kind"], targets=spec.get("targets"), fit=fit,
+            result = convert(dense, spec["kind"], targets=spec.get("targets"), overrides=spec.get("overrides"), fit=fit,
                              calibration=calibration if fit == "activations" else None, progress=progress)
         except ConvertError as err:
             raise CompareError(f"fit {spec['label']!r}: {err}") from None
@@ -119,6 +120,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         fallbacks = sum(1 for f in result.fits.values() if f.method.startswith("frobenius ("))
         row = {
             "label": spec["label"], "kind": summary["kind"], "fit": fit, "targets": spec.get("targets"),
+            "overrides": spec.get("overrides"),
             "replaced": summary["replaced"], "percent_kept": summary["percent_of_source"],
             "mean_relative_error": summary["mean_relative_error"], "activation_fallbacks": fallbacks,
             "bits_per_byte": scored["bits_per_byte"], "perplexity": scored["perplexity"],
@@ -152,7 +154,7 @@ def format_structure_table(results: dict[str, Any]) -> str:
     ]
     for r in results["fits"]:
         kind = ", ".join(f"{k}={v}" for k, v in r["kind"].items() if k != "kind")
-        targets = ",".join(r["targets"]) if r["targets"] else "all"
+        targets = (",".join(r["targets"]) if r["targets"] else "all") + "".join(f"; {o}" for o in r.get("overrides") or [])
         lines.append(f"| {r['label']} | {r['kind']['kind']} ({kind}) | {r['fit']} | {targets} | {r['percent_kept']:.1f} | "
                      f"{r['mean_relative_error']:.3f} | {r['bits_per_byte']:.3f} | {r['relative_bits_per_byte']:.2f} | "
                      f"{r['perplexity']:,.1f} |")
