@@ -206,6 +206,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    from .launch_configs import describe_launch_config, launch_config, launch_configs
+
+    if args.name:
+        print(launch_config(args.name))
+        return 0
+    for name, path in launch_configs().items():
+        print(f"{name:<16} {describe_launch_config(path)}\n{'':<16} {path}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_or_push
 
@@ -379,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message that starts (and stays in) the conversation")
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "configs",
+        help="the accelerate/DeepSpeed launch files kphi ships (ddp-gpus, fsdp, deepspeed)",
+        description="Without NAME: every shipped launch file, what it is for and its path. With NAME: its path "
+        "only, for accelerate launch --config_file \"$(kphi configs fsdp)\" -m kphi train ...",
+    )
+    p.add_argument("name", metavar="NAME", nargs="?", help="ddp-gpus, fsdp, deepspeed or deepspeed-zero2")
+    p.set_defaults(func=cmd_configs)
 
     p = sub.add_parser(
         "export",
