@@ -166,3 +166,20 @@ def test_arms_option_trains_only_the_named_arms(smoke_run, tmp_path):
     assert arms[0]["percent"] == round(100 * non_embedding(full["phi-3 small (same params)"].config) / non_embedding(full["phi-3"].config), 1)
     bad = run_kphi("compare", "--suite", "smoke", "--arms", "nope", "--out", str(tmp_path / "bad"), "--quiet", cache=tmp / "cache")
     assert bad.returncode == 2 and "no arm 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.fast
+def test_an_arm_that_narrows_the_model_narrows_its_embeddings_too(tmp_path):
+    """``config: {hidden_size: 64}`` on a width-256 preset is a width-64 model (embeddings follow), unless the
+    arm names ``embed_size`` itself."""
+    import yaml
+
+    from kphi.compare import load_suite, resolve_arms
+
+    spec = {"name": "narrow", "baseline": "narrow", "data": {"source": "default"}, "training": {"max_steps": 1},
+            "arms": [{"label": "narrow", "preset": "cpu-phi3", "config": {"hidden_size": 64, "intermediate_size": 192}},
+                     {"label": "adapted", "preset": "cpu-phi3", "config": {"hidden_size": 64, "embed_size": 128}}]}
+    (tmp_path / "narrow.yaml").write_text(yaml.safe_dump(spec))
+    narrow, adapted = resolve_arms(load_suite(str(tmp_path / "narrow.yaml")))
+    assert (narrow.config.hidden_size, narrow.config.embed_size) == (64, 64)
+    assert (adapted.config.hidden_size, adapted.config.embed_size) == (64, 128)

@@ -104,10 +104,22 @@ def test_eval_compares_a_kphi_run_and_a_gguf_model_on_the_same_text(trained_mode
 
 
 def test_eval_defaults_to_the_shipped_heldout_text(trained_model_dir, tmp_path):
-    result = run_kphi("eval", str(trained_model_dir), "--context", "128", "--stride", "128", "--json", cache=tmp_path / "cache")
+    result = run_kphi("eval", str(trained_model_dir), "--context", "128", "--stride", "128", "--max-bytes", "12000",
+                      "--json", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     (score,) = json.loads(result.stdout)[0]["texts"]
-    assert score["name"].startswith("heldout") and score["bytes"] > 100_000
+    assert score["name"].startswith("heldout") and 10_000 < score["bytes"] <= 12_000
+
+
+def test_first_bytes_keeps_whole_documents_then_cuts_at_a_line_end():
+    from kphi.evaluate import first_bytes
+
+    documents = ["ab\ncd\n", "éé\nfg\nhi\n", "never"]  # 6 bytes, then 10 bytes (é is 2 bytes)
+    assert first_bytes(documents, 6) == ["ab\ncd\n"]
+    assert first_bytes(documents, 14) == ["ab\ncd\n", "éé\nfg\n"]
+    assert first_bytes(documents, 13) == ["ab\ncd\n", "éé\n"]
+    assert first_bytes(documents, 8) == ["ab\ncd\n", "é"]  # no line end inside the limit: the bytes that fit
+    assert first_bytes(documents, 100) == documents
 
 
 @pytest.mark.parametrize("args,message", [

@@ -23,7 +23,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _quiet_transformers()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     reports = run_eval(args.models, texts=args.text, data=args.data, tasks=tasks, context=args.context,
-                       stride=args.stride, limit=args.limit, progress=not (args.quiet or args.json))
+                       stride=args.stride, limit=args.limit, max_bytes=args.max_bytes,
+                       progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="PREPARED", help="also score a prepared corpus's validation split (the model's tokenizer)")
     p.add_argument("--tasks", metavar="NAME,...", help="lm-evaluation-harness tasks, e.g. kphi_next_sentence (needs kphi[eval])")
     p.add_argument("--limit", type=int, metavar="N", help="at most N examples per lm_eval task")
+    p.add_argument("--max-bytes", type=int, metavar="N", help="score only the first N bytes of each text (a quick look)")
     p.add_argument("--context", type=int, help="tokens per window (default: min(1024, the model's context))")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
     p.add_argument("--json", action="store_true", help="print every number as JSON on standard output")

@@ -46,7 +46,7 @@ import yaml
 
 from .errors import KphiError
 from .files import atomic_write_text, refuse_foreign_dir, slug
-from .model import KPhi3Config, config_fields
+from .model import KPhi3Config, config_fields, with_overrides
 from .params import count_parameters
 from .presets import load_preset
 
@@ -244,7 +244,7 @@ def resolve_arms(suite: Suite) -> list[Arm]:
     for spec in suite.arms:
         if "preset" in spec:
             preset = load_preset(spec["preset"])
-            fields = {**config_fields(preset.config), **(spec.get("config") or {})}
+            fields = with_overrides(preset.config, spec.get("config"))
             config = KPhi3Config(**fields)
             arms[spec["label"]] = Arm(
                 spec["label"], config, spec.get("model", preset.model), "preset", preset.name, **_arm_training(spec)
@@ -257,7 +257,7 @@ def resolve_arms(suite: Suite) -> list[Arm]:
             raise CompareError(
                 f"arm {spec['label']!r}: a control needs control: dense|low_rank, base: PRESET and match: LABEL of a preset arm"
             )
-        base = KPhi3Config(**{**config_fields(load_preset(base_name).config), **(spec.get("config") or {})})
+        base = KPhi3Config(**with_overrides(load_preset(base_name).config, spec.get("config")))
         target = non_embedding(arms[match].config)
         if kind == "dense":
             config = dense_control(base, target)

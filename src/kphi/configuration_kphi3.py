@@ -106,6 +106,18 @@ class KPhi3Config(Phi3Config):
 BOOKKEEPING_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
 
 
+def with_overrides(config: KPhi3Config | dict, overrides: dict | None) -> dict:
+    """``config_fields(config)`` updated by ``overrides``, where a new ``hidden_size`` carries the embedding
+    width with it when that width was the old hidden size (so ``{hidden_size: 64}`` on a width-256 preset is a
+    width-64 model, not a width-64 core behind width-256 embeddings and adapters); an explicit ``embed_size``
+    in ``overrides`` wins."""
+    fields = config_fields(config)
+    overrides = dict(overrides or {})
+    if "hidden_size" in overrides and "embed_size" not in overrides and fields.get("embed_size") in (None, fields.get("hidden_size")):
+        fields["embed_size"] = None  # derived again from the new hidden size
+    return {**fields, **overrides}
+
+
 def config_fields(config: KPhi3Config | dict) -> dict:
     """The arguments that rebuild ``config`` (``KPhi3Config(**config_fields(c))``): its dict without bookkeeping keys."""
     fields = dict(config) if isinstance(config, dict) else config.to_dict()

@@ -84,6 +84,24 @@ def heldout_sample(size: int) -> str:
     return text[: text.rfind("\n") + 1] or text
 
 
+def first_bytes(documents: list[str], size: int) -> list[str]:
+    """The documents up to ``size`` UTF-8 bytes in all: whole ones while they fit, then the next one cut at
+    its last line end inside the limit (a quick look at a long text)."""
+    kept, used = [], 0
+    for document in documents:
+        encoded = document.encode("utf-8")
+        if used + len(encoded) <= size:
+            kept.append(document)
+            used += len(encoded)
+            continue
+        head = encoded[: size - used].decode("utf-8", errors="ignore")
+        head = head[: head.rfind("\n") + 1] or head
+        if head:
+            kept.append(head)
+        break
+    return kept
+
+
 def read_documents(path: str | Path) -> list[str]:
     """The documents of a ``.txt`` file (the whole file) or a ``.jsonl`` file (each line's ``text``)."""
     path = Path(path)
@@ -212,9 +230,10 @@ class EvalReport:
 
 def run_eval(models: list[str], texts: list[str] | None = None, data: str | None = None, tasks: list[str] | None = None,
              context: int | None = None, stride: int | None = None, limit: int | None = None,
-             progress: bool = True) -> list[EvalReport]:
+             max_bytes: int | None = None, progress: bool = True) -> list[EvalReport]:
     """Evaluate every model (any source, :mod:`kphi.sources`) on the texts (default: kphi's held-out text),
-    the prepared corpus and the lm-evaluation-harness tasks given."""
+    the prepared corpus and the lm-evaluation-harness tasks given. ``max_bytes`` scores only the first that
+    many bytes of each text (:func:`first_bytes`)."""
     from .model_dir import load_model, load_tokenizer
     from .sources import describe_source
 
@@ -223,6 +242,10 @@ def run_eval(models: list[str], texts: list[str] | None = None, data: str | None
     text_sets = [(Path(t).name, read_documents(t)) for t in (texts or [])]
     if not text_sets and data is None and not tasks:
         text_sets = [("heldout: python-reference", read_documents(default_text_path()))]
+    if max_bytes is not None:
+        if max_bytes < 1:
+            raise EvalError(f"--max-bytes must be at least 1, got {max_bytes}")
+        text_sets = [(name, first_bytes(documents, max_bytes)) for name, documents in text_sets]
     reports = []
     for spec in models:
         model = load_model(spec, EvalError, dtype=torch.float32)

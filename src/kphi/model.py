@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_kphi3 import BOOKKEEPING_KEYS, GROUPED_INIT_SCHEMES, KPhi3Config, config_fields
+from .configuration_kphi3 import BOOKKEEPING_KEYS, GROUPED_INIT_SCHEMES, KPhi3Config, config_fields, with_overrides
 from .modeling_kphi3 import (
     PROJECTION_TARGETS,
     KPhi3ForCausalLM,
@@ -31,6 +31,7 @@ __all__ = [
     "KPhi3PreTrainedModel",
     "PROJECTION_TARGETS",
     "config_fields",
+    "with_overrides",
     "make_projection",
     "make_width_adapter",
     "register_structured",

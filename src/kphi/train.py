@@ -45,7 +45,7 @@ from .data.prepare import CorpusSettings
 from .errors import KphiError
 from .files import atomic_write_text, refuse_foreign_dir
 from .fingerprint import weights_sha256
-from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
+from .model import KPhi3Config, KPhi3ForCausalLM, config_fields, with_overrides
 from .optim import GROUPED_LR_SCALES, scale_grouped_learning_rates
 from .presets import PresetError, resolve_config
 from .settings import check_settings, setting
@@ -182,7 +182,7 @@ def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = No
         if settings.preset is None:
             raise TrainError("give a preset, or a model config to train()")
         config = resolve_config(settings.preset).config
-    return {**config_fields(config), **settings.config_overrides}
+    return with_overrides(config, settings.config_overrides)
 
 
 def model_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> dict[str, Any]:
