@@ -31,8 +31,44 @@ def test_every_arm_trains_at_every_budget_and_the_table_reads_them(series):
             per_budget = json.loads((out / f"tokens-{point['budget']}" / "results.json").read_text())
             row = next(a for a in per_budget["arms"] if a["label"] == label)
             assert point["val_loss"] == row["val_loss"] and point["learning_rate"] == row["learning_rate"]
-    assert (out / "budgets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("budgets.png", "compute.png", "differences.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "| 512 tokens | 1,024 tokens |" in stdout
+    from kphi.compare import resolve_arms
+    from kphi.flops import training_flops_per_token
+
+    for arm in resolve_arms(load_suite("smoke")):
+        entry = results["arms"][arm.label]
+        assert entry["train_flops_per_token"] == training_flops_per_token(arm.config, 64)
+        for point in entry["points"]:
+            assert point["train_flops"] == point["tokens"] * entry["train_flops_per_token"]
+            assert point["tokens_per_second"] > 0 and point["run_wall_seconds"] > 0
+    assert results["differences"]["subject"] == "kphi-3" and set(results["differences"]["against"]) == {
+        "phi-3", "phi-3 small (same params)", "low-rank (same params)"}
+
+
+def test_differences_and_the_crossover_by_hand():
+    from kphi.budgets import differences, format_differences
+
+    def arm(losses, spreads=(0.0, 0.0, 0.0)):
+        return {"points": [{"budget": b, "val_loss": v, "val_loss_std": s} for b, v, s in zip((100, 1000, 10000), losses, spreads)]}
+
+    results = {"baseline": "dense", "budgets": [100, 1000, 10000],
+               "tokens_per_parameter": {"100": 1, "1000": 10, "10000": 100},
+               "arms": {"dense": arm([5.0, 4.0, 3.0], (0.0, 0.0, 0.03)), "subject": arm([4.8, 4.2, 3.1], (0.0, 0.0, 0.04)),
+                        "small": arm([4.9, 4.3, 3.5])}}
+    diff = differences(results)
+    assert diff["subject"] == "subject"
+    assert [round(r["difference"], 6) for r in diff["against"]["dense"]] == [-0.2, 0.2, 0.1]
+    assert diff["against"]["dense"][2]["spread"] == pytest.approx(0.05)  # sqrt(0.03^2 + 0.04^2)
+    # -0.2 at 100 tokens, +0.2 at 1000: the line in log budget crosses zero half way, at sqrt(100 * 1000)
+    cross = diff["crossover"]["dense"]
+    assert cross["between"] == [100, 1000] and cross["interpolated_tokens"] == round(1000 ** 0.5 * 10)
+    assert cross["interpolated_tokens_per_parameter"] == pytest.approx(10 ** 0.5)
+    assert diff["crossover"]["small"] is None  # always lower: no crossover in range
+    table = format_differences({**results, "differences": diff})
+    assert "| dense | -0.200 | +0.200 | +0.100 ± 0.050 | between 100 and 1,000 tokens" in table
+    assert "| small | -0.100 | -0.100 | -0.400 ± 0.040 | none in range |" in table
 
 
 def test_the_largest_budget_runs_more_seeds_and_reruns_reuse_everything(series, monkeypatch):

@@ -12,8 +12,11 @@ non-embedding parameters and ``T`` the tokens of one optimizer step on one proce
 gradient accumulation), so the budget is whole steps. A budget above the training split's size would need a
 second pass over the corpus; the results say so in their warnings rather than mixing epochs silently.
 
-Outputs in ``OUT``: ``results.json`` (per arm: tokens -> final validation loss, spread, rate),
-``results.md`` and ``budgets.png`` (final validation loss against tokens, log x, one line per arm).
+Outputs in ``OUT``: ``results.json`` (per arm: tokens -> final validation loss, spread, rate; analytic training
+FLOPs per token and per point, measured tokens per second; the first non-baseline arm minus every other arm
+per budget, with the crossover where that difference changes sign), ``results.md``, ``budgets.png`` (final
+validation loss against tokens, log x, one line per arm), ``compute.png`` (the same losses against training
+FLOPs and against wall-clock seconds) and ``differences.png`` (the differences against the budget).
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def run_budget_series(
                                         only_arms=only_arms)
     results = budget_results(suite, per_budget, time.perf_counter() - started)
     results["tokens_per_parameter"] = {str(tokens): ratio for tokens, ratio in per_parameter.items()}
+    _add_compute(results, suite)
+    results["differences"] = differences(results)
     train_tokens = _train_tokens(suite, data)
     results["train_split_tokens"] = train_tokens
     results["warnings"] += [f"{tokens:,} tokens is more than one pass over the training split ({train_tokens:,} "
@@ -90,6 +95,99 @@ def budgets_per_parameter(suite: Suite) -> list[int]:
     t = suite.training
     per_step = int(t.get("batch_size", 8)) * int(t.get("context_length", 256)) * int(t.get("gradient_accumulation_steps", 1))
     return [math.ceil(ratio * non_embedding(baseline.config) / per_step) * per_step for ratio in suite.budgets_per_parameter]
+
+
+def _add_compute(results: dict[str, Any], suite: Suite) -> None:
+    """Per arm its analytic training FLOPs per token (:mod:`kphi.flops`); per point the training FLOPs
+    (tokens x that) and the median measured tokens per second and wall seconds of its runs."""
+    from statistics import median
+
+    from .compare import resolve_arms
+    from .flops import training_flops_per_token
+
+    context = int(suite.training.get("context_length", 256))
+    configs = {arm.label: arm.config for arm in resolve_arms(suite)}
+    for label, arm in results["arms"].items():
+        per_token = training_flops_per_token(configs[label], context) if label in configs else None
+        arm["train_flops_per_token"] = per_token
+        for point in arm["points"]:
+            point["train_flops"] = None if per_token is None else per_token * point["tokens"]
+            runs = point.pop("runs", None) or []
+            speeds = [r["tokens_per_second"] for r in runs if r.get("tokens_per_second")]
+            walls = [r["wall_seconds"] for r in runs if r.get("wall_seconds")]
+            point["tokens_per_second"] = median(speeds) if speeds else None
+            point["run_wall_seconds"] = median(walls) if walls else None
+    results["flops_formula"] = ("training FLOPs per token = 3 x (2 x matmul weights incl. lm_head + "
+                                "4 x layers x context x attention width); kphi.flops")
+
+
+def differences(results: dict[str, Any]) -> dict[str, Any]:
+    """The subject arm (the first arm that is not the baseline: kphi-3 in every bundled suite) minus every
+    other arm, per budget: ``{"subject": label, "against": {label: [{budget, tokens_per_parameter, difference,
+    spread}, ...]}, "crossover": {label: ...}}``. ``spread`` is ``sqrt(s_a^2 + s_b^2)`` of the two arms' seed
+    spreads (0 with one seed). A crossover is where the difference changes sign between two budgets: its
+    interval, and the point where the straight line between them (in log budget) crosses zero; ``None``
+    when the sign never changes inside the measured range."""
+    import math
+
+    labels = list(results["arms"])
+    subject = next((label for label in labels if label != results["baseline"]), None)
+    if subject is None:
+        return {}
+    ratios = results.get("tokens_per_parameter") or {}
+    mine = {p["budget"]: p for p in results["arms"][subject]["points"]}
+    against, crossover = {}, {}
+    for label in labels:
+        if label == subject:
+            continue
+        rows = []
+        for point in results["arms"][label]["points"]:
+            own = mine.get(point["budget"])
+            if own is None or own["val_loss"] is None or point["val_loss"] is None:
+                continue
+            rows.append({
+                "budget": point["budget"], "tokens_per_parameter": ratios.get(str(point["budget"])),
+                "difference": own["val_loss"] - point["val_loss"],
+                "spread": math.hypot(own["val_loss_std"] or 0.0, point["val_loss_std"] or 0.0),
+            })
+        against[label] = rows
+        crossover[label] = None
+        for before, after in zip(rows, rows[1:]):
+            if (before["difference"] < 0) != (after["difference"] < 0):
+                x0, x1 = math.log(before["budget"]), math.log(after["budget"])
+                t = before["difference"] / (before["difference"] - after["difference"])
+                at = math.exp(x0 + t * (x1 - x0))
+                crossover[label] = {"between": [before["budget"], after["budget"]], "interpolated_tokens": round(at),
+                                    "interpolated_tokens_per_parameter": (
+                                        at / before["budget"] * before["tokens_per_parameter"]
+                                        if before["tokens_per_parameter"] else None)}
+                break
+    return {"subject": subject, "against": against, "crossover": crossover}
+
+
+def format_differences(results: dict[str, Any]) -> str:
+    """Markdown: the subject minus each other arm at every budget (negative: the subject is lower), and the
+    crossover of each, or that there is none in the measured range."""
+    diff = results.get("differences") or {}
+    if not diff:
+        return ""
+    budgets = results["budgets"]
+    ratios = results.get("tokens_per_parameter") or {}
+    heads = [f"{ratios[str(b)]:g} tok/param" if str(b) in ratios else f"{b:,} tokens" for b in budgets]
+    lines = [f"{diff['subject']} minus each arm (final validation loss; negative: {diff['subject']} is lower; ± the two "
+             "arms' seed spreads combined):", "",
+             "| against | " + " | ".join(heads) + " | crossover |", "|:--|" + "--:|" * len(budgets) + ":--|"]
+    for label, rows in diff["against"].items():
+        by_budget = {r["budget"]: r for r in rows}
+        cells = [(f"{by_budget[b]['difference']:+.3f}" + (f" ± {by_budget[b]['spread']:.3f}" if by_budget[b]["spread"] else ""))
+                 if b in by_budget else "-" for b in budgets]
+        cross = diff["crossover"].get(label)
+        where = "none in range" if cross is None else (
+            f"between {cross['between'][0]:,} and {cross['between'][1]:,} tokens (~{cross['interpolated_tokens']:,}"
+            + (f", {cross['interpolated_tokens_per_parameter']:.1f} tok/param" if cross["interpolated_tokens_per_parameter"] else "")
+            + ")")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {where} |")
+    return "\n".join(lines)
 
 
 def _train_tokens(suite: Suite, data: str | None) -> int | None:
@@ -115,6 +213,7 @@ def budget_results(suite: Suite, per_budget: dict[int, dict[str, Any]], wall: fl
                 "val_loss_std": arm["val_loss_std"],
                 "seeds": arm["seeds"],
                 "wall_seconds": arm["wall_seconds"],
+                "runs": arm.get("runs"),
             })
     return {
         "suite": suite.name,
@@ -132,8 +231,8 @@ def format_budget_table(results: dict[str, Any]) -> str:
     """Markdown: one row per arm, one column per budget (final validation loss, mean ± spread over seeds)."""
     budgets = results["budgets"]
     lines = [
-        "| arm | non-emb. params | lr | " + " | ".join(f"{b:,} tokens" for b in budgets) + " |",
-        "|:--|--:|--:|" + "--:|" * len(budgets),
+        "| arm | non-emb. params | train MFLOPs/token | lr | " + " | ".join(f"{b:,} tokens" for b in budgets) + " |",
+        "|:--|--:|--:|--:|" + "--:|" * len(budgets),
     ]
     for label, arm in results["arms"].items():
         by_budget = {p["budget"]: p for p in arm["points"]}
@@ -142,17 +241,24 @@ def format_budget_table(results: dict[str, Any]) -> str:
             _fmt(by_budget[b]["val_loss"], by_budget[b]["val_loss_std"], len(by_budget[b]["seeds"])) if b in by_budget else "-"
             for b in budgets
         ]
-        lines.append(f"| {label} | {arm['non_embedding']:,} | {', '.join(rates)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        per_token = arm.get("train_flops_per_token")
+        flops = f"{per_token / 1e6:.2f}" if per_token else "-"
+        lines.append(f"| {label} | {arm['non_embedding']:,} | {flops} | {', '.join(rates)} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    differences_table = format_differences(results)
+    return table + ("\n\n" + differences_table if differences_table else "")
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_budgets
+    from .plots import plot_budgets, plot_compute, plot_differences
 
     series = {
         label: [(p["tokens"], p["val_loss"], p["val_loss_std"]) for p in arm["points"] if p["val_loss"] is not None]
         for label, arm in results["arms"].items()
     }
     plot_budgets(series, out / "budgets.png", f"kphi compare ({results['suite']}): final validation loss vs budget")
+    plot_compute(results, out / "compute.png")
+    if results.get("differences"):
+        plot_differences(results, out / "differences.png")
     atomic_write_text(out / "results.md", format_budget_table(results) + "\n")
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))

@@ -142,6 +142,50 @@ def plot_budgets(series: dict[str, list[tuple[int, float, float]]], out_png: Pat
                    "final validation loss", log_x=True, legend_size=8)
 
 
+def plot_compute(results: dict, out_png: Path) -> Path:
+    """Two panels: final validation loss against training FLOPs (analytic) and against the runs' wall-clock
+    seconds (median over seeds), log x, one line per arm: the equal-compute view of a budget series."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for label, arm in results["arms"].items():
+        points = [p for p in arm["points"] if p["val_loss"] is not None]
+        flops = sorted((p["train_flops"], p["val_loss"]) for p in points if p.get("train_flops"))
+        walls = sorted((p["run_wall_seconds"], p["val_loss"]) for p in points if p.get("run_wall_seconds"))
+        if flops:
+            left.plot(*zip(*flops), "o-", markersize=4, label=label)
+        if walls:
+            right.plot(*zip(*walls), "o-", markersize=4, label=label)
+    for ax, xlabel in ((left, "training FLOPs (analytic, kphi.flops)"), (right, "wall-clock seconds per run (median over seeds)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("final validation loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['suite']}: loss against compute")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot_differences(results: dict, out_png: Path) -> Path:
+    """The subject arm minus every other arm (final validation loss) against the budget, with the combined
+    seed spread as error bars and zero drawn: below the line the subject is better."""
+    plt = _pyplot()
+    diff = results["differences"]
+    per_parameter = bool(results.get("tokens_per_parameter"))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, rows in diff["against"].items():
+        if rows:
+            xs = [r["tokens_per_parameter"] if per_parameter else r["budget"] for r in rows]
+            ax.errorbar(xs, [r["difference"] for r in rows], yerr=[r["spread"] for r in rows], fmt="o-", capsize=3,
+                        markersize=4, label=f"{diff['subject']} minus {label}")
+    ax.axhline(0.0, color="black", linewidth=1)
+    xlabel = "training tokens per dense non-embedding parameter" if per_parameter else "training tokens"
+    return _finish(fig, ax, out_png, f"{results['suite']}: {diff['subject']}'s lead (below zero: lower loss)", xlabel,
+                   "difference in final validation loss", log_x=True, legend_size=8)
+
+
 def plot_compress(results: dict, out_png: Path) -> Path:
     """Two panels: validation loss right after each fit; after healing (plain and distilled), with the dense
     teacher and the from-scratch model as reference lines."""
