@@ -134,3 +134,22 @@ def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path)
     assert [w for w in results["warnings"] if "more than one pass" in w] == [
         f"{large:,} tokens is more than one pass over the training split ({results['train_split_tokens']:,} tokens): "
         "that point trained on repeated data"]
+
+
+def test_at_equal_flops_the_other_arm_is_interpolated_in_log_flops():
+    from kphi.budgets import differences
+
+    def arm(losses, per_token):
+        return {"points": [{"budget": b, "val_loss": v, "val_loss_std": 0.0, "train_flops": b * per_token}
+                           for b, v in zip((100, 1000, 10000), losses)]}
+
+    # the subject costs a tenth of the dense arm per token: its 1000-token run spends what dense's 100-token run does
+    results = {"baseline": "dense", "budgets": [100, 1000, 10000],
+               "arms": {"dense": arm([5.0, 4.0, 3.0], 10), "subject": arm([4.9, 4.5, 4.1], 1)}}
+    rows = differences(results)["at_equal_flops"]["dense"]
+    assert [(r["budget"], r["other_val_loss"]) for r in rows] == [(1000, 5.0), (10000, 4.0)]
+    assert [round(r["difference"], 6) for r in rows] == [-0.5, 0.1]
+    half = {**results, "arms": {"dense": arm([5.0, 4.0, 3.0], 10), "subject": arm([4.9, 4.5, 4.1], 10 ** -0.5 * 10 / 10)}}
+    # a point between two of dense's runs: half way in log FLOPs, half way in loss
+    row = differences(half)["at_equal_flops"]["dense"][-1]
+    assert row["budget"] == 10000 and row["other_val_loss"] == pytest.approx(4.5)

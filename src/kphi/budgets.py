@@ -30,7 +30,7 @@ from typing import Any
 from .compare import CompareError, Suite, command_line, _fmt, run_compare
 from .files import atomic_write_text
 
-__all__ = ["run_budget_series", "format_budget_table", "budgets_per_parameter"]
+__all__ = ["run_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
 
 def run_budget_series(
@@ -79,6 +79,26 @@ def run_budget_series(
     results["warnings"] += [f"{tokens:,} tokens is more than one pass over the training split ({train_tokens:,} "
                             f"tokens): that point trained on repeated data" for tokens in budgets
                             if train_tokens is not None and tokens > train_tokens]
+    _write_outputs(results, out)
+    return results
+
+
+def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
+    """Rewrite a finished series' ``results.json``, ``results.md`` and plots from its per-budget results
+    (``OUT/tokens-N/results.json``) with today's summary (FLOPs, differences), training nothing: for series
+    committed before a summary existed. The original wall time, command and warnings are kept."""
+    out = Path(out)
+    per_budget = {int(path.parent.name.split("-", 1)[1]): json.loads(path.read_text())
+                  for path in sorted(out.glob("tokens-*/results.json"))}
+    if len(per_budget) < 2:
+        raise CompareError(f"{out} holds fewer than two budgets' results (tokens-N/results.json)")
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    results = budget_results(suite, per_budget, previous.get("wall_seconds", 0.0))
+    for key in ("command", "warnings", "tokens_per_parameter", "train_split_tokens"):
+        if key in previous:
+            results[key] = previous[key]
+    _add_compute(results, suite)
+    results["differences"] = differences(results)
     _write_outputs(results, out)
     return results
 
@@ -162,7 +182,32 @@ def differences(results: dict[str, Any]) -> dict[str, Any]:
                                         at / before["budget"] * before["tokens_per_parameter"]
                                         if before["tokens_per_parameter"] else None)}
                 break
-    return {"subject": subject, "against": against, "crossover": crossover}
+    return {"subject": subject, "against": against, "crossover": crossover,
+            "at_equal_flops": {label: _at_equal_flops(results["arms"][subject], results["arms"][label])
+                               for label in labels if label != subject}}
+
+
+def _at_equal_flops(subject: dict[str, Any], other: dict[str, Any]) -> list[dict[str, Any]]:
+    """For each point of ``subject`` inside ``other``'s range of training FLOPs: ``other``'s loss there,
+    interpolated on the straight line between its two neighbouring points in log FLOPs, and the difference.
+    (Each point is a run planned for its budget, so the interpolation is between two finished runs, not a
+    point on one run's curve.)"""
+    import math
+
+    theirs = sorted((p["train_flops"], p["val_loss"]) for p in other["points"] if p.get("train_flops") and p["val_loss"] is not None)
+    rows = []
+    for point in subject["points"]:
+        flops = point.get("train_flops")
+        if not flops or point["val_loss"] is None:
+            continue
+        for (f0, l0), (f1, l1) in zip(theirs, theirs[1:]):
+            if f0 <= flops <= f1:
+                t = math.log(flops / f0) / math.log(f1 / f0) if f1 > f0 else 0.0
+                loss = l0 + t * (l1 - l0)
+                rows.append({"budget": point["budget"], "train_flops": flops, "other_val_loss": loss,
+                             "difference": point["val_loss"] - loss})
+                break
+    return rows
 
 
 def format_differences(results: dict[str, Any]) -> str:
@@ -187,6 +232,18 @@ def format_differences(results: dict[str, Any]) -> str:
             + (f", {cross['interpolated_tokens_per_parameter']:.1f} tok/param" if cross["interpolated_tokens_per_parameter"] else "")
             + ")")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {where} |")
+    equal = {label: rows for label, rows in (diff.get("at_equal_flops") or {}).items() if rows}
+    if equal:
+        lines += ["", f"At equal training FLOPs ({diff['subject']}'s budgets; the other arm interpolated in log FLOPs "
+                  "between its two neighbouring runs):", "",
+                  "| against | " + f"{diff['subject']}'s budget | training FLOPs | {diff['subject']} | other | difference |",
+                  "|:--|--:|--:|--:|--:|--:|"]
+        subject_points = {p["budget"]: p for p in results["arms"][diff["subject"]]["points"]}
+        for label, rows in equal.items():
+            for row in rows:
+                mine = subject_points[row["budget"]]["val_loss"]
+                lines.append(f"| {label} | {row['budget']:,} | {row['train_flops']:.3g} | {mine:.3f} | "
+                             f"{row['other_val_loss']:.3f} | {row['difference']:+.3f} |")
     return "\n".join(lines)
 
 
