@@ -92,11 +92,14 @@ def environment() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def current_hashes() -> dict[str, str]:
-    """``{name: hash}`` for every entry of :func:`initial_models`; a model that several entries share is built once."""
+def current_hashes(include=lambda name: True) -> dict[str, str]:
+    """``{name: hash}`` for every entry of :func:`initial_models` that ``include(name)`` keeps; a model that
+    several entries share is built once."""
     by_config: dict[str, str] = {}
     hashes = {}
     for name, seed, config in initial_models():
+        if not include(name):
+            continue
         key = f"{seed}|{type(config).__name__}|{config.to_json_string(use_diff=False)}"
         if key not in by_config:
             by_config[key] = initial_weights_hash(seed, config)
