@@ -97,3 +97,14 @@ def test_training_arguments_pass_through_to_trainer_and_kphis_own_are_refused(tm
         _training_arguments(TrainSettings(training_arguments={"learning_rate": 1.0}), tmp_path, max_steps=3)
     with pytest.raises(TrainError, match="adam_beta3 is not"):
         _training_arguments(TrainSettings(training_arguments={"adam_beta3": 0.9}), tmp_path, max_steps=3)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("preset", ["JP47D54C", "JP47D55C", "JP47D56C"])
+def test_the_report_presets_carry_the_reports_training_recipe(preset, tmp_path):
+    from kphi.train import resolve_settings
+
+    settings = resolve_settings(preset, out=str(tmp_path / "run"), max_tokens=200_000_000)
+    assert (settings.tokenizer, settings.context_length, settings.batch_size) == ("phi3", 4096, 1)
+    assert (settings.learning_rate, settings.lr_scheduler, settings.precision) == (1e-4, "constant", "auto")
+    assert settings.validation_rows == 5000 and settings.eval_rows == 500  # evaluation a small share of compute
