@@ -140,11 +140,11 @@ class TimeLimit(TrainerCallback):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # every process must stop at the same step
-            import torch
-
-            flag = torch.tensor([1 if expired else 0])
-            dist.broadcast(flag, src=0)
-            expired = bool(flag.item())
+            # rank 0's clock decides for all; an object broadcast works on every backend (NCCL refuses
+            # a CPU tensor, gloo a CUDA one), and it runs once per step on a single boolean
+            decision = [expired]
+            dist.broadcast_object_list(decision, src=0)
+            expired = bool(decision[0])
         if expired:
             self.reached = True
             control.should_training_stop = True

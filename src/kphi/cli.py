@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,21 @@ def _log(args: argparse.Namespace):
     return (lambda *a, **k: None) if args.quiet else print
 
 
+def _single_process(command: str) -> None:
+    """Experiments run their arms one after another in one process; under torchrun/accelerate every rank
+    would run every arm (and only rank 0 gets metrics). One clear line instead."""
+    from .errors import KphiError
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        raise KphiError(f"kphi {command} runs in one process (this is one of {world}); launch it with python -m kphi "
+                        f"{command} ..., or scale out a single run with torchrun/accelerate launch -m kphi train")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .budgets import format_budget_table, run_budget_series
+
+    _single_process("compare")
     from .compare import format_table, load_suite, parse_counts, parse_learning_rates, run_compare
 
     suite = load_suite(args.suite)
@@ -95,6 +109,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     from .compare import parse_counts, parse_learning_rates
     from .scaling import format_dry_run, format_scaling_table, load_scaling_suite, run_scaling
 
+    _single_process("scale")
     suite = load_scaling_suite(args.suite)
     if args.widths:
         suite.widths = parse_counts(args.widths, "--widths")
@@ -115,6 +130,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .compare import read_suite_yaml
     from .compress import format_compress_table, load_compress_suite, run_compress
 
+    _single_process("compress")
     if (read_suite_yaml(args.suite)[1] or {}).get("kind") == "structure":  # a pretrained model, fitted, no training
         from .structure import format_structure_table, load_structure_suite, run_structure
 
