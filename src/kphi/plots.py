@@ -36,6 +36,15 @@ def _finish(fig, ax, out_png: Path, title: str, xlabel: str, ylabel: str, log_x:
     return out_png
 
 
+def _save_panels(fig, out_png: Path, title: str) -> Path:
+    """A figure of several panels: one title above them all; save as PNG and close the figure."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    _pyplot().close(fig)
+    return out_png
+
+
 def read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
     """``log.csv`` -> ``{"train_loss": [(tokens, loss), ...], "val_loss": [...]}``."""
     series: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
@@ -161,11 +170,7 @@ def plot_compute(results: dict, out_png: Path) -> Path:
         ax.set_ylabel("final validation loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{results['suite']}: loss against compute")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save_panels(fig, out_png, f"{results['suite']}: loss against compute")
 
 
 def plot_differences(results: dict, out_png: Path) -> Path:
@@ -214,11 +219,7 @@ def plot_compress(results: dict, out_png: Path) -> Path:
     right.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
     right.set_title(f"after healing ({results['heal_tokens']:,} tokens)")
     right.legend(fontsize=8)
-    fig.suptitle(f"{results['suite']}: compressing a trained dense model")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save_panels(fig, out_png, f"{results['suite']}: compressing a trained dense model")
 
 
 def plot_structure(results: dict, out_png: Path) -> Path:
