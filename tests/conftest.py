@@ -14,17 +14,13 @@ def _seed():
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory):
     """A model directory exactly as ``kphi train`` leaves it (3 steps of the tiny preset), shared by test files."""
-    import os
-    import subprocess
-    import sys
-
     from corpus import prepare_small
+    from processes import run_kphi
 
     root = tmp_path_factory.mktemp("trained")
     out = root / "model"
     args = ["train", "--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1",
             "--data", str(prepare_small(root)), "--out", str(out), "--max-steps", "3", "--quiet"]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=300, env=env)
+    result = run_kphi(*args, timeout=300)
     assert result.returncode == 0, result.stderr
     return out

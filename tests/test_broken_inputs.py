@@ -14,7 +14,7 @@ import pytest
 
 from kphi.cli import main
 
-from test_compare import run_kphi
+from processes import run_kphi
 
 
 def _set_config(**changes):

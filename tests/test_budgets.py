@@ -8,7 +8,7 @@ from kphi.budgets import run_budget_series
 from kphi.compare import CompareError, load_suite
 
 from corpus import write_corpus
-from test_compare import run_kphi
+from processes import run_kphi
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,11 @@
 """Trainer callbacks under several processes: rank 0's clock stops every rank at the same step."""
 
-import socket
-
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import TrainerControl
 
 from kphi.callbacks import TimeLimit
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from processes import free_port
 
 
 def _rank(rank: int, port: int, results) -> None:
@@ -31,18 +24,15 @@ def _rank(rank: int, port: int, results) -> None:
 def test_time_limit_stops_every_rank_when_rank_0_runs_out():
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_rank, args=(_free_port(), results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), results), nprocs=2, join=True)
     assert dict(results) == {0: (True, True, True), 1: (True, True, True)}
 
 
 def test_experiments_refuse_to_run_under_several_processes(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from processes import run_kphi
 
     # compare, scale and compress share the check (cli._single_process); one real process shows it
     for command in (["compare", "--suite", "smoke"],):
-        run = subprocess.run([sys.executable, "-m", "kphi", *command, "--out", str(tmp_path / "out")], capture_output=True,
-                             text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})
+        run = run_kphi(*command, "--out", tmp_path / "out", cache=tmp_path / "cache", env={"WORLD_SIZE": "2", "RANK": "1"})
         assert run.returncode == 2 and run.stderr.startswith(f"kphi: error: kphi {command[0]} runs in one process"), run.stderr
         assert not (tmp_path / "out").exists()

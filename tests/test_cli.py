@@ -1,12 +1,10 @@
 """The ``kphi`` command run as a real subprocess."""
 
 import json
-import subprocess
-import sys
+
+from processes import run_kphi
 
 
-def run_kphi(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=300, **kw)
 
 
 def test_params_json_reports_the_report_count():

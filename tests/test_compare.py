@@ -2,11 +2,10 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+
+from processes import run_kphi
 
 from kphi.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
 from kphi.lowrank import LowRankLinear, rank_for_fraction
@@ -77,9 +76,6 @@ def test_bad_suites_name_the_problem(tmp_path):
         resolve_arms(load_suite(str(bad)))
 
 
-def run_kphi(*args, cache):
-    env = {**os.environ, "KPHI_CACHE": str(cache), "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.fixture(scope="module")

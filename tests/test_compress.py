@@ -1,25 +1,22 @@
 """``kphi compress`` at smoke scale: every step of the experiment runs, lands in results, and is reused."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from processes import run_kphi
 
 from kphi.compare import CompareError, load_suite
 from kphi.compress import load_compress_suite
 
 
-def kphi(*args, timeout=900):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=env)
+kphi = run_kphi
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "out"
-    run = kphi("compress", "--suite", "compress-smoke", "--out", str(out), "--quiet")
+    run = kphi("compress", "--suite", "compress-smoke", "--out", str(out), "--quiet", cache=out.parent / "cache")
     assert run.returncode == 0, run.stderr
     return out, run.stdout
 
@@ -51,7 +48,7 @@ def test_compress_runs_every_step_and_reports_it(smoke_run):
 def test_a_second_run_reuses_every_finished_run(smoke_run):
     out, _ = smoke_run
     before = (out / "results.json").read_text()
-    run = kphi("compress", "--suite", "compress-smoke", "--out", str(out))
+    run = kphi("compress", "--suite", "compress-smoke", "--out", str(out), cache=out.parent / "cache")
     assert run.returncode == 0, run.stderr
     assert " tokens at lr " not in run.stdout and run.stdout.count("already trained") >= 10  # nothing retrained
     after = json.loads((out / "results.json").read_text())

@@ -15,6 +15,8 @@ import sys
 import textwrap
 
 import pytest
+
+from processes import run_kphi
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -60,9 +62,7 @@ GENERIC_TARGETS = {"gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "de
 GROUPED = {"kind": "grouped", "min_channels_per_group": 8}
 
 
-def kphi_cli(*args, timeout=600):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=env)
+kphi_cli = run_kphi
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ The loss is checked against a per-position reference; runs are real subprocesses
 resume to the same losses, and leave a normal model directory holding the student only.
 """
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from safetensors import safe_open
 from torch.nn import functional as F
 
 from corpus import prepare_small
-from processes import kill_after_checkpoint, kphi_env
+from processes import kill_after_checkpoint, run_kphi
 from processes import train_losses as losses
 from kphi.convert import convert_to_dir
 from kphi.distill import distillation_loss
@@ -21,8 +19,7 @@ from kphi.distill import distillation_loss
 TINY = ["--preset", "tiny-phi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 
 
-def kphi(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=kphi_env())
+kphi = run_kphi
 
 
 @pytest.mark.fast

@@ -3,11 +3,10 @@ lm-evaluation-harness on a tiny model, offline."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+
+from processes import run_kphi
 import torch
 
 from kphi.evaluate import TextScore, read_documents, score_documents, window_plan
@@ -78,10 +77,6 @@ def test_documents_from_text_and_jsonl(tmp_path):
     assert read_documents(tmp_path / "b.jsonl") == ["first", "second"]
 
 
-def run_kphi(*args, cache):
-    env = {**os.environ, "KPHI_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_eval_compares_a_kphi_run_and_a_gguf_model_on_the_same_text(trained_model_dir, tmp_path):

@@ -9,14 +9,14 @@ import sys
 import textwrap
 
 import pytest
+
+from processes import run_kphi
 import torch
 
 from kphi.export import AUTO_MAP, CODE_FILES, EXPORT_MARKER, ExportError, export_model, push_to_hub
 
 
-def kphi(*args, timeout=300):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=env)
+kphi = run_kphi
 
 
 @pytest.fixture(scope="module")

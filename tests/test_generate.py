@@ -2,11 +2,10 @@
 transformers pipeline on a ``kphi train`` model directory."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
+
+from processes import run_kphi
 import torch
 from torch import nn
 
@@ -24,10 +23,7 @@ from kphi.generate import (
 QUESTION = "What is the capital of Peru?"
 
 
-def kphi(*args, input=None, timeout=300):
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, input=input,
-                          timeout=timeout, env=env)
+kphi = run_kphi
 
 
 @pytest.fixture(scope="module")

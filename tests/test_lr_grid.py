@@ -10,7 +10,7 @@ from kphi.compare import CompareError, load_suite, parse_learning_rates, resolve
 from kphi.optim import grouped_lr_multipliers, scale_grouped_learning_rates
 
 from corpus import write_corpus
-from test_compare import run_kphi
+from processes import run_kphi
 
 SUITE = """
 name: grid

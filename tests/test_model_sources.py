@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from processes import run_kphi
 import torch
 
 from kphi.errors import KphiError
@@ -23,9 +25,6 @@ def tiny_gguf(tmp_path_factory):
     return path, reference, root / "cache"
 
 
-def run_kphi(*args, cache):
-    env = {**os.environ, "KPHI_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_a_gguf_file_loads_as_the_model_it_holds(tiny_gguf, monkeypatch):

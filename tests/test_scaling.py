@@ -15,7 +15,7 @@ from kphi.scaling import (
 )
 
 from corpus import write_corpus
-from test_compare import run_kphi
+from processes import run_kphi
 
 N = [1e4, 3e4, 1e5, 3e5, 1e6]
 

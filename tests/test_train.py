@@ -12,14 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corpus import prepare_small
-from processes import kill_after_checkpoint
+from processes import free_port, kill_after_checkpoint, run_kphi
 
 TINY = ["--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 
 
-def kphi(*args, env=None, timeout=600):
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+kphi = run_kphi
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -156,7 +154,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(prepared
     single = kphi(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
               "-m", "kphi", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")]
     ddp = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
