@@ -1,4 +1,5 @@
-"""Trainer callbacks under several processes: rank 0's clock stops every rank at the same step."""
+"""Several processes and launchers: rank 0's clock stops every rank at the same step; experiments refuse torchrun;
+the launcher's precision and sharding requests are followed or refused, never silently changed."""
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -36,3 +37,37 @@ def test_experiments_refuse_to_run_under_several_processes(tmp_path):
         run = run_kphi(*command, "--out", tmp_path / "out", cache=tmp_path / "cache", env={"WORLD_SIZE": "2", "RANK": "1"})
         assert run.returncode == 2 and run.stderr.startswith(f"kphi: error: kphi {command[0]} runs in one process"), run.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_the_launchers_precision_is_followed_or_a_conflict_is_one_error():
+    import pytest
+
+    from kphi.train import TrainError, effective_precision
+
+    assert effective_precision("auto", {"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16"
+    assert effective_precision("auto", {"ACCELERATE_MIXED_PRECISION": "no"}) == "fp32"
+    assert effective_precision("fp32", {"ACCELERATE_MIXED_PRECISION": "no"}) == "fp32"
+    assert effective_precision("bf16", {}) == "bf16"
+    with pytest.raises(TrainError, match="mixed_precision bf16 and --precision is fp32"):
+        effective_precision("fp32", {"ACCELERATE_MIXED_PRECISION": "bf16"})
+
+
+def test_sharding_asked_for_but_not_enabled_is_an_error():
+    import pytest
+
+    from kphi.train import TrainError, check_sharding_enabled
+
+    class PlainTrainer:
+        is_fsdp_enabled = False
+        is_deepspeed_enabled = False
+
+    check_sharding_enabled(PlainTrainer(), {})  # nothing asked for: fine
+    with pytest.raises(TrainError, match="asked for FSDP but Trainer did not enable it"):
+        check_sharding_enabled(PlainTrainer(), {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(TrainError, match="asked for DeepSpeed"):
+        check_sharding_enabled(PlainTrainer(), {"ACCELERATE_USE_DEEPSPEED": "true"})
+
+    class Sharded(PlainTrainer):
+        is_fsdp_enabled = True
+
+    check_sharding_enabled(Sharded(), {"ACCELERATE_USE_FSDP": "true"})

@@ -372,10 +372,47 @@ def _load_model_dir(path: str, flag: str, vocab_size: int):
     return model
 
 
-def _precision_flags(precision: str) -> dict[str, bool]:
+def effective_precision(precision: str, environ=None) -> str:
+    """The precision a run trains in: ``precision``, or for ``auto`` the launcher's choice (``accelerate
+    launch`` with ``mixed_precision`` in its config sets ``ACCELERATE_MIXED_PRECISION``), else bf16 where the
+    GPU supports it and fp32 elsewhere. A launcher that asks for another precision than an explicit
+    ``--precision`` is an error: accelerate would silently override kphi's setting otherwise."""
+    environ = os.environ if environ is None else environ
+    launcher = {"no": "fp32", "bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}.get(environ.get("ACCELERATE_MIXED_PRECISION", ""))
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        if launcher:
+            return launcher
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if launcher and launcher != precision:
+        raise TrainError(f"the accelerate config asks for mixed_precision {environ['ACCELERATE_MIXED_PRECISION']} and "
+                         f"--precision is {precision}: make them agree (or use --precision auto to follow the config)")
+    return precision
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    precision = effective_precision(precision)
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _has_accelerator() -> bool:
+    """Any device torch can train on besides the CPU (CUDA, ROCm, MPS, XPU, ...)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def check_sharding_enabled(trainer, environ=None) -> None:
+    """FSDP or DeepSpeed asked for by the launcher (``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) but
+    not enabled by Trainer (accelerate only shards on an accelerator) is an error, not plain data parallelism
+    in disguise."""
+    environ = os.environ if environ is None else environ
+    for name, variable, enabled in (("FSDP", "ACCELERATE_USE_FSDP", "is_fsdp_enabled"),
+                                    ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", "is_deepspeed_enabled")):
+        if environ.get(variable, "").lower() in ("1", "true") and not getattr(trainer, enabled, False):
+            raise TrainError(f"the launcher asked for {name} but Trainer did not enable it "
+                             f"({'no accelerator here' if not _has_accelerator() else 'see the accelerate log'}); "
+                             "launch without that config file, or on GPUs")
 
 
 # --------------------------------------------------------------------------- the run
@@ -407,7 +444,7 @@ def _training_arguments(settings: TrainSettings, out: Path, max_steps: int):
         report_to=["tensorboard"] if importlib.util.find_spec("tensorboard") else [],
         seed=settings.seed,
         data_seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not _has_accelerator(),
         activation_checkpointing=settings.gradient_checkpointing,
         disable_tqdm=True,  # kphi's ProgressLine replaces Trainer's bars (see train())
         dataloader_drop_last=True,
@@ -521,6 +558,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         data_collator=default_data_collator,
         callbacks=callbacks,
     )
+    check_sharding_enabled(trainer)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the raw log dict every logging_steps
@@ -553,6 +591,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
             _write_model_dir(trainer, tokenizer, out)
         metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, tokens_per_step, wall)
         metrics["initial_weights_sha256"] = initial_weights
+        metrics["precision_effective"] = effective_precision(settings.precision)
         from .plots import plot_loss_curve
 
         if (out / "log.csv").is_file():
