@@ -115,12 +115,12 @@ def test_budgets_per_parameter_become_whole_steps_of_the_baselines_size(tmp_path
 def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path):
     """A tiny corpus and budgets beyond one pass over it: the series runs at the computed token counts and
     its warnings say which points trained on repeated data."""
-    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=40)
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
     suite_file = tmp_path / "per-param.yaml"
     smoke = load_suite("smoke")
     import yaml
 
-    spec = {"name": "per-param", "baseline": "phi-3", "budgets_per_parameter": [0.01, 0.04],
+    spec = {"name": "per-param", "baseline": "phi-3", "budgets_per_parameter": [0.01, 0.05],
             "data": smoke.data, "training": {k: v for k, v in smoke.training.items() if k != "max_steps"},
             "arms": smoke.arms[:2]}
     suite_file.write_text(yaml.safe_dump(spec))
@@ -129,7 +129,7 @@ def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     small, large = results["budgets"]
-    assert results["tokens_per_parameter"] == {str(small): 0.01, str(large): 0.04}
+    assert results["tokens_per_parameter"] == {str(small): 0.01, str(large): 0.05}
     assert large > results["train_split_tokens"] >= small
     assert [w for w in results["warnings"] if "more than one pass" in w] == [
         f"{large:,} tokens is more than one pass over the training split ({results['train_split_tokens']:,} tokens): "
