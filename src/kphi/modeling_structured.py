@@ -125,7 +125,8 @@ def __getattr__(name: str):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
-            if class_name == name[len("Kphi"):] and model_type in CONFIG_MAPPING:
+        for model_type, class_names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+            names = class_names if isinstance(class_names, (list, tuple)) else (class_names,)
+            if name[len("Kphi"):] in names and model_type in CONFIG_MAPPING:
                 return structured_model_class(structured_config_class(model_type))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
