@@ -209,7 +209,7 @@ def test_converted_model_trains_with_init_from(arch, converted, prepared, tmp_pa
 def test_kphi_convert_cli_with_activation_fit_and_params(sources, prepared, tmp_path):
     out = tmp_path / "llama-act"
     run = kphi_cli("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
-                   "--fit", "activations", "--calibration-data", str(prepared), "--calibration-tokens", "512", "--quiet")
+                   "--fit", "activations", "--calibration-data", str(prepared), "--calibration-tokens", "512", "--heldout-bytes", "0", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "projections as" in run.stdout and "on calibration inputs" in run.stdout
     report = json.loads((out / "kphi-convert.json").read_text())
@@ -291,6 +291,23 @@ def test_a_bad_override_is_one_line(override, message, sources, tmp_path):
     run = kphi_cli("convert", str(sources["llama"]), "--out", str(tmp_path / "out"), "--override", override, "--quiet")
     assert run.returncode == 2 and run.stderr.startswith("kphi: error:") and message in run.stderr, run.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("activation_after, frobenius_after, kept", [(5.0, 4.0, "frobenius"), (4.0, 5.0, "activations")])
+def test_an_activation_fit_worse_on_heldout_text_gives_way_to_frobenius(activation_after, frobenius_after, kept, sources,
+                                                                        prepared, tmp_path, monkeypatch):
+    """The whole model is judged on held-out text after an activation fit: the better of the two is written."""
+    scores = iter([activation_after, frobenius_after])
+    monkeypatch.setattr("kphi.convert.heldout_bits_per_byte",
+                        lambda *a, **k: {"bytes": 1, "tokens": 1, "context": 8, "stride": 4, "before": 3.0, "after": next(scores)})
+    result = convert_to_dir(sources["llama"], tmp_path / "out", kind=GROUPED, fit="activations", calibration=str(prepared),
+                            calibration_tokens=512, progress=False)
+    report = json.loads((tmp_path / "out" / "kphi-convert.json").read_text())
+    assert result.fit.startswith(kept) and report["fit"] == result.fit
+    assert report["heldout_bits_per_byte"]["after"] == min(activation_after, frobenius_after)
+    if kept == "frobenius":
+        assert "activation fit was worse on held-out text: 5.0000 vs 4.0000" in result.fit
+        assert all(f["method"] == "frobenius" for f in report["projections"].values())
 
 
 def test_kphi_export_takes_a_converted_model(converted, tmp_path):

@@ -133,7 +133,8 @@ def _fit(runner: _Runner, teacher_dir: Path, spec: dict[str, Any], out: Path) ->
             raise CompareError(f"{out} holds another fit ({summary.get('kind')}, {summary.get('fit')}); choose another --out")
         # calibration data with every fit, so that the calibration error is reported for each
         result = convert_to_dir(teacher_dir, out, kind=dict(spec["kind"]), fit=fit, calibration=runner.prepared,
-                                calibration_tokens=runner.suite.calibration_tokens, progress=runner.progress)
+                                calibration_tokens=runner.suite.calibration_tokens, progress=runner.progress,
+                                keep_better_on_heldout=False)  # the experiment measures each fit as it asks
         summary = result.summary()
     return {
         "fit": fit,
