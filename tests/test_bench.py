@@ -30,3 +30,22 @@ def test_report_table_lists_every_shape():
     }
     text = format_report(report)
     assert "| 32->64 | 4 |" in text and "2.00x" in text
+
+
+def test_every_formulation_is_timed_and_the_per_group_loop_is_reported_as_no_graph():
+    """The formulations report: each timed eagerly; compiled with fullgraph=True, the one-GEMM, two-bmm and conv1d
+    formulations are one graph, the per-group loop (GEMMs written into strided out= views) is not and says so."""
+    from kphi.bench_formulations import _fastest, bench_formulations, format_formulations
+
+    rows = bench_formulations(48, 96, 4, tokens=16, repeats=1, backend="aot_eager")
+    by_key = {(r.formulation, r.compiled): r for r in rows}
+    assert set(by_key) == {(n, c) for n in ("per-group GEMMs", "two bmm", "concatenated bmm", "grouped conv1d")
+                           for c in (False, True)}
+    assert all(r.ms > 0 and r.ratio_to_dense > 0 for r in rows if r != by_key[("per-group GEMMs", True)])
+    failed = by_key[("per-group GEMMs", True)]
+    assert failed.ms is None and failed.error
+    report = {"device": "cpu", "torch": "x", "tokens": 16, "repeats": 1, "results": [r.__dict__ for r in rows],
+              "fastest": _fastest(rows)}
+    text = format_formulations(report)
+    assert "| float32 | 48->96 | 4 |" in text and "no graph" in text and "per-group GEMMs does not compile" in text
+    assert report["fastest"]["float32"]["48->96"] != "per-group GEMMs (compiled)"

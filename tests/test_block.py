@@ -204,15 +204,17 @@ def test_fast_path_under_autocast_matches_linear_behaviour():
     torch.testing.assert_close(y.float(), block.naive_forward(x), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("formulation", ["per-group GEMMs", "two bmm", "concatenated bmm", "grouped conv1d"])
 @pytest.mark.parametrize("i,o,g", [(64, 192, 4), (128, 64, 8), (48, 48, 12), (6, 10, 2)])
-def test_concatenated_bmm_formulation_equals_naive_values_and_grads(i, o, g):
-    """The one-GEMM formulation (the default under torch.compile and off the CPU) against the naive loops."""
-    from kphi.block import concatenated_bmm_forward
+def test_every_formulation_equals_naive_values_and_grads(formulation, i, o, g):
+    """Every formulation ``kphi bench`` times (the one-GEMM one is the default under torch.compile and off the
+    CPU) against the naive loops, in values and in all three gradients."""
+    from kphi.block import FORMULATIONS
 
     block = _block(i, o, g)
     w1, w2 = block.first_pointwise_conv.weight, block.second_pointwise_conv.weight
     x = torch.randn(37, i, requires_grad=True)
-    fast, ref = concatenated_bmm_forward(x, w1, w2), naive_block(x, w1, w2)
+    fast, ref = FORMULATIONS[formulation](x, w1, w2), naive_block(x, w1, w2)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     grad_out = torch.randn_like(fast)
     for a, b in zip(torch.autograd.grad(fast, [x, w1, w2], grad_out), torch.autograd.grad(ref, [x, w1, w2], grad_out)):

@@ -79,9 +79,12 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     suite = tmp_path / "structure.yaml"
     suite.write_text(
         f"kind: structure\nname: tiny-structure\nsource: {gguf}\nheldout_bytes: 2048\ncontext: 64\nstride: 32\n"
+        "data: {source: default, max_rows: 120, validation_rows: 8, context_length: 128}\n"
         "fits:\n"
         "  - {label: low-rank 50%, kind: {kind: low_rank, fraction: 0.5}}\n"
-        "  - {label: grouped m=8, kind: {kind: grouped, min_channels_per_group: 8}, targets: [down_proj]}\n")
+        "  - {label: grouped m=8, kind: {kind: grouped, min_channels_per_group: 8}, targets: [down_proj]}\n"
+        "heal: {fits: [grouped m=8], tokens: 1024, learning_rate: 0.01,"
+        " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
     env = {**_os.environ, "KPHI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     command = [_sys.executable, "-m", "kphi", "compress", "--suite", str(suite), "--out", str(tmp_path / "out"), "--quiet"]
     first = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -95,4 +98,28 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     assert (tmp_path / "out" / "structure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns
     again = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    # healing: the fit written as a model, trained with distillation from the source, scored on the same text
+    (healed,) = results["healed"]
+    assert healed["label"] == "grouped m=8" and healed["tokens"] == 1024 and healed["steps"] == 4
+    assert healed["bits_per_byte_before"] == grouped["bits_per_byte"] != healed["bits_per_byte"]
+    run = _json.loads((tmp_path / "out" / "heal" / "grouped-m-8" / "run" / "kphi-run.json").read_text())
+    assert run["settings"]["distill_from"] == str(gguf) and run["settings"]["init_from"].endswith("fit")
+    assert "healed by distillation" in (tmp_path / "out" / "results.md").read_text()
+    heal_stamp = (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns
+    again = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns == heal_stamp
+
+
+def test_a_structure_suite_heals_only_fits_it_names(tmp_path):
+    from kphi.structure import load_structure_suite
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("kind: structure\nname: s\nsource: x\nfits:\n  - {label: a, kind: {kind: low_rank}}\n"
+                     "heal: {fits: [b], tokens: 10, learning_rate: 0.1}\n")
+    with pytest.raises(CompareError, match="heal names fits that are not in fits: b"):
+        load_structure_suite(str(suite))
+    suite.write_text("kind: structure\nname: s\nsource: x\nfits:\n  - {label: a, kind: {kind: low_rank}}\n"
+                     "heal: {fits: [a], tokens: 10}\n")
+    with pytest.raises(CompareError, match="heal takes fits, tokens, learning_rate"):
+        load_structure_suite(str(suite))

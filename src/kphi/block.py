@@ -40,6 +40,9 @@ __all__ = [
     "GroupedPointwiseBlock",
     "grouped_block_forward",
     "concatenated_bmm_forward",
+    "grouped_conv1d_forward",
+    "per_group_gemm_forward",
+    "FORMULATIONS",
     "grouped_frobenius_fit",
     "grouped_activation_fit",
     "GroupedKind",
@@ -260,6 +263,42 @@ def concatenated_bmm_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: t
     return y.transpose(0, 1).reshape(n, groups * out_per_group)
 
 
+def grouped_conv1d_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor) -> torch.Tensor:
+    """The block as torch's grouped convolution (what "grouped pointwise convolution" names): one ``conv1d``
+    with ``G`` groups over ``[N, G * 2s, 1]``, group ``g`` reading ``[x_g || interleave(x)_g]`` through the
+    kernel ``[W_first[g]; W_second[g]]^T`` of shape ``[o, 2s, 1]``. Kept for ``kphi bench``: on CPU it is
+    slower than the GEMM formulations."""
+    n = x.shape[0]
+    groups, step, out_per_group = w_first.shape
+    both = torch.cat([x.reshape(n, groups, step), x.reshape(n, step, groups).transpose(1, 2)], dim=-1)  # [N, G, 2s]
+    kernel = torch.cat([w_first, w_second], dim=1).transpose(1, 2).reshape(groups * out_per_group, 2 * step, 1)
+    return torch.nn.functional.conv1d(both.reshape(n, groups * 2 * step, 1), kernel, groups=groups).view(n, -1)
+
+
+def per_group_gemm_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor) -> torch.Tensor:
+    """The block as :class:`_GroupedBlockFunction` (``4 G`` GEMMs per forward and backward, written into place),
+    with autocast applied as it is for ``nn.Linear``: operands cast to the autocast dtype, GEMMs run with it off."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w_first, w_second = x.to(dtype), w_first.to(dtype), w_second.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _GroupedBlockFunction.apply(x.contiguous(), w_first, w_second)
+    if not (x.dtype == w_first.dtype == w_second.dtype):
+        raise ValueError(f"GroupedPointwiseBlock: input dtype {x.dtype} differs from weight dtype {w_first.dtype}")
+    return _GroupedBlockFunction.apply(x.contiguous(), w_first, w_second)
+
+
+#: Every way of computing the block that ``kphi bench --formulations`` times, each ``(x [N, in], W_first,
+#: W_second [G, s, o]) -> [N, G*o]`` and each tested against the naive loops (values and gradients).
+FORMULATIONS = {
+    "per-group GEMMs": per_group_gemm_forward,
+    "two bmm": _batched_matmul_forward,
+    "concatenated bmm": concatenated_bmm_forward,
+    "grouped conv1d": grouped_conv1d_forward,
+}
+
+
 def grouped_block_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor) -> torch.Tensor:
     """``GL_first(x) + GL_second(interleave(x))`` for ``x: [N, in]`` and weights ``[G, s, o]`` -> ``[N, G*o]``.
 
@@ -278,15 +317,7 @@ def grouped_block_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: torc
         return concatenated_bmm_forward(x, w_first, w_second)
     if x.shape[0] < SMALL_INPUT_TOKENS:
         return _batched_matmul_forward(x, w_first, w_second)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, w_first, w_second = x.to(dtype), w_first.to(dtype), w_second.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            return _GroupedBlockFunction.apply(x.contiguous(), w_first, w_second)
-    if not (x.dtype == w_first.dtype == w_second.dtype):
-        raise ValueError(f"GroupedPointwiseBlock: input dtype {x.dtype} differs from weight dtype {w_first.dtype}")
-    return _GroupedBlockFunction.apply(x.contiguous(), w_first, w_second)
+    return per_group_gemm_forward(x, w_first, w_second)
 
 
 class GroupedPointwiseBlock(nn.Module):

@@ -263,9 +263,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    progress = (lambda *a, **k: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    if args.formulations:
+        from .bench_formulations import format_formulations, run_formulations
+
+        report = run_formulations(quick=args.quick, device=args.device, compile=not args.no_compile, progress=progress)
+        print(json.dumps(report, indent=2) if args.json else format_formulations(report))
+        return 0
     from .bench import format_report, run_bench
 
-    progress = (lambda *a, **k: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
     report = run_bench(quick=args.quick, dtype=args.dtype, device=args.device, progress=progress)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -346,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="512 tokens and 3 repeats instead of 2048 and 5")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--formulations", action="store_true",
+                   help="time every formulation of the block (per-group GEMMs, two bmm, concatenated bmm, grouped "
+                        "conv1d; eager and torch.compile'd; float32 and bf16 autocast) instead")
+    p.add_argument("--no-compile", action="store_true", help="with --formulations: eager only")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("compare", help="train the arms of a suite and print the report's table")

@@ -14,6 +14,14 @@ own tokenizer (``kphi data prepare --tokenizer SOURCE``): a calibration set in a
 read as noise. Each fit's result is written as soon as it is measured (``OUT/fits/LABEL.json``) and reused
 on a rerun, so an interrupted study resumes. Outputs: ``results.json``, ``results.md``, ``structure.png``
 (bits per byte against the share of non-embedding parameters kept, one line per kind and fit).
+
+**Healing** (optional ``heal:`` section: ``fits`` — labels of fits above, ``tokens``, ``learning_rate`` and
+any other training settings under ``training``): each named fit is written as a model directory
+(``OUT/heal/LABEL/fit``), then trained for ``tokens`` more tokens of the same prepared data with
+distillation from the source (``kphi train --init-from FIT --distill-from SOURCE``; loss
+``(1 - a) CE + a T^2 KL(source || student)``, :mod:`kphi.distill`) in ``OUT/heal/LABEL/run`` — an ordinary
+run, so a killed heal resumes — and scored again on the same held-out text. ``OUT/heal/LABEL.json`` records
+bits per byte before and after, tokens, steps, seconds per step and wall time.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class StructureSuite:
     stride: int = 512
     calibration_tokens: int = 8192
     data: dict[str, Any] = field(default_factory=lambda: {"source": "default"})
+    heal: dict[str, Any] = field(default_factory=dict)
 
 
 def load_structure_suite(name_or_path: str) -> StructureSuite:
@@ -60,14 +69,32 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
     for spec in suite.fits:
         if spec.get("fit", "frobenius") not in ("frobenius", "activations") or "kind" not in spec:
             raise CompareError(f"structure suite {path}: fit {spec['label']!r} needs a kind and fit frobenius|activations")
+    if suite.heal:
+        unknown = set(suite.heal) - {"fits", "tokens", "learning_rate", "training"}
+        if unknown or not {"fits", "tokens", "learning_rate"} <= set(suite.heal):
+            raise CompareError(f"structure suite {path}: heal takes fits, tokens, learning_rate and training"
+                               f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}")
+        missing = [label for label in suite.heal["fits"] if label not in labels]
+        if missing:
+            raise CompareError(f"structure suite {path}: heal names fits that are not in fits: {', '.join(missing)}")
     return suite
 
 
-def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
-    from .data.prepare import PrepareSettings, load_prepared, prepare_dataset
+def _prepared(suite: StructureSuite, progress: bool) -> Path:
+    """The suite's ``data`` prepared with the source's own tokenizer and chat template (cached)."""
+    from .data.prepare import PrepareSettings, prepare_dataset
 
-    settings = PrepareSettings(**{"context_length": 256, **suite.data, "tokenizer": suite.source})
-    train = load_prepared(prepare_dataset(settings, progress=progress))[0]
+    return Path(prepare_dataset(PrepareSettings(**_data_settings(suite)), progress=progress))
+
+
+def _data_settings(suite: StructureSuite) -> dict[str, Any]:
+    return {"context_length": 256, **suite.data, "tokenizer": suite.source}
+
+
+def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
+    from .data.prepare import load_prepared
+
+    train = load_prepared(_prepared(suite, progress))[0]
     rows = max(2, math.ceil(suite.calibration_tokens / len(train[0]["input_ids"])))
     return torch.tensor([train[i]["input_ids"] for i in range(min(rows, len(train)))], dtype=torch.long)
 
@@ -132,15 +159,74 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
             f"{row['mean_relative_error']:.3f}, {row['bits_per_byte']:.4f} bits per byte ({row['seconds']:.0f} s)")
         del result
+    del dense
+    healed = []
+    for n, label in enumerate(suite.heal.get("fits", []), start=1):
+        spec = next(s for s in suite.fits if s["label"] == label)
+        before = next(r for r in rows if r["label"] == label)
+        healed.append(_heal(suite, spec, before, out / "heal", score, progress, log))
+        log(f"[heal {n}/{len(suite.heal['fits'])}] {label}: {before['bits_per_byte']:.4f} -> "
+            f"{healed[-1]['bits_per_byte']:.4f} bits per byte after {healed[-1]['tokens']:,} tokens "
+            f"({healed[-1]['seconds_per_step']:.2f} s per step)")
     results = {
         "suite": suite.name, "description": suite.description, "command": command_line(), "source": source,
         "uniform_bits_per_byte": uniform, "heldout_bytes": source["bytes"], "context": suite.context,
-        "stride": suite.stride, "fits": rows, "wall_seconds": round(time.perf_counter() - started, 1),
+        "stride": suite.stride, "fits": rows, "healed": healed, "wall_seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", format_structure_table(results) + "\n")
     plot_structure(results, out / "structure.png")
     return results
+
+
+def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], out: Path, score, progress: bool,
+          log) -> dict[str, Any]:
+    """Write one fit as a model directory, train it with distillation from the source, score it again."""
+    from .compare import finished_run
+    from .convert import CONVERT_MARKER, ConvertError, convert_to_dir
+    from .model_dir import load_model
+    from .train import TrainError, resolve_settings, train
+
+    name = slug(spec["label"], "fit")
+    cached = out / f"{name}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    fit_dir, run_dir = out / name / "fit", out / name / "run"
+    prepared = _prepared(suite, progress)
+    fit = spec.get("fit", "frobenius")
+    if not (fit_dir / CONVERT_MARKER).is_file():
+        log(f"heal {spec['label']}: writing the fit to {fit_dir}")
+        try:
+            convert_to_dir(suite.source, fit_dir, kind=spec["kind"], targets=spec.get("targets"),
+                           overrides=spec.get("overrides"), fit=fit, calibration=prepared if fit == "activations" else None,
+                           calibration_tokens=suite.calibration_tokens, heldout_bytes=0, keep_better_on_heldout=False,
+                           progress=progress)
+        except ConvertError as err:
+            raise CompareError(f"heal {spec['label']!r}: {err}") from None
+    try:
+        settings = resolve_settings(None, **{**suite.heal.get("training", {}), "data": str(prepared), "out": str(run_dir),
+                                             "context_length": _data_settings(suite)["context_length"],
+                                             "init_from": str(fit_dir.resolve()), "distill_from": suite.source,
+                                             "max_tokens": suite.heal["tokens"],
+                                             "learning_rate": suite.heal["learning_rate"], "progress": progress})
+        metrics = finished_run(run_dir, settings)
+        if metrics is None:
+            log(f"heal {spec['label']}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g} "
+                f"with distillation from {suite.source}")
+            metrics = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
+    except TrainError as err:
+        raise CompareError(f"heal {spec['label']!r}: {err}") from None
+    if metrics.get("diverged"):
+        raise CompareError(f"heal {spec['label']!r} diverged ({run_dir}); lower heal.learning_rate")
+    scored = score(load_model(run_dir, CompareError, dtype=torch.float32).eval(), f"{spec['label']}, healed")
+    row = {
+        "label": spec["label"], "bits_per_byte_before": before["bits_per_byte"], "bits_per_byte": scored["bits_per_byte"],
+        "perplexity": scored["perplexity"], "tokens": metrics["tokens"], "steps": metrics["steps"],
+        "seconds_per_step": metrics["wall_seconds"] / max(1, metrics["steps"]), "wall_seconds": metrics["wall_seconds"],
+        "learning_rate": settings.learning_rate, "distill_alpha": settings.distill_alpha, "val_loss": metrics["val_loss"],
+    }
+    atomic_write_text(cached, json.dumps(row, indent=2))
+    return row
 
 
 def format_structure_table(results: dict[str, Any]) -> str:
@@ -158,4 +244,12 @@ def format_structure_table(results: dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | {r['kind']['kind']} ({kind}) | {r['fit']} | {targets} | {r['percent_kept']:.1f} | "
                      f"{r['mean_relative_error']:.3f} | {r['bits_per_byte']:.3f} | {r['relative_bits_per_byte']:.2f} | "
                      f"{r['perplexity']:,.1f} |")
+    if results.get("healed"):
+        lines += ["", "healed by distillation from the source:", "",
+                  "| fit | bits per byte before | after | x source | tokens | s per step | wall |",
+                  "|:--|--:|--:|--:|--:|--:|--:|"]
+        for h in results["healed"]:
+            lines.append(f"| {h['label']} | {h['bits_per_byte_before']:.3f} | {h['bits_per_byte']:.3f} | "
+                         f"{h['bits_per_byte'] / source['bits_per_byte']:.2f} | {h['tokens']:,} | "
+                         f"{h['seconds_per_step']:.2f} | {h['wall_seconds'] / 60:.0f} min |")
     return "\n".join(lines)
