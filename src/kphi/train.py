@@ -295,9 +295,18 @@ def _newest_complete_checkpoint(out: Path) -> Path | None:
 
 
 def _validate_checkpoint(folder: Path, model) -> None:
-    """A resume target must hold a trainer state and weights of the same architecture."""
+    """A resume target must hold a trainer state and weights of the same architecture (``model.safetensors``
+    with its config, or FSDP's sharded model directory, whose shapes accelerate checks as it loads)."""
     from safetensors import safe_open
 
+    from .sharding import is_sharded_checkpoint
+
+    if is_sharded_checkpoint(folder):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except Exception as err:  # noqa: BLE001 - any failure means the checkpoint is unusable
+            raise TrainError(f"checkpoint {folder} is corrupt or incomplete ({type(err).__name__}: {err})") from None
+        return
     try:
         json.loads((folder / "trainer_state.json").read_text())
         saved = json.loads((folder / "config.json").read_text())
@@ -586,9 +595,12 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
         trainer.evaluate()
     metrics: dict[str, Any] = {}
+    from .sharding import full_state_dict
+
+    state_dict = full_state_dict(trainer.model_wrapped, trainer.accelerator)  # every process: gathering is collective
     if is_main:
         with _without_hub_progress_bars():  # the trained model first: nothing after it may lose it
-            _write_model_dir(trainer, tokenizer, out)
+            write_model_dir(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out, state_dict)
         metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, tokens_per_step, wall)
         metrics["initial_weights_sha256"] = initial_weights
         metrics["precision_effective"] = effective_precision(settings.precision)
@@ -675,17 +687,18 @@ def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per
     }
 
 
-def _write_model_dir(trainer, tokenizer, out: Path) -> None:
+def write_model_dir(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
     """Model, tokenizer and generation config into ``out``, each file replaced atomically.
 
-    Generation stops at ``<|end|>`` (end of an assistant turn) or end of text, and samples with the
-    report's settings (top_p 0.5, repetition penalty 1.2).
+    ``state_dict``: the full weights when the model is sharded (:func:`kphi.sharding.full_state_dict`, gathered
+    by every process; only the main process calls this). Generation stops at ``<|end|>`` (end of an assistant
+    turn) or end of text, and samples with the report's settings (top_p 0.5, repetition penalty 1.2).
     """
     from transformers import GenerationConfig
 
     from .generate import REPORT_SAMPLING
 
-    config = trainer.model.config
+    config = model.config
     staging = out / ".final-staging"
     shutil.rmtree(staging, ignore_errors=True)
     if config.model_type.startswith("kphi_"):
@@ -693,10 +706,10 @@ def _write_model_dir(trainer, tokenizer, out: Path) -> None:
         # source did; kphi-3 outputs load after `import kphi` (or through kphi export)
         from .export import registered_for_auto_classes
 
-        with registered_for_auto_classes(trainer.model):
-            trainer.model.save_pretrained(staging)
+        with registered_for_auto_classes(model):
+            model.save_pretrained(staging, state_dict=state_dict)
     else:
-        trainer.model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     end_id = end_id if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else None
