@@ -66,6 +66,23 @@ def test_budgets_grow_with_width_in_whole_steps():
         assert all(a["config"]["hidden_size"] == width for a in arms.values())
 
 
+@pytest.mark.fast
+def test_budgets_round_to_the_optimizer_steps_a_run_takes():
+    """A step is batch x context x gradient accumulation x processes tokens, as train() counts it; a suite's
+    budgets round up to whole such steps (the defaults of what a suite leaves out are TrainSettings')."""
+    from kphi.train import TrainSettings, tokens_per_step, whole_steps
+
+    assert tokens_per_step({}) == TrainSettings().batch_size * TrainSettings().context_length
+    training = {"batch_size": 4, "context_length": 100, "gradient_accumulation_steps": 3}
+    assert tokens_per_step(training) == 1200 and tokens_per_step(training, world_size=2) == 2400
+    assert whole_steps(1201, training) == 2400 and whole_steps(1200, training) == 1200
+    assert whole_steps(1201, training, world_size=2) == 2400
+    suite = load_scaling_suite("scaling-cpu")
+    suite.training = {**suite.training, "gradient_accumulation_steps": 3}
+    per_step = 3 * suite.training["batch_size"] * suite.training["context_length"]
+    assert all(suite.tokens_at(w) % per_step == 0 for w in suite.widths)
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

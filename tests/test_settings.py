@@ -89,14 +89,14 @@ def test_declared_bounds_and_types_are_checked(bad, message):
 
 
 def test_training_arguments_pass_through_to_trainer_and_kphis_own_are_refused(tmp_path):
-    from kphi.train import _training_arguments
+    from kphi.train import trainer_arguments
 
-    args = _training_arguments(TrainSettings(training_arguments={"adam_beta2": 0.95}), tmp_path, max_steps=3)
+    args = trainer_arguments(TrainSettings(training_arguments={"adam_beta2": 0.95}), tmp_path, max_steps=3)
     assert args.adam_beta2 == 0.95 and args.max_steps == 3
     with pytest.raises(TrainError, match="learning_rate is set from kphi's own settings"):
-        _training_arguments(TrainSettings(training_arguments={"learning_rate": 1.0}), tmp_path, max_steps=3)
+        trainer_arguments(TrainSettings(training_arguments={"learning_rate": 1.0}), tmp_path, max_steps=3)
     with pytest.raises(TrainError, match="adam_beta3 is not"):
-        _training_arguments(TrainSettings(training_arguments={"adam_beta3": 0.9}), tmp_path, max_steps=3)
+        trainer_arguments(TrainSettings(training_arguments={"adam_beta3": 0.9}), tmp_path, max_steps=3)
 
 
 @pytest.mark.fast

@@ -62,7 +62,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _alternating_medians(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+def alternating_medians(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
     """Run each function once to warm up, then ``repeats`` rounds in turn; median seconds of each."""
     for fn in fns:
         fn()
@@ -95,7 +95,7 @@ def bench_shape(in_features: int, out_features: int, groups: int, tokens: int = 
             layer(x).backward(grad)
         return run
 
-    dense_s, kphi_s = _alternating_medians([train_step(dense), train_step(block)], repeats, device)
+    dense_s, kphi_s = alternating_medians([train_step(dense), train_step(block)], repeats, device)
     one = torch.randn(1, in_features, device=device, dtype=dtype)
 
     def decode(layer):
@@ -105,7 +105,7 @@ def bench_shape(in_features: int, out_features: int, groups: int, tokens: int = 
                     layer(one)
         return run
 
-    dec_dense, dec_kphi = _alternating_medians([decode(dense), decode(block)], max(repeats, 5), device)
+    dec_dense, dec_kphi = alternating_medians([decode(dense), decode(block)], max(repeats, 5), device)
     return ShapeResult(
         name=f"{in_features}->{out_features}",
         tokens=tokens,
@@ -187,11 +187,11 @@ def bench_end_to_end(repeats: int = 5, batch: int = 4, context: int = 256, new_t
     """Training and generation tokens/s of ``bench-kphi3`` against ``bench-phi3`` (same width)."""
     device = torch.device(device)
     dense, kphi = _model("bench-phi3", device, dtype), _model("bench-kphi3", device, dtype)
-    train_dense, train_kphi = _alternating_medians(
+    train_dense, train_kphi = alternating_medians(
         [_train_step_fn(dense, batch, context, device), _train_step_fn(kphi, batch, context, device)], repeats, device
     )
     dense.eval(), kphi.eval()
-    gen_dense, gen_kphi = _alternating_medians(
+    gen_dense, gen_kphi = alternating_medians(
         [_generate_fn(dense, new_tokens, device), _generate_fn(kphi, new_tokens, device)], max(2, repeats // 2), device
     )
     dtype_name = str(dtype).removeprefix("torch.")

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bench import PHI3_SHAPES, _alternating_medians
+from .bench import PHI3_SHAPES, alternating_medians
 from .block import FORMULATIONS
 
 __all__ = ["FormulationResult", "bench_formulations", "run_formulations", "format_formulations"]
@@ -82,7 +82,7 @@ def bench_formulations(in_features: int, out_features: int, groups: int, *, toke
             else:
                 candidates.append((name, True, compiled))
     dense_step = _step(lambda x_, w, _unused: nn.functional.linear(x_, w), x, [dense, weights[0]], grad, autocast)
-    times = _alternating_medians([dense_step] + [c[2] for c in candidates], repeats, device)
+    times = alternating_medians([dense_step] + [c[2] for c in candidates], repeats, device)
     dense_s, timed = times[0], dict(zip([(c[0], c[1]) for c in candidates], times[1:]))
     results = []
     for name in formulations:

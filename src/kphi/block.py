@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .kinds import ProjectionKind, _copy_bias, calibration_error, dense_matrix
+from .kinds import ProjectionKind, copy_bias, calibration_error, dense_matrix
 
 __all__ = [
     "group_count",
@@ -511,7 +511,7 @@ class GroupedKind(ProjectionKind):
                     first, second = _better_on_calibration(module, weight, gram, (first, second), candidate)
                 module.first_pointwise_conv.weight.copy_(first)
                 module.second_pointwise_conv.weight.copy_(second)
-        _copy_bias(module, bias)
+        copy_bias(module, bias)
         return self.result(module, weight, gram, "activations" if gram is not None else "frobenius")
 
     def owns(self, module):

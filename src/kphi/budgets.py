@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, Suite, command_line, _fmt, run_compare
+from .compare import CompareError, Suite, command_line, format_loss, run_compare
 from .files import atomic_write_text
 
 __all__ = ["run_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
@@ -105,16 +105,13 @@ def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
 
 def budgets_per_parameter(suite: Suite) -> list[int]:
     """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
-    import math
-
     from .compare import non_embedding, resolve_arms
+    from .train import whole_steps
 
     if not suite.budgets_per_parameter:
         return []
     baseline = next(arm for arm in resolve_arms(suite) if arm.label == suite.baseline)
-    t = suite.training
-    per_step = int(t.get("batch_size", 8)) * int(t.get("context_length", 256)) * int(t.get("gradient_accumulation_steps", 1))
-    return [math.ceil(ratio * non_embedding(baseline.config) / per_step) * per_step for ratio in suite.budgets_per_parameter]
+    return [whole_steps(ratio * non_embedding(baseline.config), suite.training) for ratio in suite.budgets_per_parameter]
 
 
 def _add_compute(results: dict[str, Any], suite: Suite) -> None:
@@ -295,7 +292,7 @@ def format_budget_table(results: dict[str, Any]) -> str:
         by_budget = {p["budget"]: p for p in arm["points"]}
         rates = sorted({f"{p['learning_rate']:g}" for p in arm["points"]})
         cells = [
-            _fmt(by_budget[b]["val_loss"], by_budget[b]["val_loss_std"], len(by_budget[b]["seeds"])) if b in by_budget else "-"
+            format_loss(by_budget[b]["val_loss"], by_budget[b]["val_loss_std"], len(by_budget[b]["seeds"])) if b in by_budget else "-"
             for b in budgets
         ]
         per_token = arm.get("train_flops_per_token")

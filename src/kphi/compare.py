@@ -95,7 +95,7 @@ class Suite:
     budgets_per_parameter: list[float] | None = None
 
 
-def _positive_rates(rates, where: str, what: str = "learning rates") -> list[float] | None:
+def positive_rates(rates, where: str, what: str = "learning rates") -> list[float] | None:
     if rates is None:
         return None
     try:
@@ -120,7 +120,7 @@ def parse_counts(text: str, flag: str) -> list[int]:
 
 def parse_learning_rates(text: str) -> list[float]:
     """``"1e-3,2e-3,4e-3"`` -> ``[0.001, 0.002, 0.004]`` (the ``--learning-rates`` flag)."""
-    return _positive_rates([t for t in text.split(",") if t.strip()], "--learning-rates")
+    return positive_rates([t for t in text.split(",") if t.strip()], "--learning-rates")
 
 
 def _suite_dir() -> Path:
@@ -168,10 +168,10 @@ def load_suite(name_or_path: str) -> Suite:
         data=dict(data.get("data") or {}),
         training=dict(data.get("training") or {}),
         seeds=int(data.get("seeds", 1)),
-        learning_rates=_positive_rates(data.get("learning_rates"), f"suite {path}"),
+        learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
         budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
         seeds_at_largest=data.get("seeds_at_largest"),
-        budgets_per_parameter=_positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
+        budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
     )
 
 
@@ -276,11 +276,11 @@ def resolve_arms(suite: Suite) -> list[Arm]:
 def _arm_training(spec: dict[str, Any]) -> dict[str, Any]:
     rate = spec.get("learning_rate")
     if rate is not None:
-        rate = _positive_rates([rate], f"arm {spec['label']!r}")[0]
+        rate = positive_rates([rate], f"arm {spec['label']!r}")[0]
     training = dict(spec.get("training") or {})
     if "learning_rate" in training:
         raise CompareError(f"arm {spec['label']!r}: give its rate as learning_rate on the arm, not under training")
-    grid = _positive_rates(spec.get("learning_rates"), f"arm {spec['label']!r}")
+    grid = positive_rates(spec.get("learning_rates"), f"arm {spec['label']!r}")
     return {"learning_rate": rate, "learning_rates": grid, "training": training}
 
 
@@ -431,7 +431,7 @@ def run_compare(
             if m.get("diverged"):
                 log(f"    diverged: {m['diverged']}")
             else:
-                log(f"    train loss {_fmt(m['train_loss'], None, 1)}, val loss {_fmt(m['val_loss'], None, 1)}, "
+                log(f"    train loss {format_loss(m['train_loss'], None, 1)}, val loss {format_loss(m['val_loss'], None, 1)}, "
                     f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
         runs[arm.label].setdefault(rate, []).append(m)
 
@@ -556,7 +556,8 @@ def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dic
     }
 
 
-def _fmt(value: float | None, spread: float | None, seeds: int) -> str:
+def format_loss(value: float | None, spread: float | None, seeds: int) -> str:
+    """``0.123 ± 0.004`` (mean ± spread over seeds), ``0.123`` for one seed, ``-`` when missing."""
     if value is None:
         return "-"
     return f"{value:.3f} ± {spread:.3f}" if seeds > 1 else f"{value:.3f}"
@@ -574,8 +575,8 @@ def format_table(results: dict[str, Any]) -> str:
         rate = f"{a['learning_rate']:g}" + (" (edge)" if a.get("lr_at_edge") else "")
         lines.append(
             f"| {a['label']} | {a['model']} | {a['layers']} | {a['intermediate_size']} | {a['non_embedding']:,} | "
-            f"{a['percent']:.1f}% | {rate} | {_fmt(a['train_loss'], a['train_loss_std'], seeds)} | "
-            f"{_fmt(a['val_loss'], a['val_loss_std'], seeds)} | {tps} | {a['wall_seconds']:.0f} |"
+            f"{a['percent']:.1f}% | {rate} | {format_loss(a['train_loss'], a['train_loss_std'], seeds)} | "
+            f"{format_loss(a['val_loss'], a['val_loss_std'], seeds)} | {tps} | {a['wall_seconds']:.0f} |"
         )
     warnings = [f"warning: {w}" for w in results.get("warnings", [])]
     return "\n".join(lines + ([""] + warnings if warnings else []))

@@ -103,7 +103,7 @@ class _Runner:
 
         from .data.prepare import load_prepared
         from .model_dir import load_model
-        from .train import _training_arguments
+        from .train import trainer_arguments
 
         settings = self.settings(model_dir / "eval", self.suite.teacher["preset"], max_steps=1)
         val = load_prepared(self.prepared)[1]
@@ -112,7 +112,7 @@ class _Runner:
         model = load_model(model_dir, CompareError, dtype=torch.float32)
         from transformers.trainer_callback import PrinterCallback
 
-        trainer = Trainer(model=model, args=_training_arguments(settings, model_dir / "eval", max_steps=1),
+        trainer = Trainer(model=model, args=trainer_arguments(settings, model_dir / "eval", max_steps=1),
                           eval_dataset=val, data_collator=default_data_collator)
         trainer.remove_callback(PrinterCallback)
         loss = trainer.evaluate()["eval_loss"]

@@ -116,7 +116,7 @@ class ProjectionKind:
         return FitResult(relative_error=rel, calibration_error=cal, method=method)
 
 
-def _copy_bias(module: nn.Module, bias: torch.Tensor | None) -> None:
+def copy_bias(module: nn.Module, bias: torch.Tensor | None) -> None:
     if getattr(module, "bias", None) is not None:
         with torch.no_grad():
             if bias is None:
@@ -147,7 +147,7 @@ class DenseKind(ProjectionKind):
     def fit(self, module, weight, bias=None, gram=None):
         with torch.no_grad():
             module.weight.copy_(weight)
-        _copy_bias(module, bias)
+        copy_bias(module, bias)
         return self.result(module, weight, gram, "exact")
 
     def dense_weight(self, module):

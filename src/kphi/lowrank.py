@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kinds import ProjectionKind, _copy_bias
+from .kinds import ProjectionKind, copy_bias
 
 __all__ = ["LowRankLinear", "LowRankKind", "rank_for_fraction", "low_rank_fit"]
 
@@ -102,7 +102,7 @@ class LowRankKind(ProjectionKind):
         with torch.no_grad():
             module.down_weight.copy_(down)
             module.up_weight.copy_(up)
-        _copy_bias(module, bias)
+        copy_bias(module, bias)
         return self.result(module, weight, gram, "activations" if gram is not None else "frobenius")
 
     def dense_weight(self, module):

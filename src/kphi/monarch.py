@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .kinds import ProjectionKind, _copy_bias
+from .kinds import ProjectionKind, copy_bias
 
 __all__ = ["MonarchLinear", "MonarchKind", "monarch_fit", "monarch_shape"]
 
@@ -132,7 +132,7 @@ class MonarchKind(ProjectionKind):
         with torch.no_grad():
             module.first.copy_(first)
             module.second.copy_(second)
-        _copy_bias(module, bias)
+        copy_bias(module, bias)
         return self.result(module, weight, None, "frobenius")
 
     def owns(self, module):

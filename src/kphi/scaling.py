@@ -39,7 +39,7 @@ import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
 from .compare import (
-    CompareError, Suite, _positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare,
+    CompareError, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare,
 )
 from .files import atomic_write_text
 from .model import config_fields
@@ -62,11 +62,11 @@ class ScalingSuite:
     seeds: int = 1
 
     def tokens_at(self, width: int) -> int:
-        """The budget at ``width``, rounded up to whole optimizer steps."""
+        """The budget at ``width``, rounded up to whole optimizer steps (gradient accumulation counted)."""
+        from .train import whole_steps
+
         b = self.budget
-        tokens = b["reference_tokens"] * (width / b["reference_width"]) ** b.get("exponent", 1.0)
-        per_step = self.training.get("batch_size", 8) * self.training.get("context_length", 256)
-        return int(math.ceil(tokens / per_step) * per_step)
+        return whole_steps(b["reference_tokens"] * (width / b["reference_width"]) ** b.get("exponent", 1.0), self.training)
 
     def suite_at(self, width: int) -> Suite:
         """The comparison at one width: every family rebuilt at ``width`` with that width's budget."""
@@ -116,7 +116,7 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
         budget={k: float(v) for k, v in budget.items()},
         data=dict(data.get("data") or {}),
         training=dict(data.get("training") or {}),
-        learning_rates=_positive_rates(data.get("learning_rates"), f"suite {path}"),
+        learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
         seeds=int(data.get("seeds", 1)),
     )
     for width in suite.widths:  # fail before training when a width cannot build every family

@@ -427,7 +427,25 @@ def check_sharding_enabled(trainer, environ=None) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def _training_arguments(settings: TrainSettings, out: Path, max_steps: int):
+def tokens_per_step(training: dict[str, Any] | TrainSettings, world_size: int = 1) -> int:
+    """Tokens in one optimizer step: batch size x context length x gradient accumulation x processes, each
+    from ``training`` (settings, or a suite's partial ``training:`` mapping; absent: TrainSettings' default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+
+    def get(name: str) -> int:
+        value = getattr(training, name) if isinstance(training, TrainSettings) else training.get(name, defaults[name])
+        return int(value)
+
+    return get("batch_size") * get("context_length") * get("gradient_accumulation_steps") * world_size
+
+
+def whole_steps(tokens: float, training: dict[str, Any] | TrainSettings, world_size: int = 1) -> int:
+    """``tokens`` rounded up to whole optimizer steps (:func:`tokens_per_step`), as a run will train them."""
+    per_step = tokens_per_step(training, world_size)
+    return int(math.ceil(tokens / per_step) * per_step)
+
+
+def trainer_arguments(settings: TrainSettings, out: Path, max_steps: int):
     """``TrainingArguments`` from kphi's settings, plus ``settings.training_arguments`` passed through."""
     from transformers import TrainingArguments
 
@@ -510,12 +528,12 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     if settings.preset is None and settings.init_from is None and config is None:
         raise TrainError("give --preset (a model to build) or --init-from MODEL (a model to start from)")
     out = Path(settings.out)
-    args = _training_arguments(settings, out, max_steps=1)  # also joins the process group when launched distributed
+    args = trainer_arguments(settings, out, max_steps=1)  # also joins the process group when launched distributed
     is_main = args.process_index == 0
-    tokens_per_step = settings.batch_size * settings.gradient_accumulation_steps * settings.context_length * args.world_size
+    step_tokens = tokens_per_step(settings, args.world_size)
     max_steps = settings.max_steps
     if max_steps is None and settings.max_tokens is not None:
-        max_steps = math.ceil(settings.max_tokens / tokens_per_step)
+        max_steps = math.ceil(settings.max_tokens / step_tokens)
     args.max_steps = max_steps if max_steps is not None else 10**9  # time-limited: a budget that never binds
 
     def load_and_check():
@@ -549,7 +567,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     checkpoint = _main_process_first(is_main, claim_run_dir, lambda found: found)
 
-    csv_logger = CsvLogger(out / "log.csv", tokens_per_step)
+    csv_logger = CsvLogger(out / "log.csv", step_tokens)
     guard = DivergenceGuard()
     callbacks = [CheckpointMarker(), csv_logger, guard]
     if settings.max_minutes is not None:
@@ -572,7 +590,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     trainer.remove_callback(PrinterCallback)  # the raw log dict every logging_steps
     if settings.progress:
-        trainer.add_callback(ProgressLine(out.name, tokens_per_step))
+        trainer.add_callback(ProgressLine(out.name, step_tokens))
     start = time.perf_counter()
     try:
         with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
@@ -601,7 +619,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     if is_main:
         with _without_hub_progress_bars():  # the trained model first: nothing after it may lose it
             write_model_dir(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out, state_dict)
-        metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, tokens_per_step, wall)
+        metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, step_tokens, wall)
         metrics["initial_weights_sha256"] = initial_weights
         metrics["precision_effective"] = effective_precision(settings.precision)
         from .plots import plot_loss_curve
@@ -656,7 +674,7 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per_step, wall) -> dict:
+def _final_metrics(trainer, settings, config, data_stats, csv_logger, step_tokens, wall) -> dict:
     from .params import model_parameter_counts
 
     history = trainer.state.log_history
@@ -668,10 +686,10 @@ def _final_metrics(trainer, settings, config, data_stats, csv_logger, tokens_per
         "preset": settings.preset,
         "seed": settings.seed,
         "steps": steps,
-        "tokens": steps * tokens_per_step,
+        "tokens": steps * step_tokens,
         "train_loss": train_losses[-1] if train_losses else None,
         "val_loss": evals[-1]["eval_loss"],
-        "val_curve": [(h["step"] * tokens_per_step, h["eval_loss"]) for h in evals],
+        "val_curve": [(h["step"] * step_tokens, h["eval_loss"]) for h in evals],
         "tokens_per_second": csv_logger.tokens_per_second,
         "train_seconds": round(csv_logger.train_seconds, 2),
         "wall_seconds": round(wall, 2),
