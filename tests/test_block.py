@@ -193,14 +193,21 @@ def test_fast_path_bfloat16_gradients_close_to_reference():
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * scale)
 
 
-def test_fast_path_under_autocast_matches_linear_behaviour():
+@pytest.mark.parametrize("formulation", [None, "per-group GEMMs", "two bmm", "concatenated bmm", "grouped conv1d"])
+def test_fast_path_under_autocast_matches_linear_behaviour(formulation):
+    """Under bf16 autocast the block (``None``: its default on the CPU, the concatenated bmm) and every
+    formulation behave as ``nn.Linear`` does: a bf16 output, float32 weight gradients, naive values to bf16's
+    rounding."""
+    from kphi.block import FORMULATIONS
+
     block = _block(64, 128, 4)
+    w1, w2 = block.first_pointwise_conv.weight, block.second_pointwise_conv.weight
     x = torch.randn(300, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = block(x)
+        y = block(x) if formulation is None else FORMULATIONS[formulation](x, w1, w2)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert x.grad is not None and block.first_pointwise_conv.weight.grad.dtype == torch.float32
+    assert x.grad is not None and w1.grad.dtype == torch.float32 and w2.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), block.naive_forward(x), rtol=3e-2, atol=3e-2)
 
 

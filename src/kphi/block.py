@@ -302,18 +302,20 @@ FORMULATIONS = {
 def grouped_block_forward(x: torch.Tensor, w_first: torch.Tensor, w_second: torch.Tensor) -> torch.Tensor:
     """``GL_first(x) + GL_second(interleave(x))`` for ``x: [N, in]`` and weights ``[G, s, o]`` -> ``[N, G*o]``.
 
-    Which formulation runs:
+    Which formulation runs (:data:`FORMULATIONS`; ``kphi bench --formulations`` times them all):
 
     * under ``torch.compile`` and on any device but the CPU: :func:`concatenated_bmm_forward` (one graph, O(1)
       kernels; the GPU default is chosen by construction and has not been measured on a GPU yet);
-    * on the CPU: :class:`_GroupedBlockFunction` for ``N >= SMALL_INPUT_TOKENS`` rows, two batched matmuls
-      below that (the fastest measured here, ``kphi bench``).
+    * on the CPU under bf16 autocast: :func:`concatenated_bmm_forward` as well (measured on 2 cores at 2048
+      rows: faster than the per-group loop at 4 of phi-3's 5 benchmarked shapes, BENCHMARKS.md);
+    * on the CPU in full precision: :class:`_GroupedBlockFunction` for ``N >= SMALL_INPUT_TOKENS`` rows (the
+      fastest measured at 3 of the 5 shapes, within 1% at a fourth), two batched matmuls below that.
 
     Differentiable in ``x`` and both weights. Under autocast (mixed-precision training) the operands are cast
     to the autocast dtype first, as autocast does for ``nn.Linear``; the hand-written GEMMs then run with
     autocast off.
     """
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return concatenated_bmm_forward(x, w_first, w_second)
     if x.shape[0] < SMALL_INPUT_TOKENS:
         return _batched_matmul_forward(x, w_first, w_second)
