@@ -228,15 +228,31 @@ def test_every_formulation_equals_naive_values_and_grads(formulation, i, o, g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_a_kphi3_training_step_compiles_to_one_graph():
-    """torch.compile(fullgraph=True) captures a tiny kphi-3's forward and backward with no graph break (the
-    block switches to its one-GEMM formulation while compiling); same loss and gradients as eager."""
+def _converted_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kphi.convert import convert
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=512)
+    return convert(LlamaForCausalLM(config), {"kind": "grouped", "min_channels_per_group": 16}).model
+
+
+@pytest.mark.parametrize("which", ["kphi-3", "converted llama"])
+def test_a_training_step_compiles_to_one_graph(which):
+    """torch.compile(fullgraph=True) captures a tiny kphi-3's, and a converted Llama's, forward and backward
+    with no graph break (the block switches to its one-GEMM formulation while compiling); same loss and
+    gradients as eager."""
     from transformers import AutoModelForCausalLM
 
     from kphi.presets import load_preset
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(load_preset("tiny-kphi3").config, attn_implementation="eager")
+    if which == "kphi-3":
+        model = AutoModelForCausalLM.from_config(load_preset("tiny-kphi3").config, attn_implementation="eager")
+    else:
+        model = _converted_llama()
+        model.config._attn_implementation = "eager"
     ids = torch.randint(0, model.config.vocab_size, (2, 300))  # 600 rows: eager takes the per-group GEMM path
 
     def step():
