@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -31,14 +30,16 @@ def run_kphi(*args, cache=None, input=None, timeout=900, env=None) -> subprocess
 
 
 def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float = 300) -> None:
-    """Start ``kphi ARGS``, SIGKILL it as soon as ``OUT/checkpoint-STEP`` is marked complete."""
-    proc = subprocess.Popen([sys.executable, "-m", "kphi", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=kphi_env())
-    deadline = time.time() + timeout
-    while time.time() < deadline and not (out / f"checkpoint-{step}" / "kphi-complete.json").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    """Run ``kphi ARGS`` and have it SIGKILL itself right after ``OUT/checkpoint-STEP`` is marked complete
+    (``KPHI_TEST_KILL_AFTER_CHECKPOINT``): the kill lands at that step every time, never a step later."""
+    from kphi.callbacks import KILL_AFTER_CHECKPOINT_VARIABLE
+
+    proc = subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout,
+                          env=kphi_env({KILL_AFTER_CHECKPOINT_VARIABLE: str(step)}))
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed at step {step}: {proc.stderr[-2000:]}"
+    assert (out / f"checkpoint-{step}" / "kphi-complete.json").is_file() and not (out / "metrics.json").exists()
+    later = [p.name for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) > step]
+    assert not later, f"checkpoints after the kill: {later}"
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

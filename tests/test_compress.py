@@ -101,6 +101,7 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     # healing: the fit written as a model, trained with distillation from the source, scored on the same text
     (healed,) = results["healed"]
     assert healed["label"] == "grouped m=8" and healed["tokens"] == 1024 and healed["steps"] == 4
+    assert healed["seconds_per_step"] > 0 and healed["wall_seconds"] > 0
     assert healed["bits_per_byte_before"] == grouped["bits_per_byte"] != healed["bits_per_byte"]
     run = _json.loads((tmp_path / "out" / "heal" / "grouped-m-8" / "run" / "kphi-run.json").read_text())
     assert run["settings"]["distill_from"] == str(gguf) and run["settings"]["init_from"].endswith("fit")

@@ -4,8 +4,8 @@
 ``AutoModel`` and ``AutoModelForCausalLM`` (no ``trust_remote_code`` needed).
 """
 
-from .block import GroupedLinear, GroupedPointwiseBlock, group_count, interleave
-from .model import KPhi3Config, KPhi3ForCausalLM, KPhi3Model, make_projection, replace_projections
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -20,3 +20,30 @@ __all__ = [
     "make_projection",
     "replace_projections",
 ]
+
+_HOMES = {"GroupedLinear": "block", "GroupedPointwiseBlock": "block", "group_count": "block", "interleave": "block",
+          "KPhi3Config": "model", "KPhi3ForCausalLM": "model", "KPhi3Model": "model", "make_projection": "model",
+          "replace_projections": "model"}
+
+
+def _running_the_kphi_command() -> bool:
+    """``kphi ...`` or ``python -m kphi ...``: each subcommand imports (and registers) what it needs itself, so
+    the package skips its eager imports of torch and transformers' modeling code (seconds): ``kphi --help``,
+    ``kphi configs`` and one-line input errors answer at once."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["kphi"]:
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "kphi"
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module 'kphi' has no attribute {name!r}")
+
+
+if not _running_the_kphi_command():
+    from .block import GroupedLinear, GroupedPointwiseBlock, group_count, interleave  # noqa: E402
+    from .model import KPhi3Config, KPhi3ForCausalLM, KPhi3Model, make_projection, replace_projections  # noqa: E402

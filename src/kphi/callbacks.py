@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,6 +30,11 @@ __all__ = [
 #: File written into ``checkpoint-N/`` once everything else in it has been written.
 COMPLETE_MARKER = "kphi-complete.json"
 
+#: Test hook: with ``KPHI_TEST_KILL_AFTER_CHECKPOINT=N`` in its environment a run SIGKILLs itself the moment
+#: ``checkpoint-N`` is marked complete: a kill at a known step, where a test watching for the marker from
+#: outside would race the steps that follow it.
+KILL_AFTER_CHECKPOINT_VARIABLE = "KPHI_TEST_KILL_AFTER_CHECKPOINT"
+
 
 def is_complete_checkpoint(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
@@ -45,6 +52,8 @@ class CheckpointMarker(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
+        if os.environ.get(KILL_AFTER_CHECKPOINT_VARIABLE) == str(state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CsvLogger(TrainerCallback):

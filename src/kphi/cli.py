@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         "value (its training: section), else the default shown. Give at most one budget: --max-steps, "
         "--max-tokens or --max-minutes (it replaces the preset's).",
     )
-    from .train import TrainSettings
+    from .train_settings import TrainSettings
 
     add_settings_arguments(p, TrainSettings, skip=("progress",), required=("out",))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from .block import GroupedLinear
+from .train_settings import GROUPED_LR_SCALES  # the setting's choices live with the other settings
 
 __all__ = ["GROUPED_LR_SCALES", "grouped_lr_multipliers", "scale_grouped_learning_rates"]
-
-GROUPED_LR_SCALES = ("none", "groups")
 
 
 def grouped_lr_multipliers(model: nn.Module, rule: str) -> dict[int, float]:

@@ -167,7 +167,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         healed.append(_heal(suite, spec, before, out / "heal", score, progress, log))
         log(f"[heal {n}/{len(suite.heal['fits'])}] {label}: {before['bits_per_byte']:.4f} -> "
             f"{healed[-1]['bits_per_byte']:.4f} bits per byte after {healed[-1]['tokens']:,} tokens "
-            f"({healed[-1]['seconds_per_step']:.2f} s per step)")
+            f"({healed[-1]['seconds_per_step']:.1f} s per step)")
     results = {
         "suite": suite.name, "description": suite.description, "command": command_line(), "source": source,
         "uniform_bits_per_byte": uniform, "heldout_bytes": source["bytes"], "context": suite.context,
@@ -222,11 +222,25 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
     row = {
         "label": spec["label"], "bits_per_byte_before": before["bits_per_byte"], "bits_per_byte": scored["bits_per_byte"],
         "perplexity": scored["perplexity"], "tokens": metrics["tokens"], "steps": metrics["steps"],
-        "seconds_per_step": metrics["wall_seconds"] / max(1, metrics["steps"]), "wall_seconds": metrics["wall_seconds"],
+        "seconds_per_step": _median_seconds_per_step(run_dir / "log.csv", metrics["tokens"] / max(1, metrics["steps"]))
+        or metrics["tokens"] / max(1, metrics["steps"]) / metrics["tokens_per_second"],  # no logged stretch: the run's mean
+        "wall_seconds": metrics["wall_seconds"],
         "learning_rate": settings.learning_rate, "distill_alpha": settings.distill_alpha, "val_loss": metrics["val_loss"],
     }
     atomic_write_text(cached, json.dumps(row, indent=2))
     return row
+
+
+def _median_seconds_per_step(log_csv: Path, step_tokens: float) -> float | None:
+    """Seconds per optimizer step from the median of a run's logged training throughput (each ``log.csv`` row
+    covers the steps since the one before), so one slow stretch (a paused or contended machine) does not
+    set it."""
+    import csv
+    import statistics
+
+    with open(log_csv, newline="") as handle:
+        rates = [float(r["tokens_per_second"]) for r in csv.DictReader(handle) if r.get("tokens_per_second")]
+    return step_tokens / statistics.median(rates) if rates else None
 
 
 def format_structure_table(results: dict[str, Any]) -> str:
@@ -251,5 +265,5 @@ def format_structure_table(results: dict[str, Any]) -> str:
         for h in results["healed"]:
             lines.append(f"| {h['label']} | {h['bits_per_byte_before']:.3f} | {h['bits_per_byte']:.3f} | "
                          f"{h['bits_per_byte'] / source['bits_per_byte']:.2f} | {h['tokens']:,} | "
-                         f"{h['seconds_per_step']:.2f} | {h['wall_seconds'] / 60:.0f} min |")
+                         f"{h['seconds_per_step']:.1f} | {h['wall_seconds'] / 60:.0f} min |")
     return "\n".join(lines)
