@@ -88,3 +88,26 @@ def test_tokenizer_train_writes_a_bpe_tokenizer(tmp_path):
     assert len(tok) == 300
     text = "<|user|>What is the capital of Peru?<|end|>"
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+
+def test_the_command_answers_without_importing_torch():
+    """``kphi configs`` and ``kphi --help`` need no model code: the command imports what each subcommand needs
+    (the package's eager imports are skipped under the command), so they answer in a fraction of a second."""
+    import subprocess
+    import sys
+
+    for args in (["configs", "fsdp"], ["--help"], ["train", "--help"]):
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "kphi", *args], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+        assert "kphi.cli" in imported and "torch" not in imported and "transformers" not in imported, args
+
+
+def test_import_kphi_still_registers_the_model_type():
+    import subprocess
+    import sys
+
+    code = "import kphi, transformers; print(transformers.AutoConfig.for_model('kphi3').model_type)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "kphi3", run.stderr[-2000:]
