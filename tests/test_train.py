@@ -96,6 +96,18 @@ def test_incomplete_checkpoint_is_ignored_and_corrupt_one_refused(prepared, tmp_
     assert not (out / "checkpoint-6").exists()
 
 
+def test_a_checkpoint_trainer_cannot_load_is_one_line_whatever_the_error_says(prepared, tmp_path):
+    """Weights and config intact (kphi's own check passes) but the optimizer state unreadable: Trainer fails
+    while loading, before any step, and that is reported as the checkpoint's fault in one line."""
+    out = tmp_path / "run"
+    assert kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "2", "--save-steps", "2").returncode == 0
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"not a torch file")
+    (out / "metrics.json").unlink()
+    result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "4", "--save-steps", "2", "--resume")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"kphi: error: cannot resume from {out / 'checkpoint-2'}") and "Traceback" not in result.stderr
+
+
 def test_refuses_to_overwrite_a_run_or_a_foreign_directory(prepared, full_run, tmp_path):
     before = (full_run / "metrics.json").read_bytes()
     again = kphi("train", *TINY, "--data", str(prepared), "--out", str(full_run), "--max-steps", "3")

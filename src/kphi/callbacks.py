@@ -23,6 +23,7 @@ __all__ = [
     "CsvLogger",
     "DivergenceGuard",
     "ProgressLine",
+    "StepsBegun",
     "TimeLimit",
     "is_complete_checkpoint",
 ]
@@ -54,6 +55,17 @@ class CheckpointMarker(TrainerCallback):
                 atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": state.global_step}))
         if os.environ.get(KILL_AFTER_CHECKPOINT_VARIABLE) == str(state.global_step):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepsBegun(TrainerCallback):
+    """Whether a training step has begun. Resuming, Trainer loads the checkpoint (weights, optimizer, scheduler,
+    trainer state) before the first step: an error before it is the checkpoint's, whatever its wording."""
+
+    def __init__(self):
+        self.begun = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begun = True
 
 
 class CsvLogger(TrainerCallback):

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from .callbacks import (
     CsvLogger,
     DivergenceGuard,
     ProgressLine,
+    StepsBegun,
     TimeLimit,
     is_complete_checkpoint,
 )
@@ -368,7 +370,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     csv_logger = CsvLogger(out / "log.csv", step_tokens)
     guard = DivergenceGuard()
-    callbacks = [CheckpointMarker(), csv_logger, guard]
+    steps_begun = StepsBegun()
+    callbacks = [CheckpointMarker(), csv_logger, guard, steps_begun]
     if settings.max_minutes is not None:
         callbacks.append(TimeLimit(settings.max_minutes))
     trainer_class = _trainer_class(settings.grouped_lr_scale)
@@ -394,9 +397,10 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     try:
         with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
             trainer.train(resume_from_checkpoint=checkpoint)
-    except (RuntimeError, KeyError, ValueError) as err:
-        if checkpoint is not None and "checkpoint" in str(err).lower():
-            raise TrainError(f"cannot resume from {checkpoint}: {err}") from None
+    except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
+        if checkpoint is not None and not steps_begun.begun:  # Trainer was still loading the checkpoint
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TrainError(f"cannot resume from {checkpoint}: {first_line}") from err
         raise
     wall = time.perf_counter() - start
 
