@@ -6,6 +6,19 @@ import torch
 import kphi  # noqa: F401  (registers the kphi3 model type with the Auto classes)
 
 
+#: The modules that take longest, run first. Under ``pytest -n 2 --dist loadfile`` a module runs whole on one
+#: worker; collected alphabetically, the two heaviest (test_train, test_transformers_common) came last and left
+#: the other worker idle at the end. Longest first evens the two workers out. Order within a module is kept.
+HEAVY_FIRST = ["test_train.py", "test_transformers_common.py", "test_convert.py", "test_compress.py",
+               "test_model_sources.py", "test_distill.py", "test_budgets.py", "test_compare.py", "test_evaluate.py",
+               "test_export.py", "test_scaling.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
