@@ -106,7 +106,7 @@ def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
 def budgets_per_parameter(suite: Suite) -> list[int]:
     """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
     from .compare import non_embedding, resolve_arms
-    from .train import whole_steps
+    from .train_settings import whole_steps
 
     if not suite.budgets_per_parameter:
         return []

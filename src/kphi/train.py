@@ -48,18 +48,14 @@ from .files import atomic_write_text, refuse_foreign_dir
 from .fingerprint import weights_sha256
 from .model import KPhi3Config, KPhi3ForCausalLM
 from .optim import scale_grouped_learning_rates
-from .train_settings import (  # noqa: F401  (re-exported: kphi.train is where users look for them)
-    LATER_FIELDS,
+from .train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
     DivergedError,
     TrainError,
     TrainSettings,
     identity_differences,
     model_config_fields,
-    model_fields,
-    recorded_identity,
     resolve_settings,
     tokens_per_step,
-    whole_steps,
 )
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
