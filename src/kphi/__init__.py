@@ -31,9 +31,8 @@ def _running_the_kphi_command() -> bool:
     the package skips its eager imports of torch and transformers' modeling code (seconds): ``kphi --help``,
     ``kphi configs`` and one-line input errors answer at once."""
     argv = getattr(sys, "orig_argv", [])
-    if "-m" in argv and argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["kphi"]:
-        return True
-    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "kphi"
+    after_m = argv[argv.index("-m") + 1 :] if "-m" in argv else []
+    return after_m[:1] == ["kphi"] or (bool(sys.argv) and os.path.basename(sys.argv[0]) == "kphi")
 
 
 def __getattr__(name: str):

@@ -81,7 +81,7 @@ def bench_formulations(in_features: int, out_features: int, groups: int, *, toke
                 torch._dynamo.reset()
             else:
                 candidates.append((name, True, compiled))
-    dense_step = _step(lambda x_, w, _unused: nn.functional.linear(x_, w), x, [dense, weights[0]], grad, autocast)
+    dense_step = _step(nn.functional.linear, x, [dense], grad, autocast)
     times = alternating_medians([dense_step] + [c[2] for c in candidates], repeats, device)
     dense_s, timed = times[0], dict(zip([(c[0], c[1]) for c in candidates], times[1:]))
     results = []

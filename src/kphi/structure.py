@@ -219,11 +219,12 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
     if metrics.get("diverged"):
         raise CompareError(f"heal {spec['label']!r} diverged ({run_dir}); lower heal.learning_rate")
     scored = score(load_model(run_dir, CompareError, dtype=torch.float32).eval(), f"{spec['label']}, healed")
+    step_tokens = metrics["tokens"] / max(1, metrics["steps"])
     row = {
         "label": spec["label"], "bits_per_byte_before": before["bits_per_byte"], "bits_per_byte": scored["bits_per_byte"],
         "perplexity": scored["perplexity"], "tokens": metrics["tokens"], "steps": metrics["steps"],
-        "seconds_per_step": _median_seconds_per_step(run_dir / "log.csv", metrics["tokens"] / max(1, metrics["steps"]))
-        or metrics["tokens"] / max(1, metrics["steps"]) / metrics["tokens_per_second"],  # no logged stretch: the run's mean
+        # the median logged stretch; with none logged, the run's mean
+        "seconds_per_step": _median_seconds_per_step(run_dir / "log.csv", step_tokens) or step_tokens / metrics["tokens_per_second"],
         "wall_seconds": metrics["wall_seconds"],
         "learning_rate": settings.learning_rate, "distill_alpha": settings.distill_alpha, "val_loss": metrics["val_loss"],
     }
