@@ -297,9 +297,11 @@ def test_a_bad_override_is_one_line(override, message, sources, tmp_path):
 def test_an_activation_fit_worse_on_heldout_text_gives_way_to_frobenius(activation_after, frobenius_after, kept, sources,
                                                                         prepared, tmp_path, monkeypatch):
     """The whole model is judged on held-out text after an activation fit: the better of the two is written."""
-    scores = iter([activation_after, frobenius_after])
-    monkeypatch.setattr("kphi.convert.heldout_bits_per_byte",
-                        lambda *a, **k: {"bytes": 1, "tokens": 1, "context": 8, "stride": 4, "before": 3.0, "after": next(scores)})
+    from types import SimpleNamespace
+
+    scores = iter([3.0, activation_after, frobenius_after])  # the source, the activation fit, the Frobenius fit
+    monkeypatch.setattr("kphi.convert._heldout_score",
+                        lambda *a, **k: SimpleNamespace(bytes=1, tokens=1, context=8, stride=4, bits_per_byte=next(scores)))
     result = convert_to_dir(sources["llama"], tmp_path / "out", kind=GROUPED, fit="activations", calibration=str(prepared),
                             calibration_tokens=512, progress=False)
     report = json.loads((tmp_path / "out" / "kphi-convert.json").read_text())

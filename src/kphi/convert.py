@@ -422,15 +422,21 @@ def _copy_untouched_weights(dense, model, replaced: list[str]) -> None:
         raise ConvertError(f"converted model does not mirror the source: missing {stray_missing[:3]}, unexpected {stray_unexpected[:3]}")
 
 
+def _heldout_score(model, tokenizer, size: int):
+    """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.evaluate`; context up to
+    256 tokens, stride 128)."""
+    from .evaluate import evaluate_text, heldout_sample
+
+    return evaluate_text(model.eval(), tokenizer, [heldout_sample(size)], "heldout", context=256)
+
+
 def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any]:
     """Bits per byte of the source model and of ``converted`` on the first ``size`` bytes of kphi's held-out
-    text (:mod:`kphi.evaluate`; context up to 256 tokens, stride 128): whether the model survived."""
-    from .evaluate import evaluate_text, heldout_sample
+    text: whether the model survived."""
     from .model_dir import load_model
 
-    text = heldout_sample(size)
-    before = evaluate_text(load_model(src, ConvertError, dtype=torch.float32), tokenizer, [text], "heldout", context=256)
-    after = evaluate_text(converted.eval(), tokenizer, [text], "heldout", context=256)
+    before = _heldout_score(load_model(src, ConvertError, dtype=torch.float32), tokenizer, size)
+    after = _heldout_score(converted, tokenizer, size)
     return {"bytes": before.bytes, "tokens": before.tokens, "context": before.context, "stride": before.stride,
             "before": before.bits_per_byte, "after": after.bits_per_byte}
 
@@ -444,7 +450,8 @@ def _better_on_heldout_text(src, result: ConvertResult, tokenizer, heldout_bytes
     worse than the Frobenius fit on other text (7.80 vs 4.62 bits per byte, RESULTS.md section 6). So the whole
     model is judged once more on kphi's held-out text, and the better one kept, saying so."""
     plain = convert(src, progress=progress, **{**kwargs, "fit": "frobenius", "calibration": None})
-    plain.heldout = heldout_bits_per_byte(src, plain.model, tokenizer, heldout_bytes)
+    # same text, same source score: only the Frobenius model is scored
+    plain.heldout = {**result.heldout, "after": _heldout_score(plain.model, tokenizer, heldout_bytes).bits_per_byte}
     if plain.heldout["after"] >= result.heldout["after"]:
         return result
     plain.fit = (f"frobenius (the activation fit was worse on held-out text: {result.heldout['after']:.4f} vs "
