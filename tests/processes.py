@@ -38,8 +38,8 @@ def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float 
                           env=kphi_env({KILL_AFTER_CHECKPOINT_VARIABLE: str(step)}))
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed at step {step}: {proc.stderr[-2000:]}"
     assert (out / f"checkpoint-{step}" / "kphi-complete.json").is_file() and not (out / "metrics.json").exists()
-    later = [p.name for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and int(p.name.split("-")[-1]) > step]
-    assert not later, f"checkpoints after the kill: {later}"
+    steps = [int(p.name.removeprefix("checkpoint-")) for p in out.glob("checkpoint-*") if p.name[11:].isdigit()]
+    assert max(steps) == step, f"checkpoints after the kill: {sorted(steps)}"
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
