@@ -40,7 +40,7 @@ def full_state_dict(model: torch.nn.Module, accelerator=None) -> dict[str, torch
     process the result holds full CPU tensors; elsewhere it may be empty. ``accelerator``: the one that
     prepared the model (Trainer's), used when it sharded with FSDP or DeepSpeed.
     """
-    if accelerator is not None and getattr(accelerator, "distributed_type", None) is not None:
+    if accelerator is not None:
         from accelerate.utils import DistributedType
 
         if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
