@@ -19,6 +19,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kphi_cache_of_this_session(tmp_path_factory):
+    """Prepared data and tokenizers go to a cache of this test session, never to the user's ``KPHI_CACHE``:
+    set for this process and inherited by every ``kphi`` subprocess (tests that need their own pass ``cache=``)."""
+    import os
+
+    previous = os.environ.get("KPHI_CACHE")
+    os.environ["KPHI_CACHE"] = str(tmp_path_factory.mktemp("kphi-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KPHI_CACHE", None)
+    else:
+        os.environ["KPHI_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ def test_data_prepare_writes_stats_for_a_local_file(tmp_path):
     corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=200)
     out = tmp_path / "prepared"
     result = run_kphi("data", "prepare", "--source", str(corpus), "--vocab-size", "300", "--context-length", "32",
-                      "--validation-rows", "10", "--out", str(out), "--quiet", env={**__import__("os").environ, "KPHI_CACHE": str(tmp_path / "cache")})
+                      "--validation-rows", "10", "--out", str(out), "--quiet", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "stats.json").read_text())
     for key in ("train_rows", "validation_rows", "train_tokens", "dropped", "malformed"):

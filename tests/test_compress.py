@@ -67,11 +67,6 @@ def test_compress_and_compare_suites_are_not_interchangeable():
 def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     """kind: structure on a GGUF file: every fit converted and scored in bits per byte beside the source, each
     result kept as it is measured, a rerun reusing them all."""
-    import json as _json
-    import os as _os
-    import subprocess as _subprocess
-    import sys as _sys
-
     from tiny_gguf import write_tiny_llama_gguf
 
     gguf = tmp_path / "tiny.gguf"
@@ -85,11 +80,10 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
         "  - {label: grouped m=8, kind: {kind: grouped, min_channels_per_group: 8}, targets: [down_proj]}\n"
         "heal: {fits: [grouped m=8], tokens: 1024, learning_rate: 0.01,"
         " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
-    env = {**_os.environ, "KPHI_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    command = [_sys.executable, "-m", "kphi", "compress", "--suite", str(suite), "--out", str(tmp_path / "out"), "--quiet"]
-    first = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    command = ["compress", "--suite", suite, "--out", tmp_path / "out", "--quiet"]
+    first = kphi(*command, cache=tmp_path / "cache", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    results = _json.loads((tmp_path / "out" / "results.json").read_text())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [f["label"] for f in results["fits"]] == ["low-rank 50%", "grouped m=8"]
     low_rank, grouped = results["fits"]
     assert 45 < low_rank["percent_kept"] < 55 and grouped["replaced"] == 2 and grouped["targets"] == ["down_proj"]
@@ -97,17 +91,16 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
         assert fit["relative_bits_per_byte"] == fit["bits_per_byte"] / results["source"]["bits_per_byte"]
     assert (tmp_path / "out" / "structure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamp = (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns
-    again = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     # healing: the fit written as a model, trained with distillation from the source, scored on the same text
     (healed,) = results["healed"]
     assert healed["label"] == "grouped m=8" and healed["tokens"] == 1024 and healed["steps"] == 4
     assert healed["seconds_per_step"] > 0 and healed["wall_seconds"] > 0
     assert healed["bits_per_byte_before"] == grouped["bits_per_byte"] != healed["bits_per_byte"]
-    run = _json.loads((tmp_path / "out" / "heal" / "grouped-m-8" / "run" / "kphi-run.json").read_text())
+    run = json.loads((tmp_path / "out" / "heal" / "grouped-m-8" / "run" / "kphi-run.json").read_text())
     assert run["settings"]["distill_from"] == str(gguf) and run["settings"]["init_from"].endswith("fit")
     assert "healed by distillation" in (tmp_path / "out" / "results.md").read_text()
     heal_stamp = (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns
-    again = _subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    again = kphi(*command, cache=tmp_path / "cache", timeout=600)
     assert again.returncode == 0 and (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns == stamp
     assert (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns == heal_stamp
 
@@ -124,3 +117,37 @@ def test_a_structure_suite_heals_only_fits_it_names(tmp_path):
                      "heal: {fits: [a], tokens: 10}\n")
     with pytest.raises(CompareError, match="heal takes fits, tokens, learning_rate"):
         load_structure_suite(str(suite))
+
+
+class _GridRunner:
+    """Stands in for compress's runner in the healing grid: a rate of 1 or more diverges, lower rates finish
+    with a loss equal to the rate (so the best rate is the lowest that finished)."""
+
+    def __init__(self, tmp_path, rates):
+        from types import SimpleNamespace
+
+        self.out = tmp_path
+        self.suite = SimpleNamespace(distill={}, heal_learning_rates=rates, heal_tokens=64)
+        self.trained = []
+
+    def train(self, run_dir, label, preset, learning_rate, **_):
+        self.trained.append(learning_rate)
+        return {"val_loss": None, "diverged": "loss became nan"} if learning_rate >= 1 else {"val_loss": learning_rate}
+
+
+def test_healing_reports_the_best_rate_that_converged_and_records_the_diverged_one(tmp_path):
+    from kphi.compress import _heal
+
+    runner = _GridRunner(tmp_path, [0.5, 10.0, 0.25])
+    healed = _heal(runner, "fit", tmp_path / "fit", tmp_path / "teacher", "tiny-kphi3")
+    for mode in ("plain", "distill"):
+        assert healed[mode]["learning_rate"] == 0.25 and healed[mode]["val_loss"] == 0.25
+        assert healed[mode]["grid"] == {"0.5": 0.5, "10": None, "0.25": 0.25}
+    assert runner.trained == [0.5, 10.0, 0.25] * 2
+
+
+def test_healing_that_diverges_at_every_rate_is_one_clear_error(tmp_path):
+    from kphi.compress import _heal
+
+    with pytest.raises(CompareError, match=r"^fit: healing \(plain\) diverged at every rate of heal_learning_rates; lower them$"):
+        _heal(_GridRunner(tmp_path, [1.0, 10.0]), "fit", tmp_path / "fit", tmp_path / "teacher", "tiny-kphi3")

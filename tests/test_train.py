@@ -47,7 +47,7 @@ def test_run_dir_is_a_self_contained_model_dir(full_run):
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True).endswith("<|assistant|>")
     metrics = json.loads((full_run / "metrics.json").read_text())
-    assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 32
+    assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 32 and metrics["stopped_by_time_limit"] is False
     assert metrics["val_loss"] < metrics["val_curve"][0][1] + 1e-6  # validation loss did not get worse
     assert metrics["tokens_per_second"] > 0
     assert len(losses(full_run)) == 12
@@ -181,7 +181,9 @@ def test_max_minutes_stops_with_a_checkpoint_and_a_model(prepared, tmp_path):
     result = kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-minutes", "0.05", "--save-steps", "1000")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 1 <= metrics["steps"] < 1000  # stopped by the clock, not by a step budget
+    assert metrics["stopped_by_time_limit"] is True and 1 <= metrics["steps"] < 1000  # the clock stopped it
+    settings = json.loads((out / "kphi-run.json").read_text())["settings"]
+    assert settings["max_steps"] is None and settings["max_minutes"] == 0.05  # the preset's max_steps is replaced
     assert (out / f"checkpoint-{metrics['steps']}" / "kphi-complete.json").is_file()
     assert (out / "model.safetensors").is_file()
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import KphiError
+from .runs import ExperimentError, get_or_train
 from .files import atomic_write_text, refuse_foreign_dir, slug
 from .model import KPhi3Config, config_fields, with_overrides
 from .params import count_parameters
@@ -57,11 +57,11 @@ __all__ = [
 
 
 #: Written in a run directory whose training diverged (NaN/inf loss): the grid records it as an infinite loss.
-DIVERGED_FILE = "diverged.json"
 
 
-class CompareError(KphiError, RuntimeError):
-    """A comparison cannot run as asked; the message says why."""
+#: A comparison cannot run as asked: the experiment layer's one error (``kphi.runs.ExperimentError``), under
+#: the name compare's callers have always caught.
+CompareError = ExperimentError
 
 
 @dataclass
@@ -360,7 +360,7 @@ def run_compare(
     match them and the baseline still sets the percentages (e.g. to re-run the arms a code change affected).
     """
     from .data.prepare import PrepareSettings, prepare_dataset
-    from .train import DivergedError, TrainError, resolve_settings, train
+    from .train import TrainError, resolve_settings
 
     seeds = seeds or suite.seeds
     if seeds < 1:
@@ -416,23 +416,13 @@ def run_compare(
         except (TrainError, ValueError) as err:
             raise CompareError(f"arm {arm.label!r}: {err}") from None
         head = f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}"
-        m = finished_run(run_dir, settings, arm.config)
-        if m is not None:
+        m, reused = get_or_train(settings, arm.config, label=f"arm {arm.label!r} (lr {rate:g}, seed {seed})", log=log,
+                                 announce=f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
+        if reused:
             log(f"{head}: already trained, reusing {run_dir}")
-        else:
-            log(f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
-            try:
-                m = train(settings, resume=(run_dir / "kphi-run.json").is_file(), config=arm.config).metrics
-            except DivergedError as err:  # a rate too high for this arm is a result of the grid, not a failure
-                m = {"seed": seed, "train_loss": None, "val_loss": None, "diverged": str(err), "wall_seconds": 0.0}
-                atomic_write_text(run_dir / DIVERGED_FILE, json.dumps(m, indent=2))
-            except TrainError as err:
-                raise CompareError(f"arm {arm.label!r} (lr {rate:g}, seed {seed}) failed: {err}") from None
-            if m.get("diverged"):
-                log(f"    diverged: {m['diverged']}")
-            else:
-                log(f"    train loss {format_loss(m['train_loss'], None, 1)}, val loss {format_loss(m['val_loss'], None, 1)}, "
-                    f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
+        elif not m.get("diverged"):
+            log(f"    train loss {format_loss(m['train_loss'], None, 1)}, val loss {format_loss(m['val_loss'], None, 1)}, "
+                f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
         runs[arm.label].setdefault(rate, []).append(m)
 
     # Every rate on the first seed (the same data order for all), then the other seeds at each arm's best rate.
@@ -455,32 +445,6 @@ def command_line() -> str | None:
     if sys.argv and Path(sys.argv[0]).name in ("kphi", "__main__.py"):
         return "kphi " + " ".join(sys.argv[1:])
     return None
-
-
-def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
-    """The metrics of a finished run of exactly these settings; ``None`` when it has yet to (finish) training."""
-    run_file = run_dir / "kphi-run.json"
-    metrics_file = next((f for f in (run_dir / "metrics.json", run_dir / DIVERGED_FILE) if f.is_file()), None)
-    if metrics_file is None:
-        return None
-    try:
-        record = json.loads(run_file.read_text())
-        recorded = record.get("identity")
-        metrics = json.loads(metrics_file.read_text())
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
-        raise CompareError(f"{run_dir} is damaged ({err}); move it away to retrain that run") from None
-    from .train import identity_differences, initial_weights_sha256
-
-    if identity_differences(recorded, settings, config):
-        raise CompareError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
-    # runs recorded before the hash was (issue 16) cannot be told apart and are reused as they are
-    started_from = record.get("initial_weights_sha256")
-    if started_from is not None and started_from != initial_weights_sha256(settings, config):
-        raise CompareError(
-            f"{run_dir} started from other initial weights than this code builds for it (the initialisation "
-            f"changed since it was trained); move it away to retrain that run"
-        )
-    return metrics
 
 
 def _summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:

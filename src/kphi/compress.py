@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, command_line, finished_run, read_suite_yaml
+from .compare import CompareError, command_line, read_suite_yaml
+from .runs import converged, get_or_train
 from .files import atomic_write_text, slug
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
@@ -78,19 +79,14 @@ class _Runner:
                                            "progress": self.progress, **overrides})
 
     def train(self, run_dir: Path, label: str, preset: str, **overrides) -> dict[str, Any]:
-        from .train import TrainError, train
-
+        """The run's metrics (see :func:`kphi.runs.get_or_train`); a diverged run comes back with ``diverged`` set."""
         settings = self.settings(run_dir, preset, **overrides)
-        metrics = finished_run(run_dir, settings)
-        if metrics is not None:
+        metrics, reused = get_or_train(settings, label=label, log=self.log,
+                                       announce=f"{label}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g}")
+        if reused:
             self.log(f"{label}: already trained, reusing {run_dir}")
-            return metrics
-        self.log(f"{label}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g}")
-        try:
-            metrics = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
-        except TrainError as err:
-            raise CompareError(f"{label}: {err}") from None
-        self.log(f"    val loss {metrics['val_loss']:.4f} ({metrics['wall_seconds']:.0f} s)")
+        elif not metrics.get("diverged"):
+            self.log(f"    val loss {metrics['val_loss']:.4f} ({metrics['wall_seconds']:.0f} s)")
         return metrics
 
     def evaluate(self, model_dir: Path) -> float:
@@ -158,8 +154,11 @@ def _heal(runner: _Runner, label: str, fit_dir: Path, teacher_dir: Path, preset:
                      "distill_temperature": distill.get("temperature", 1.0)} if mode == "distill" else {}
             metrics = runner.train(run_dir, f"{label}, healed ({mode}), lr {rate:g}", preset, init_from=str(fit_dir.resolve()),
                                    learning_rate=rate, max_tokens=runner.suite.heal_tokens, **extra)
-            grid[rate] = metrics["val_loss"]
-        best = min(grid, key=grid.get)
+            grid[rate] = metrics["val_loss"]  # None where that rate diverged: a result of the grid
+        finite = [rate for rate, loss in grid.items() if loss is not None]
+        if not finite:
+            raise CompareError(f"{label}: healing ({mode}) diverged at every rate of heal_learning_rates; lower them")
+        best = min(finite, key=grid.get)
         healed[mode] = {"val_loss": grid[best], "learning_rate": best, "grid": {f"{r:g}": v for r, v in grid.items()}}
     return healed
 
@@ -181,8 +180,10 @@ def _other_architecture_teacher(runner: _Runner, spec: dict[str, Any]) -> Path:
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
     teacher_dir = runner.out / f"{spec['label']}-teacher"
-    runner.train(teacher_dir, f"{spec['label']} (dense)", runner.suite.teacher["preset"], init_from=str(init_dir.resolve()),
-                 learning_rate=spec.get("learning_rate", runner.suite.teacher["learning_rate"]), max_tokens=runner.suite.teacher["tokens"])
+    label = f"{spec['label']} (dense)"
+    converged(runner.train(teacher_dir, label, runner.suite.teacher["preset"], init_from=str(init_dir.resolve()),
+                           learning_rate=spec.get("learning_rate", runner.suite.teacher["learning_rate"]),
+                           max_tokens=runner.suite.teacher["tokens"]), label, "lower its learning_rate")
     return teacher_dir
 
 
@@ -198,8 +199,9 @@ def run_compress(suite: CompressSuite, out: Path, progress: bool = True, log=pri
     runner = _Runner(suite, out, prepared, progress, log)
     teacher = suite.teacher
     teacher_dir = out / "teacher"
-    teacher_metrics = runner.train(teacher_dir, "dense teacher", teacher["preset"], learning_rate=teacher["learning_rate"],
-                                   max_tokens=teacher["tokens"], config_overrides=teacher.get("config", {}))
+    teacher_metrics = converged(runner.train(teacher_dir, "dense teacher", teacher["preset"], learning_rate=teacher["learning_rate"],
+                                             max_tokens=teacher["tokens"], config_overrides=teacher.get("config", {})),
+                                "the dense teacher", "lower teacher.learning_rate")
     results: dict[str, Any] = {
         "suite": suite.name,
         "description": suite.description,
@@ -220,8 +222,10 @@ def run_compress(suite: CompressSuite, out: Path, progress: bool = True, log=pri
     if suite.scratch:
         scratch = suite.scratch
         total = teacher["tokens"] + suite.heal_tokens
-        metrics = runner.train(out / "scratch" / slug(scratch["label"], "scratch"), scratch["label"], scratch.get("preset", teacher["preset"]),
-                               learning_rate=scratch["learning_rate"], max_tokens=total, config_overrides=scratch.get("config", {}))
+        metrics = converged(runner.train(out / "scratch" / slug(scratch["label"], "scratch"), scratch["label"],
+                                         scratch.get("preset", teacher["preset"]), learning_rate=scratch["learning_rate"],
+                                         max_tokens=total, config_overrides=scratch.get("config", {})),
+                            scratch["label"], "lower scratch.learning_rate")
         results["scratch"] = {"label": scratch["label"], "tokens": metrics["tokens"], "learning_rate": scratch["learning_rate"],
                               "val_loss": metrics["val_loss"], "non_embedding": metrics["non_embedding_params"]}
     if suite.other_architecture:

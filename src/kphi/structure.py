@@ -182,10 +182,10 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
 def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], out: Path, score, progress: bool,
           log) -> dict[str, Any]:
     """Write one fit as a model directory, train it with distillation from the source, score it again."""
-    from .compare import finished_run
     from .convert import CONVERT_MARKER, ConvertError, convert_to_dir
     from .model_dir import load_model
-    from .train import TrainError, resolve_settings, train
+    from .runs import converged, get_or_train
+    from .train import TrainError, resolve_settings
 
     name = slug(spec["label"], "fit")
     cached = out / f"{name}.json"
@@ -209,15 +209,13 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
                                              "init_from": str(fit_dir.resolve()), "distill_from": suite.source,
                                              "max_tokens": suite.heal["tokens"],
                                              "learning_rate": suite.heal["learning_rate"], "progress": progress})
-        metrics = finished_run(run_dir, settings)
-        if metrics is None:
-            log(f"heal {spec['label']}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g} "
-                f"with distillation from {suite.source}")
-            metrics = train(settings, resume=(run_dir / "kphi-run.json").is_file()).metrics
     except TrainError as err:
-        raise CompareError(f"heal {spec['label']!r}: {err}") from None
-    if metrics.get("diverged"):
-        raise CompareError(f"heal {spec['label']!r} diverged ({run_dir}); lower heal.learning_rate")
+        raise CompareError(f"heal {spec['label']!r}: {err}") from err
+    label = f"heal {spec['label']!r}"
+    metrics, _ = get_or_train(settings, label=label, log=log,
+                              announce=f"{label}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g} "
+                                       f"with distillation from {suite.source}")
+    converged(metrics, f"{label} ({run_dir})", "lower heal.learning_rate")
     scored = score(load_model(run_dir, CompareError, dtype=torch.float32).eval(), f"{spec['label']}, healed")
     step_tokens = metrics["tokens"] / max(1, metrics["steps"])
     row = {

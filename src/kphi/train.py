@@ -368,8 +368,9 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     guard = DivergenceGuard()
     steps_begun = StepsBegun()
     callbacks = [CheckpointMarker(), csv_logger, guard, steps_begun]
-    if settings.max_minutes is not None:
-        callbacks.append(TimeLimit(settings.max_minutes))
+    time_limit = TimeLimit(settings.max_minutes) if settings.max_minutes is not None else None
+    if time_limit is not None:
+        callbacks.append(time_limit)
     trainer_class = _trainer_class(settings.grouped_lr_scale)
     if teacher is not None:
         from .distill import distillation_trainer_class
@@ -421,6 +422,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, step_tokens, wall)
         metrics["initial_weights_sha256"] = initial_weights
         metrics["precision_effective"] = effective_precision(settings.precision)
+        metrics["stopped_by_time_limit"] = time_limit is not None and time_limit.reached
         from .plots import plot_loss_curve
 
         if (out / "log.csv").is_file():
