@@ -32,6 +32,9 @@ from torch import nn
 
 from .kinds import ProjectionKind, copy_bias, calibration_error, dense_matrix
 
+#: The initialisations of grouped weights (:func:`init_grouped_weight`); the first is the default.
+GROUPED_INIT_SCHEMES = ("scaled_normal", "kaiming_uniform")
+
 __all__ = [
     "group_count",
     "interleave",
@@ -164,7 +167,7 @@ def init_grouped_weight(weight: torch.Tensor, scheme: str, std: float, branches:
         return weight.normal_(0.0, std * math.sqrt(groups / branches))
     if scheme == "kaiming_uniform":
         return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-    raise ValueError(f"unknown grouped init scheme {scheme!r}; choose 'scaled_normal' or 'kaiming_uniform'")
+    raise ValueError(f"unknown grouped init scheme {scheme!r}; choose one of {', '.join(GROUPED_INIT_SCHEMES)}")
 
 
 def _interleaved_copy(x: torch.Tensor, groups: int, step: int) -> torch.Tensor:
@@ -471,8 +474,8 @@ class GroupedKind(ProjectionKind):
     def __post_init__(self):
         if not isinstance(self.min_channels_per_group, int) or self.min_channels_per_group <= 0:
             raise ValueError(f"grouped: min_channels_per_group must be a positive integer, got {self.min_channels_per_group!r}")
-        if self.init not in ("scaled_normal", "kaiming_uniform"):
-            raise ValueError(f"grouped: init must be 'scaled_normal' or 'kaiming_uniform', got {self.init!r}")
+        if self.init not in GROUPED_INIT_SCHEMES:
+            raise ValueError(f"grouped: init must be one of {', '.join(GROUPED_INIT_SCHEMES)}, got {self.init!r}")
         if self.branches not in (1, 2):
             raise ValueError(f"grouped: branches must be 1 or 2, got {self.branches!r}")
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import Phi3Config
 
-__all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "BOOKKEEPING_KEYS", "config_fields"]
+from .block import GROUPED_INIT_SCHEMES
 
-GROUPED_INIT_SCHEMES = ("scaled_normal", "kaiming_uniform")
+__all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "PHI3_PROJECTION_TARGETS", "BOOKKEEPING_KEYS", "config_fields"]
+
+#: The projections of a phi-3 decoder layer that kphi-3 makes structured (and LoRA targets by default).
+PHI3_PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @strict

@@ -27,6 +27,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
+from .configuration_kphi3 import PHI3_PROJECTION_TARGETS
+
 __all__ = [
     "KphiLlamaConfig",
     "KphiMistralConfig",
@@ -115,7 +117,7 @@ class KphiQwen2Config(_StructuredConfig, Qwen2Config):
 @strict
 class KphiPhi3Config(_StructuredConfig, Phi3Config):
     model_type = "kphi_phi3"
-    default_target_modules = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    default_target_modules = PHI3_PROJECTION_TARGETS
     projection: dict | None = None
     target_modules: list[str] | None = None
     projection_overrides: list[dict] | None = None

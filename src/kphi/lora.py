@@ -24,10 +24,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .configuration_kphi3 import PHI3_PROJECTION_TARGETS
+
 __all__ = ["StructuredLoraLayer", "lora_config", "add_lora", "load_lora", "DEFAULT_TARGETS"]
 
 #: kphi-3's projections; converted models use their ``config.projection_targets``.
-DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+DEFAULT_TARGETS = PHI3_PROJECTION_TARGETS
 
 
 def _peft():

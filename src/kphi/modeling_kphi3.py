@@ -38,7 +38,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .block import GroupedKind
-from .configuration_kphi3 import KPhi3Config
+from .configuration_kphi3 import PHI3_PROJECTION_TARGETS, KPhi3Config
 from .kinds import DenseKind
 from .projections import replace_projections
 
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: Names of the dense projections (module-name suffixes) that kphi-3 replaces in every decoder layer.
-PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+PROJECTION_TARGETS = PHI3_PROJECTION_TARGETS
 
 
 def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
