@@ -46,6 +46,10 @@ def test_run_dir_is_a_self_contained_model_dir(full_run):
     tokenizer = AutoTokenizer.from_pretrained(full_run)
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True).endswith("<|assistant|>")
+    from transformers import GenerationConfig
+
+    end, eos = tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id
+    assert GenerationConfig.from_pretrained(full_run).eos_token_id == [end, eos] and end != eos  # a reply stops at either
     metrics = json.loads((full_run / "metrics.json").read_text())
     assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 4 * 32 and metrics["stopped_by_time_limit"] is False
     assert metrics["val_loss"] < metrics["val_curve"][0][1] + 1e-6  # validation loss did not get worse

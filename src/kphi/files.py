@@ -126,3 +126,16 @@ def pip_download_sdist(requirement: str, dest: Path, error: type[Exception], tim
     if not sdists:
         raise error(f"pip download of {requirement} produced no .tar.gz in {dest}")
     return sdists[0]
+
+
+def stat_fingerprint(files) -> str:
+    """A short SHA-256 of each file's resolved path, size and modification time, in the order given: it
+    changes when a file is edited, replaced or moved, without reading the contents (data files can be GBs)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in map(Path, files):
+        st = f.stat()
+        digest.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+

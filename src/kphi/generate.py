@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO, Union
 
+from .data.recipe import END
 from .errors import KphiError
 from .settings import check_settings, setting
 
@@ -41,7 +42,7 @@ __all__ = [
     "stop_token_ids",
 ]
 
-END_TOKEN = "<|end|>"
+END_TOKEN = END  # the chat recipe's end of a turn
 
 Messages = list[dict[str, str]]
 Stream = Union[Callable[[str], Any], TextIO, None]

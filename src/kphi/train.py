@@ -515,7 +515,7 @@ def write_model_dir(model, tokenizer, out: Path, state_dict: dict | None = None)
     """
     from transformers import GenerationConfig
 
-    from .generate import REPORT_SAMPLING
+    from .generate import REPORT_SAMPLING, stop_token_ids
 
     config = model.config
     staging = out / ".final-staging"
@@ -530,9 +530,7 @@ def write_model_dir(model, tokenizer, out: Path, state_dict: dict | None = None)
     else:
         model.save_pretrained(staging, state_dict=state_dict)
     tokenizer.save_pretrained(staging)
-    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
-    end_id = end_id if isinstance(end_id, int) and end_id != tokenizer.unk_token_id else None
-    eos = [i for i in (end_id, config.eos_token_id) if i is not None]
+    eos = stop_token_ids(tokenizer, model)  # <|end|>, then the end of text: what generation stops at
     GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..files import cache_root, slug, staged_dir
+from ..files import cache_root, refuse_foreign_dir, slug, staged_dir, stat_fingerprint
 from ..settings import check_settings, setting
 from . import recipe
 from .recipe import DEFAULT_FILTERS, EOS, IGNORE_INDEX
@@ -142,11 +142,7 @@ def _tokenizer_fingerprint(spec: str) -> str:
     p = Path(spec).expanduser()
     if p.exists():
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-        h = hashlib.sha256()
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return "path:" + h.hexdigest()[:24]
+        return "path:" + stat_fingerprint(files)
     return spec
 
 
@@ -527,14 +523,9 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
     if _prepared_key(out) == key:
         _announce(out, progress, "already prepared there, nothing rebuilt")
         return out
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"out_dir {str(out)!r} exists and is not a directory")
-        if any(out.iterdir()):
-            what = ("a prepared dataset with different settings" if _prepared_key(out) is not None
-                    else "other files")
-            raise DataError(f"out_dir {str(out)!r} is not empty (it holds {what}); "
-                            f"choose another directory or remove it")
+    holds = "one prepared with different settings" if _prepared_key(out) is not None else "other files"
+    refuse_foreign_dir(out, False, f"prepared dataset of these settings (it holds {holds})", DataError,
+                       "choose another directory or remove it")
     if _prepared_key(cached) == key:
         def copy(work: Path) -> None:
             for item in cached.iterdir():

@@ -40,7 +40,6 @@ and counted as malformed; they never raise. Every other problem raises
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import KphiError
+from ..files import stat_fingerprint
 
 #: Hub name of the LaMini instruction corpus used by the reference recipe.
 LAMINI_NAME = "MBZUAI/LaMini-instruction"
@@ -219,11 +219,7 @@ def lamini_source(name: str = LAMINI_NAME, split: str = "train", columns: Sequen
 
 
 def _file_fingerprint(files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return "files:" + h.hexdigest()[:24]
+    return "files:" + stat_fingerprint(files)
 
 
 def local_files(path: str | os.PathLike) -> list[Path]:

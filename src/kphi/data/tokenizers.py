@@ -45,6 +45,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
 from ..files import atomic_write_bytes, cache_root, pip_download_sdist
+from .recipe import END
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -228,7 +229,7 @@ def phi3_tokenizer_from_gguf(path: Path) -> PreTrainedTokenizerFast:
         raise TokenizerError(f"reading a .gguf vocabulary needs the 'gguf' package: pip install gguf ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - gguf and transformers raise ValueError/OSError/struct.error/... on bad files
         raise TokenizerError(f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}") from None
-    if "<|end|>" in tokenizer.get_vocab():  # phi-3's chat tokens: apply its whitespace rule
+    if END in tokenizer.get_vocab():  # phi-3's chat tokens: apply its whitespace rule
         updated = [
             AddedToken(t.content, special=t.special, normalized=False, lstrip=t.lstrip, single_word=t.single_word,
                        rstrip=t.content not in _PHI3_KEEP_WHITESPACE)
