@@ -76,6 +76,25 @@ def test_bad_suites_name_the_problem(tmp_path):
         resolve_arms(load_suite(str(bad)))
 
 
+@pytest.mark.fast
+def test_a_suites_training_section_is_partial_train_settings(tmp_path):
+    """Unknown settings are refused when the suite loads (in every kind of suite); absent ones come from
+    TrainSettings' defaults, the one place they are written."""
+    from kphi.compress import load_compress_suite
+    from kphi.train_settings import TrainSettings, training_value
+
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("training: {batch_size: 4, learnig_rate: 0.01}\narms:\n  - {label: a, preset: tiny-phi3}\n")
+    with pytest.raises(CompareError, match=r"typo.yaml: training has no setting 'learnig_rate'"):
+        load_suite(str(bad))
+    bad.write_text("kind: compress\nname: c\ndescription: d\nteacher: {preset: tiny-phi3, tokens: 64, learning_rate: 0.01}\n"
+                   "compressions: [{label: g, kind: {kind: grouped, min_channels_per_group: 8}}]\nheal_tokens: 64\n"
+                   "heal_learning_rates: [0.01]\ntraining: {sead: 1}\n")
+    with pytest.raises(CompareError, match="training has no setting 'sead'"):
+        load_compress_suite(str(bad))
+    training = load_suite("smoke").training
+    assert "seed" not in training and training_value(training, "seed") == TrainSettings().seed
+    assert training_value(training, "batch_size") == training["batch_size"]
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from typing import Any
 
 from .compare import CompareError, Suite, command_line, format_loss, run_compare
 from .files import atomic_write_text
+from .train_settings import training_value
 
 __all__ = ["run_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
@@ -122,7 +123,7 @@ def _add_compute(results: dict[str, Any], suite: Suite) -> None:
     from .compare import resolve_arms
     from .flops import training_flops_per_token
 
-    context = int(suite.training.get("context_length", 256))
+    context = int(training_value(suite.training, "context_length"))
     configs = {arm.label: arm.config for arm in resolve_arms(suite)}
     for label, arm in results["arms"].items():
         per_token = training_flops_per_token(configs[label], context) if label in configs else None
@@ -249,7 +250,7 @@ def _train_tokens(suite: Suite, data: str | None) -> int | None:
     from .data.prepare import PrepareSettings, prepare_dataset
 
     settings = {**suite.data, **({"source": data} if data else {})}
-    prepared = prepare_dataset(PrepareSettings(context_length=suite.training.get("context_length", 256), **settings), progress=False)
+    prepared = prepare_dataset(PrepareSettings(context_length=training_value(suite.training, "context_length"), **settings), progress=False)
     stats = json.loads((Path(prepared) / "stats.json").read_text())
     return stats.get("train_tokens")
 

@@ -44,11 +44,12 @@ from typing import Any
 import torch
 import yaml
 
-from .runs import ExperimentError, get_or_train
 from .files import atomic_write_text, refuse_foreign_dir, slug
 from .model import KPhi3Config, config_fields, with_overrides
 from .params import count_parameters
 from .presets import load_preset
+from .runs import ExperimentError, get_or_train
+from .train_settings import training_value, unknown_training_keys
 
 __all__ = [
     "Arm", "Suite", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms", "run_compare",
@@ -166,13 +167,26 @@ def load_suite(name_or_path: str) -> Suite:
         arms=data["arms"],
         baseline=baseline,
         data=dict(data.get("data") or {}),
-        training=dict(data.get("training") or {}),
+        training=suite_training(data.get("training"), f"suite {path}"),
         seeds=int(data.get("seeds", 1)),
         learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
         budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
         seeds_at_largest=data.get("seeds_at_largest"),
         budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
     )
+
+
+def suite_training(section: Any, where: str) -> dict[str, Any]:
+    """A suite's ``training:`` section: a partial :class:`kphi.train_settings.TrainSettings` (defaults come
+    from there, never restated); a key that names no setting is an error before anything trains."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise CompareError(f"{where}: training must be a mapping of training settings, got {section!r}")
+    unknown = unknown_training_keys(section)
+    if unknown:
+        raise CompareError(f"{where}: training has no setting {', '.join(map(repr, unknown))} (see kphi train --help)")
+    return dict(section)
 
 
 def _positive_budgets(budgets, where: str) -> list[int] | None:
@@ -327,7 +341,7 @@ def arm_rates(arm: Arm, suite: Suite, learning_rates: list[float] | None = None)
     grid = learning_rates or arm.learning_rates or suite.learning_rates
     if grid:
         return list(grid)
-    return [arm.learning_rate or float(suite.training.get("learning_rate", 1e-3))]
+    return [arm.learning_rate or float(training_value(suite.training, "learning_rate"))]
 
 
 def run_dir_name(arm: Arm, learning_rate: float, seed: int) -> str:
@@ -395,11 +409,11 @@ def run_compare(
     data_settings = {**suite.data}
     if data is not None:
         data_settings["source"] = data
-    context_length = training.get("context_length", 256)
+    context_length = training_value(training, "context_length")
     prepared = prepare_dataset(PrepareSettings(context_length=context_length, **data_settings), progress=progress)
 
     started = time.perf_counter()
-    first_seed = int(training.get("seed", 42))
+    first_seed = int(training_value(training, "seed"))
     extra_seeds = list(range(first_seed + 1, first_seed + seeds))
     tuning = [(arm, rate, first_seed) for arm in arms for rate in arm_rates(arm, suite, learning_rates)]
     total = len(tuning) + len(arms) * len(extra_seeds)

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, command_line, read_suite_yaml
-from .runs import converged, get_or_train
+from .compare import CompareError, command_line, read_suite_yaml, suite_training
 from .files import atomic_write_text, slug
+from .runs import converged, get_or_train
+from .train_settings import training_value
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
 
@@ -59,6 +60,7 @@ def load_compress_suite(name_or_path: str) -> CompressSuite:
         suite = CompressSuite(**fields)
     except TypeError as err:
         raise CompareError(f"compress suite {path}: {err}") from None
+    suite.training = suite_training(suite.training, f"compress suite {path}")
     if not suite.compressions or not all(isinstance(c, dict) and c.get("label") and c.get("kind") for c in suite.compressions):
         raise CompareError(f"compress suite {path}: every compression needs a label and a kind")
     if not {"preset", "tokens", "learning_rate"} <= set(suite.teacher):
@@ -175,7 +177,7 @@ def _other_architecture_teacher(runner: _Runner, spec: dict[str, Any]) -> Path:
         tokenizer = load_prepared(runner.prepared)[2]
         ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         config = AutoConfig.for_model(spec["model_type"], vocab_size=len(tokenizer), **ids, **spec.get("config", {}))
-        torch.manual_seed(int(runner.suite.training.get("seed", 42)))
+        torch.manual_seed(int(training_value(runner.suite.training, "seed")))
         model = AutoModelForCausalLM.from_config(config)
         model.save_pretrained(init_dir)
         tokenizer.save_pretrained(init_dir)
@@ -194,7 +196,7 @@ def run_compress(suite: CompressSuite, out: Path, progress: bool = True, log=pri
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    context_length = suite.training.get("context_length", 256)
+    context_length = training_value(suite.training, "context_length")
     prepared = prepare_dataset(PrepareSettings(context_length=context_length, **suite.data), progress=progress)
     runner = _Runner(suite, out, prepared, progress, log)
     teacher = suite.teacher

@@ -39,7 +39,7 @@ import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
 from .compare import (
-    CompareError, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare,
+    CompareError, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare, suite_training,
 )
 from .files import atomic_write_text
 from .model import config_fields
@@ -115,7 +115,7 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
         widths=sorted(widths),
         budget={k: float(v) for k, v in budget.items()},
         data=dict(data.get("data") or {}),
-        training=dict(data.get("training") or {}),
+        training=suite_training(data.get("training"), f"suite {path}"),
         learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
         seeds=int(data.get("seeds", 1)),
     )

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .compare import CompareError, command_line, read_suite_yaml
+from .compare import CompareError, command_line, read_suite_yaml, suite_training
 from .files import atomic_write_text, slug
 
 __all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
@@ -74,6 +74,7 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
         if unknown or not {"fits", "tokens", "learning_rate"} <= set(suite.heal):
             raise CompareError(f"structure suite {path}: heal takes fits, tokens, learning_rate and training"
                                f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}")
+        suite_training(suite.heal.get("training"), f"structure suite {path}: heal")
         missing = [label for label in suite.heal["fits"] if label not in labels]
         if missing:
             raise CompareError(f"structure suite {path}: heal names fits that are not in fits: {', '.join(missing)}")

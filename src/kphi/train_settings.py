@@ -230,16 +230,30 @@ def resolve_settings(preset: str | None, **overrides: Any) -> TrainSettings:
     return settings
 
 
+def training_value(training: dict[str, Any] | TrainSettings, name: str) -> Any:
+    """Setting ``name`` of ``training`` (settings, or a suite's partial ``training:`` mapping), or
+    TrainSettings' default when the mapping leaves it out: experiments never restate a default."""
+    if isinstance(training, TrainSettings):
+        return getattr(training, name)
+    if name in training:
+        return training[name]
+    field = next((f for f in dataclasses.fields(TrainSettings) if f.name == name), None)
+    if field is None:
+        raise KeyError(f"TrainSettings has no field {name!r}")
+    return field.default
+
+
+def unknown_training_keys(training: dict[str, Any]) -> list[str]:
+    """The keys of a suite's partial ``training:`` mapping that name no TrainSettings field, sorted."""
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    return sorted(str(key) for key in training if key not in names)
+
+
 def tokens_per_step(training: dict[str, Any] | TrainSettings, world_size: int = 1) -> int:
     """Tokens in one optimizer step: batch size x context length x gradient accumulation x processes, each
-    from ``training`` (settings, or a suite's partial ``training:`` mapping; absent: TrainSettings' default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
-
-    def get(name: str) -> int:
-        value = getattr(training, name) if isinstance(training, TrainSettings) else training.get(name, defaults[name])
-        return int(value)
-
-    return get("batch_size") * get("context_length") * get("gradient_accumulation_steps") * world_size
+    from ``training`` (:func:`training_value`)."""
+    return (int(training_value(training, "batch_size")) * int(training_value(training, "context_length"))
+            * int(training_value(training, "gradient_accumulation_steps")) * world_size)
 
 
 def whole_steps(tokens: float, training: dict[str, Any] | TrainSettings, world_size: int = 1) -> int:
