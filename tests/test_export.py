@@ -13,6 +13,7 @@ import pytest
 from processes import run_kphi
 import torch
 
+from kphi.errors import KphiError
 from kphi.export import AUTO_MAP, CODE_FILES, EXPORT_MARKER, ExportError, export_model, push_to_hub
 
 
@@ -285,16 +286,20 @@ def test_a_failed_export_leaves_nothing_behind(model_dir, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("case", ["missing", "not-a-model", "not-kphi3"])
-def test_export_rejects_what_is_not_a_kphi3_model(tmp_path, case):
+@pytest.mark.parametrize("case, error, message", [
+    ("missing", "SourceError", "does not exist"),  # each raised where it is detected, as that module's error
+    ("not-a-model", "ModelDirError", "not a model directory"),
+    ("not-kphi3", "ExportError", "kphi's model types"),
+])
+def test_export_rejects_what_is_not_a_kphi3_model(tmp_path, case, error, message):
     source = tmp_path / "source"
     if case != "missing":
         source.mkdir()
     if case == "not-kphi3":
         (source / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ExportError, match="does not exist|not a model directory|kphi's model types"):
+    with pytest.raises(KphiError, match=message) as caught:
         export_model(source, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert type(caught.value).__name__ == error and not (tmp_path / "out").exists()
 
 
 def test_export_command_pushes_to_the_hub(model_dir, tmp_path):

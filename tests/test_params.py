@@ -94,3 +94,31 @@ def test_unknown_preset_and_bad_yaml_name_the_problem(tmp_path):
         load_preset(bad)
     with pytest.raises(PresetError, match="not a model directory: it has no config.json"):
         resolve_config(tmp_path)
+
+
+@pytest.mark.parametrize("fields", [
+    {"min_channels_per_group": 16},                                              # the report's fields
+    {"projection": {"kind": "grouped", "min_channels_per_group": 16}},           # the same, as a kind
+    {"projection": {"kind": "monarch", "blocks": 4, "fraction": 0.25}},
+    {"min_channels_per_group": -1, "low_rank_fraction": 0.25},
+    {"projection": {"kind": "low_rank", "fraction": 0.25}},
+])
+def test_the_dense_counterpart_and_the_dense_control_of_every_kind_are_dense(fields):
+    """Both once kept ``projection`` while clearing the report's fields, so a kind given as ``projection``
+    stayed structured: ``kphi params`` reported 100% of dense and the control was not dense."""
+    from kphi.compare import dense_control, non_embedding
+    from kphi.model import KPhi3Config, config_fields
+    from kphi.params import dense_counterpart
+
+    dense_preset = load_preset("tiny-phi3").config
+    config = KPhi3Config(**{**config_fields(dense_preset), **fields})
+    assert config.projection_kind().name != "dense"
+    counterpart = dense_counterpart(config)
+    assert counterpart.projection_kind().name == "dense"
+    assert count_parameters(counterpart) == count_parameters(dense_preset)  # the same shape, dense
+    report = parameter_report(config)
+    assert report.dense_same_shape_non_embedding == non_embedding(dense_preset) > report.non_embedding
+    assert report.percent_of_dense_same_shape < 100
+    control = dense_control(config, non_embedding(config))
+    assert control.projection_kind().name == "dense" and control.hidden_size < config.hidden_size
+    assert abs(non_embedding(control) - non_embedding(config)) < 0.1 * non_embedding(config)

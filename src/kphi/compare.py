@@ -398,7 +398,7 @@ def run_compare(
         if previous != identity:
             raise CompareError(f"{out} holds a different comparison (other data or training settings); choose another --out")
     else:
-        refuse_foreign_dir(out, False, "kphi comparison", CompareError, "choose another --out")
+        refuse_foreign_dir(out, False, "kphi comparison", "choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"identity": identity}, indent=2))
 

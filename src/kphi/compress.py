@@ -107,7 +107,7 @@ class _Runner:
         val = load_prepared(self.prepared)[1]
         if settings.eval_rows is not None:
             val = val.select(range(min(settings.eval_rows, len(val))))
-        model = load_model(model_dir, CompareError, dtype=torch.float32)
+        model = load_model(model_dir, dtype=torch.float32)
         from transformers.trainer_callback import PrinterCallback
 
         trainer = Trainer(model=model, args=trainer_arguments(settings, model_dir / "eval", max_steps=1),

@@ -309,13 +309,13 @@ def convert(
         from .model_dir import load_config, load_model, read_model_config
         from .sources import resolve_model_dir
 
-        source = resolve_model_dir(source, ConvertError)  # a directory, a .gguf, a known model, a hub id
-        read_model_config(source, ConvertError)  # one clear error for a missing or broken config.json
+        source = resolve_model_dir(source)  # a directory, a .gguf, a known model, a hub id
+        read_model_config(source)  # one clear error for a missing or broken config.json
         if Path(source, "model.safetensors").is_file() or Path(source, "model.safetensors.index.json").is_file():
-            dense = load_model(source, ConvertError, dtype=torch.float32)
+            dense = load_model(source, dtype=torch.float32)
             source_config = dense.config
         else:
-            source_config = load_config(source, ConvertError)
+            source_config = load_config(source)
     elif isinstance(source, PretrainedConfig):
         source_config = source
     else:
@@ -435,7 +435,7 @@ def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any
     text: whether the model survived."""
     from .model_dir import load_model
 
-    before = _heldout_score(load_model(src, ConvertError, dtype=torch.float32), tokenizer, size)
+    before = _heldout_score(load_model(src, dtype=torch.float32), tokenizer, size)
     after = _heldout_score(converted, tokenizer, size)
     return {"bytes": before.bytes, "tokens": before.tokens, "context": before.context, "stride": before.stride,
             "before": before.bits_per_byte, "after": after.bits_per_byte}
@@ -472,12 +472,12 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
 
     from .sources import resolve_model_dir
 
-    src, out = resolve_model_dir(src, ConvertError), Path(out)
-    refuse_foreign_dir(out, (out / CONVERT_MARKER).is_file(), "kphi convert output", ConvertError, "choose another --out")
+    src, out = resolve_model_dir(src), Path(out)
+    refuse_foreign_dir(out, (out / CONVERT_MARKER).is_file(), "kphi convert output", "choose another --out")
     if out.resolve() == src.resolve():
         raise ConvertError("--out must differ from the source directory")
     result = convert(src, progress=progress, **kwargs)
-    tokenizer = load_tokenizer(src, ConvertError) if has_tokenizer(src) else None
+    tokenizer = load_tokenizer(src) if has_tokenizer(src) else None
     if tokenizer is not None and heldout_bytes and result.fit != "none":
         result.heldout = heldout_bits_per_byte(src, result.model, tokenizer, heldout_bytes)
         if result.fit == "activations" and keep_better_on_heldout:

@@ -2,8 +2,10 @@
 
 A :class:`KphiError` is a problem with something the user gave — a file, a directory, a setting — and its
 message says what and where. The command line prints it as one ``kphi: error: ...`` line and exits with
-status 2; library callers catch it (or the module's own subclass, e.g. ``TrainError``). Anything else that
-escapes is a bug in kphi.
+status 2; library callers catch it (or the module's own subclass, e.g. ``TrainError``). Each module raises
+its own subclass where it detects the problem — a broken model directory is a ``ModelDirError`` whichever
+command read it, an occupied output directory an ``OutputDirError`` — rather than being handed an error class
+to raise. Anything else that escapes is a bug in kphi.
 """
 
 from __future__ import annotations

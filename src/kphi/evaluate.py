@@ -248,10 +248,10 @@ def run_eval(models: list[str], texts: list[str] | None = None, data: str | None
         text_sets = [(name, first_bytes(documents, max_bytes)) for name, documents in text_sets]
     reports = []
     for spec in models:
-        model = load_model(spec, EvalError, dtype=torch.float32)
+        model = load_model(spec, dtype=torch.float32)
         report = EvalReport(describe_source(spec), sum(p.numel() for p in model.parameters()))
         if text_sets:
-            tokenizer = load_tokenizer(spec, EvalError)
+            tokenizer = load_tokenizer(spec)
             if len(tokenizer) > model.config.vocab_size:
                 raise EvalError(f"{spec}: its tokenizer has {len(tokenizer)} tokens, the model {model.config.vocab_size}")
             for name, documents in text_sets:

@@ -101,14 +101,14 @@ def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
     converted one (``kphi_llama``, ``kphi_gpt_neox``, ...: every model type kphi registers)."""
     from .sources import resolve_model_dir
 
-    path = resolve_model_dir(model_dir, ExportError)
-    model_type = read_model_config(path, ExportError).get("model_type")
+    path = resolve_model_dir(model_dir)
+    model_type = read_model_config(path).get("model_type")
     if not isinstance(model_type, str) or not (model_type == "kphi3" or model_type.startswith("kphi_")):
         raise ExportError(
             f"{path} holds a {model_type!r} model; kphi export handles kphi's model types (kphi3, and the kphi_* "
             "models of kphi convert); a plain transformers model needs no export"
         )
-    return load_model(path, ExportError, dtype=dtype)
+    return load_model(path, dtype=dtype)
 
 
 def code_files(model_dir: Path) -> list[str]:
@@ -132,7 +132,7 @@ def code_files(model_dir: Path) -> list[str]:
 
 
 def _load_tokenizer(model_dir: Path):
-    return load_tokenizer(model_dir, ExportError) if has_tokenizer(model_dir) else None
+    return load_tokenizer(model_dir) if has_tokenizer(model_dir) else None
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -231,7 +231,7 @@ def export_onnx(model, path: str | os.PathLike, *, exporter: str = "auto", opset
 def _prepare_out(out: Path, source: Path) -> None:
     if out.resolve() == source.resolve():
         raise ExportError(f"the output directory must differ from the model directory ({source})")
-    refuse_foreign_dir(out, (out / EXPORT_MARKER).is_file(), "kphi export", ExportError, "choose another OUT")
+    refuse_foreign_dir(out, (out / EXPORT_MARKER).is_file(), "kphi export", "choose another OUT")
 
 
 _MODEL_CARD = """---
@@ -316,7 +316,7 @@ def export_model(
     warn = warn or (lambda message: print(f"kphi: {message}", file=sys.stderr))
     from .sources import resolve_model_dir
 
-    source, out = resolve_model_dir(model_dir, ExportError), Path(out)
+    source, out = resolve_model_dir(model_dir), Path(out)
     model = _load_kphi_model(source, dtype=None)
     tokenizer = _load_tokenizer(source)
     if tokenizer is None:

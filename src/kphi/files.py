@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .errors import KphiError
+
 __all__ = [
     "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download_sdist",
 ]
@@ -56,17 +58,22 @@ def slug(text: str, fallback: str = "x", max_length: int | None = None) -> str:
     return (cleaned[:max_length] if max_length else cleaned) or fallback
 
 
-def refuse_foreign_dir(path: Path, holds_ours: bool, what: str, error: type[Exception], hint: str = "choose another directory") -> None:
-    """A kphi output directory holds one kind of thing: refuse ``path`` when it is non-empty and not ours.
+class OutputDirError(KphiError, ValueError):
+    """An output directory cannot be written: it is a file, or it holds something else."""
+
+
+def refuse_foreign_dir(path: Path, holds_ours: bool, what: str, hint: str = "choose another directory") -> None:
+    """A kphi output directory holds one kind of thing: refuse ``path`` (:class:`OutputDirError`) when it is
+    non-empty and not ours.
 
     ``holds_ours`` says whether ``path`` already holds ``what`` (checked by the caller's own marker file);
     a missing or empty directory is always fine.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise error(f"{path} exists and is not a directory")
+        raise OutputDirError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not holds_ours:
-        raise error(f"{path} is not empty and holds no {what}; refusing to write into it ({hint})")
+        raise OutputDirError(f"{path} is not empty and holds no {what}; refusing to write into it ({hint})")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from typing import Any, Callable, TextIO, Union
 
 from .data.recipe import END
 from .errors import KphiError
-from .settings import check_settings, setting
+from .settings import invalid_setting, setting
 
 __all__ = [
     "prompt_messages",
@@ -75,7 +75,9 @@ class SamplingSettings:
     """Seed for sampling (same seed, same model, same prompt: same reply)."""
 
     def validate(self) -> None:
-        check_settings(self, GenerationError)
+        problem = invalid_setting(self)
+        if problem:
+            raise GenerationError(problem)
 
     def resolve(self, model_config) -> "SamplingSettings":
         """Every field filled: this object's values over the model's ``generation_config`` (``model_config``)."""
@@ -116,8 +118,8 @@ def load_for_generation(model_dir: str | Path, *, device: str | None = None, dty
 
     from .model_dir import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir, GenerationError)
-    model = load_model(model_dir, GenerationError, dtype=dtype)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

@@ -68,7 +68,7 @@ def run_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size
     from . import model as _registers_kphi_models  # noqa: F401
     from .sources import resolve_model_dir
 
-    directory = resolve_model_dir(model, EvalError)
+    directory = resolve_model_dir(model)
     with tempfile.TemporaryDirectory() as folder:
         write_kphi_task_yamls(Path(folder))
         manager = TaskManager(include_path=folder)

@@ -118,16 +118,16 @@ def report_for(spec: str) -> tuple[str, str, ParamReport]:
     from pathlib import Path
 
     from .model_dir import load_config, read_model_config
-    from .presets import PresetError, list_presets, load_preset, resolve_config
+    from .presets import list_presets, load_preset, resolve_config
     from .sources import HUB_ID, known_models, resolve_model_dir
 
     path = Path(spec)
     is_preset = spec in list_presets() or path.suffix in (".yaml", ".yml", ".json")
     is_model = path.exists() or spec in known_models() or HUB_ID.match(str(spec)) is not None
     if is_model and not is_preset:  # a bare unknown name is an unknown preset, and says so
-        model_dir = resolve_model_dir(spec, PresetError)
-        if read_model_config(model_dir, PresetError).get("model_type") not in ("kphi3", "phi3"):
-            config = load_config(model_dir, PresetError)
+        model_dir = resolve_model_dir(spec)
+        if read_model_config(model_dir).get("model_type") not in ("kphi3", "phi3"):
+            config = load_config(model_dir)
             return path.name, config.model_type, structured_report(config)
         spec = model_dir
     preset = resolve_config(spec)

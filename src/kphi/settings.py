@@ -1,7 +1,7 @@
 """Settings dataclasses: one definition per setting, from which both checks and command-line flags follow.
 
 A field declares its type, its default, its docstring (help) and, through :func:`setting`, its bounds
-and choices. :func:`check_settings` checks any such dataclass against those declarations, and
+and choices. :func:`invalid_setting` checks any such dataclass against those declarations, and
 :func:`add_settings_arguments` turns its fields into ``--field-name`` flags.
 
 The flags are generated here rather than by ``HfArgumentParser``: kphi layers settings (dataclass default
@@ -20,7 +20,7 @@ import json
 import textwrap
 import typing
 
-__all__ = ["setting", "check_settings", "add_settings_arguments", "field_docs"]
+__all__ = ["setting", "invalid_setting", "add_settings_arguments", "field_docs"]
 
 def setting(default, *, minimum=None, above=None, maximum=None, choices=None):
     """A dataclass field with declared bounds (``minimum <= v``, ``above < v``, ``v <= maximum``) and/or
@@ -63,16 +63,18 @@ def _valid(value, kind, meta) -> bool:
     return not ("maximum" in meta and not value <= meta["maximum"])
 
 
-def check_settings(obj, error: type[Exception]) -> None:
-    """Raise ``error("NAME must be ..., got VALUE")`` for the first field of the dataclass ``obj`` whose value
-    breaks its type (bool, int, float, str; ``X | None`` also admits ``None``) or its :func:`setting` bounds."""
+def invalid_setting(obj) -> str | None:
+    """``"NAME must be ..., got VALUE"`` for the first field of the dataclass ``obj`` whose value breaks its
+    type (bool, int, float, str; ``X | None`` also admits ``None``) or its :func:`setting` bounds; ``None``
+    when every field is valid. The settings class raises its own error with it."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         kind, value = _scalar(hints[f.name]), getattr(obj, f.name)
         if kind is None or (value is None and _optional(hints[f.name])):
             continue
         if not _valid(value, kind, f.metadata):
-            raise error(f"{f.name} must be {_requirement(kind, f.metadata)}, got {value!r}")
+            return f"{f.name} must be {_requirement(kind, f.metadata)}, got {value!r}"
+    return None
 
 
 def _optional(annotation) -> bool:

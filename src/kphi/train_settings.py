@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .data.prepare import CorpusSettings
 from .errors import KphiError
-from .settings import check_settings, setting
+from .settings import invalid_setting, setting
 
 if TYPE_CHECKING:
     from .model import KPhi3Config
@@ -112,7 +112,9 @@ class TrainSettings(CorpusSettings):
 
     def validate(self) -> None:
         """Raise :class:`TrainError` naming the first setting that is out of bounds or inconsistent."""
-        check_settings(self, TrainError)
+        problem = invalid_setting(self)
+        if problem:
+            raise TrainError(problem)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
         from .model_dir import read_model_config
@@ -121,9 +123,9 @@ class TrainSettings(CorpusSettings):
             value = getattr(self, name)
             if value is not None:  # any model source: a directory, a .gguf, a known model, a hub id
                 try:
-                    read_model_config(value, TrainError)
-                except TrainError as err:
-                    raise TrainError(f"--{name.replace('_', '-')} {value}: {err}") from None
+                    read_model_config(value)
+                except KphiError as err:  # no model there (SourceError) or a broken one (ModelDirError)
+                    raise TrainError(f"--{name.replace('_', '-')} {value}: {err}") from err
 
     def identity(self, config: KPhi3Config | None = None) -> dict[str, Any]:
         """The settings that make a run what it is: a resume must match them (budgets may change).

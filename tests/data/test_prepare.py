@@ -15,6 +15,7 @@ from kphi.data import prepare, recipe
 from kphi.data.prepare import PrepareSettings, format_stats, load_prepared, prepare_dataset
 from kphi.data.recipe import EOS, IGNORE_INDEX
 from kphi.data.sources import DataError
+from kphi.files import OutputDirError
 
 pytestmark = pytest.mark.usefixtures("isolated_caches")
 
@@ -216,12 +217,12 @@ def test_out_dir(tmp_path, corpus_file, fake_builder):
     assert prepare_dataset(settings, out_dir=out, cache_dir=tmp_path / "cache", progress=False) == out
     assert len(fake_builder.calls) == 1
     # different settings into the same, non-empty directory: refused
-    with pytest.raises(DataError, match="not empty.*different settings"):
+    with pytest.raises(OutputDirError, match="not empty.*different settings"):
         prepare_dataset(settings_for(corpus_file, seed=3), out_dir=out, cache_dir=tmp_path / "cache", progress=False)
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(DataError, match="not empty.*other files"):
+    with pytest.raises(OutputDirError, match="not empty.*other files"):
         prepare_dataset(settings, out_dir=other, cache_dir=tmp_path / "cache", progress=False)
     assert (other / "keep.txt").read_text() == "mine"
     # an empty existing directory is fine; a cached result is copied

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..files import cache_root, refuse_foreign_dir, slug, staged_dir, stat_fingerprint
-from ..settings import check_settings, setting
+from ..settings import invalid_setting, setting
 from . import recipe
 from .recipe import DEFAULT_FILTERS, EOS, IGNORE_INDEX
 from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
@@ -110,7 +110,9 @@ class PrepareSettings(CorpusSettings):
 
     def validate(self) -> None:
         """Raise :class:`DataError` naming the first invalid field."""
-        check_settings(self, DataError)
+        problem = invalid_setting(self)
+        if problem:
+            raise DataError(problem)
         if not self.source.strip():
             raise DataError("invalid setting source: name a data source")
         if len(self.columns) != 2 or not all(isinstance(c, str) and c for c in self.columns):
@@ -524,7 +526,7 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
         _announce(out, progress, "already prepared there, nothing rebuilt")
         return out
     holds = "one prepared with different settings" if _prepared_key(out) is not None else "other files"
-    refuse_foreign_dir(out, False, f"prepared dataset of these settings (it holds {holds})", DataError,
+    refuse_foreign_dir(out, False, f"prepared dataset of these settings (it holds {holds})",
                        "choose another directory or remove it")
     if _prepared_key(cached) == key:
         def copy(work: Path) -> None:

@@ -318,7 +318,7 @@ def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
     from ..files import refuse_foreign_dir, staged_dir
 
     path = Path(out)
-    refuse_foreign_dir(path, (path / "tokenizer_config.json").is_file(), "tokenizer", TokenizerError)
+    refuse_foreign_dir(path, (path / "tokenizer_config.json").is_file(), "tokenizer")
     with staged_dir(path) as staging:
         tokenizer.save_pretrained(staging)
 
@@ -365,7 +365,7 @@ def build_tokenizer(
     from ..sources import known_models, resolve_model_dir
 
     if spec.strip() and (path.is_dir() or spec in known_models()):
-        directory = resolve_model_dir(spec, TokenizerError)  # a model directory, or a known model (smollm2-135m)
+        directory = resolve_model_dir(spec)  # a model directory, or a known model (smollm2-135m)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except (OSError, ValueError) as exc:
