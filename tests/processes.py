@@ -42,6 +42,13 @@ def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float 
     assert max(steps) == step, f"checkpoints after the kill: {sorted(steps)}"
 
 
+def finished_runs(root: Path) -> dict[str, int]:
+    """``run directory (relative to root) -> mtime`` of every finished or diverged run under ``root``: what a
+    rerun must leave untouched, and what tells which runs a rerun added (rather than counting log lines)."""
+    return {str(p.parent.relative_to(root)): p.stat().st_mtime_ns
+            for name in ("metrics.json", "diverged.json") for p in Path(root).rglob(name) if p.parent.name != "eval"}
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """``step -> training loss`` from a run's ``log.csv``."""
     with open(run_dir / "log.csv") as handle:

@@ -8,7 +8,7 @@ from kphi.budgets import run_budget_series
 from kphi.compare import CompareError, load_suite
 
 from corpus import write_corpus
-from processes import run_kphi
+from processes import finished_runs, run_kphi
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,12 @@ def test_the_largest_budget_runs_more_seeds_and_reruns_reuse_everything(series, 
     monkeypatch.setenv("KPHI_CACHE", str(tmp / "cache"))
     suite = load_suite("smoke")
     suite.seeds_at_largest = 2
-    lines = []
-    results = run_budget_series(suite, out, budgets=[512, 1024], data=str(corpus), progress=False, log=lines.append)
-    trained = [line for line in lines if "non-embedding parameters" in line]
-    assert len(trained) == 4 and all("seed 43" in line for line in trained)  # only the new seed, largest budget
+    before = finished_runs(out)
+    results = run_budget_series(suite, out, budgets=[512, 1024], data=str(corpus), progress=False, log=lambda _: None)
+    after = finished_runs(out)
+    assert all(after[run] == stamp for run, stamp in before.items())
+    added = sorted(set(after) - set(before))  # only the new seed, at the largest budget, for each of the 4 arms
+    assert len(added) == 4 and all(run.startswith("tokens-1024/arms/") and run.endswith("-seed43") for run in added)
     for arm in results["arms"].values():
         assert arm["points"][0]["seeds"] == [42] and arm["points"][1]["seeds"] == [42, 43]
 

@@ -10,7 +10,7 @@ from kphi.compare import CompareError, load_suite, parse_learning_rates, resolve
 from kphi.optim import grouped_lr_multipliers, scale_grouped_learning_rates
 
 from corpus import write_corpus
-from processes import run_kphi
+from processes import finished_runs, run_kphi
 
 SUITE = """
 name: grid
@@ -85,11 +85,13 @@ def test_a_diverging_rate_is_a_grid_result_not_a_failure(grid_run):
 def test_extending_the_grid_and_seeds_trains_only_new_runs(grid_setup, grid_run):
     suite, corpus, _ = grid_setup
     _, out, _ = grid_run
-    before = {p: p.stat().st_mtime_ns for p in (out / "arms").glob("*/metrics.json")}
-    lines = []
-    results = run_compare(suite, out, data=corpus, seeds=2, learning_rates=[1e-3, 3e-3, 1e-2, 1e30], progress=False, log=lines.append)
-    assert sum("already trained" in line for line in lines) == 6  # 2 arms x 3 old rates
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    before = finished_runs(out)
+    results = run_compare(suite, out, data=corpus, seeds=2, learning_rates=[1e-3, 3e-3, 1e-2, 1e30], progress=False, log=lambda _: None)
+    after = finished_runs(out)
+    assert len(before) == 6 and all(after[run] == stamp for run, stamp in before.items())  # 2 arms x 3 old rates reused
+    added = sorted(set(after) - set(before))
+    best = {a["label"]: a["learning_rate"] for a in results["arms"]}
+    assert added == sorted([f"arms/{label}-lr0.003-seed42" for label in best] + [f"arms/{label}-lr{rate:g}-seed43" for label, rate in best.items()])
     for arm in results["arms"]:
         assert "0.003" in arm["grid"]
         second_seed = sorted(p.name for p in (out / "arms").glob(f"{arm['label']}-lr*-seed43"))
