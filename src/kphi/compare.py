@@ -57,9 +57,6 @@ __all__ = [
 ]
 
 
-#: Written in a run directory whose training diverged (NaN/inf loss): the grid records it as an infinite loss.
-
-
 #: A comparison cannot run as asked: the experiment layer's one error (``kphi.runs.ExperimentError``), under
 #: the name compare's callers have always caught.
 CompareError = ExperimentError
