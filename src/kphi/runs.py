@@ -29,8 +29,6 @@ from .files import atomic_write_text
 __all__ = ["DIVERGED_FILE", "ExperimentError", "converged", "finished_run", "get_or_train"]
 
 DIVERGED_FILE = "diverged.json"
-RUN_RECORD = "kphi-run.json"
-METRICS = "metrics.json"
 
 
 class ExperimentError(KphiError, RuntimeError):
@@ -40,17 +38,18 @@ class ExperimentError(KphiError, RuntimeError):
 def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished (or diverged) run of exactly these settings; ``None`` when it has yet to
     (finish) training. A run of other settings or other initial weights is refused, not reused."""
+    from .train import METRICS_FILE, RUN_FILE, identity_differences, initial_weights_sha256
+
     run_dir = Path(run_dir)
-    metrics_file = next((f for f in (run_dir / METRICS, run_dir / DIVERGED_FILE) if f.is_file()), None)
+    metrics_file = next((f for f in (run_dir / METRICS_FILE, run_dir / DIVERGED_FILE) if f.is_file()), None)
     if metrics_file is None:
         return None
     try:
-        record = json.loads((run_dir / RUN_RECORD).read_text())
+        record = json.loads((run_dir / RUN_FILE).read_text())
         recorded = record.get("identity")
         metrics = json.loads(metrics_file.read_text())
     except (OSError, json.JSONDecodeError, AttributeError) as err:
         raise ExperimentError(f"{run_dir} is damaged ({err}); move it away to retrain that run") from None
-    from .train import identity_differences, initial_weights_sha256
 
     if identity_differences(recorded, settings, config):
         raise ExperimentError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
@@ -73,7 +72,7 @@ def get_or_train(settings, config=None, *, label: str, log: Callable[[str], None
     A diverged run comes back as ``{"seed", "diverged": message, "train_loss": None, "val_loss": None, ...}``
     (see the module docstring); any other training failure raises :class:`ExperimentError` naming ``label``.
     """
-    from .train import DivergedError, TrainError, train
+    from .train import RUN_FILE, DivergedError, TrainError, train
 
     run_dir = Path(settings.out)
     metrics = finished_run(run_dir, settings, config)
@@ -82,7 +81,7 @@ def get_or_train(settings, config=None, *, label: str, log: Callable[[str], None
     if announce:
         log(announce)
     try:
-        metrics = train(settings, resume=(run_dir / RUN_RECORD).is_file(), config=config).metrics
+        metrics = train(settings, resume=(run_dir / RUN_FILE).is_file(), config=config).metrics
     except DivergedError as err:
         metrics = {"seed": settings.seed, "train_loss": None, "val_loss": None, "diverged": str(err), "wall_seconds": 0.0}
         atomic_write_text(run_dir / DIVERGED_FILE, json.dumps(metrics, indent=2))
