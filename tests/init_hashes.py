@@ -31,7 +31,7 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
 
     from kphi.compare import list_suites, load_suite, read_suite_yaml, resolve_arms
     from kphi.compress import load_compress_suite
-    from kphi.model import KPhi3Config, config_fields
+    from kphi.model import KPhi3Config, config_fields, with_overrides
     from kphi.presets import list_presets, load_preset
     from kphi.scaling import load_scaling_suite
 
@@ -44,7 +44,7 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
     yield "kind:width adapters (dense)", 42, KPhi3Config(**{**tiny, "embed_size": tiny["hidden_size"] // 2})
     grouped = config_fields(load_preset("tiny-kphi3").config)
     yield "kind:width adapters (grouped)", 42, KPhi3Config(**{**grouped, "embed_size": grouped["hidden_size"] // 2})
-    yield "kind:grouped (report init)", 42, KPhi3Config(**{**grouped, "grouped_init": "kaiming_uniform"})
+    yield "kind:grouped (report init)", 42, KPhi3Config(**with_overrides(grouped, {"grouped_init": "kaiming_uniform"}))
     for suite_name in list_suites():
         kind = (read_suite_yaml(suite_name)[1] or {}).get("kind")
         if kind == "scaling":
@@ -60,7 +60,7 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
             seed = int(suite.training.get("seed", 42))
             yield f"{suite_name}:teacher", seed, load_preset(suite.teacher["preset"]).config
             if suite.scratch:
-                fields = {**config_fields(load_preset(suite.scratch["preset"]).config), **suite.scratch.get("config", {})}
+                fields = with_overrides(load_preset(suite.scratch["preset"]).config, suite.scratch.get("config", {}))
                 yield f"{suite_name}:scratch", seed, KPhi3Config(**fields)
             other = suite.other_architecture
             if other:

@@ -130,5 +130,8 @@ def test_reference_fields_are_kept_or_folded(reference_checkpoint):
     config = AutoConfig.from_pretrained(path)
     assert config.rope_parameters["rope_theta"] == 10000.0
     assert config.embed_size == cfg["embed_size"]
-    assert config.min_channels_per_group == cfg["min_channels_per_group"]
+    # the checkpoint's legacy fields are folded into projection and not kept
+    assert config.projection == {"kind": "grouped", "min_channels_per_group": cfg["min_channels_per_group"],
+                                 "init": cfg.get("grouped_init", "scaled_normal"), "branches": 2}
+    assert not hasattr(config, "min_channels_per_group") and "min_channels_per_group" not in config.to_dict()
     assert config.original_max_position_embeddings == 256

@@ -30,11 +30,11 @@ def test_controls_match_the_kphi_arm_size(suite):
     target = non_embedding(arms[target_label].config)
     for arm in arms.values():
         if arm.kind == "dense control":
-            assert not arm.config.is_grouped and arm.config.low_rank_fraction is None
+            assert arm.config.projection == {"kind": "dense"}
             assert arm.config.hidden_size < load_preset(arm.source.split()[0]).config.hidden_size
             assert abs(non_embedding(arm.config) - target) / target < 0.03
         if arm.kind == "low_rank control":
-            assert arm.config.low_rank_fraction is not None
+            assert arm.config.projection["kind"] == "low_rank"
             assert abs(non_embedding(arm.config) - target) / target < 0.01
 
 
@@ -46,7 +46,7 @@ def test_paper_suite_reproduces_the_report_counts():
 def test_dense_control_with_a_generous_target_keeps_the_base_width():
     base = load_preset("tiny-phi3").config
     assert dense_control(base, non_embedding(base)).hidden_size == base.hidden_size
-    assert low_rank_control(base, non_embedding(base) // 4).low_rank_fraction < 0.5
+    assert low_rank_control(base, non_embedding(base) // 4).projection["fraction"] < 0.5
 
 
 def test_any_projection_kind_can_be_an_arm(tmp_path):

@@ -232,7 +232,7 @@ def test_other_kinds_convert_too(sources, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kind", "butterfly"], "unknown projection kind 'butterfly'"),
+    (["--kind", "grouped", "--fraction", "0.5"], "projection kind 'grouped'"),  # another kind's setting
     (["--kind", "dense"], "changes nothing"),
     (["--fit", "activations"], "needs calibration data"),
     (["--kind", "monarch", "--fit", "activations", "--calibration-data", "PREPARED"], "no closed-form activation-aware fit"),
@@ -246,6 +246,32 @@ def test_bad_conversions_fail_with_one_line_and_write_nothing(args, message, sou
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("kphi: error:") and message in run.stderr and "Traceback" not in run.stderr
     assert not out.exists()
+
+
+@pytest.mark.fast
+def test_the_kind_flags_are_generated_from_the_registry(capsys):
+    """``--kind`` offers every registered kind and each kind setting is one flag with the kind's own type,
+    choices and default: a new kind (or setting) reaches the command line without editing it."""
+    import argparse
+    import dataclasses
+
+    from kphi.cli import build_parser
+    from kphi.projections import PROJECTION_KINDS
+
+    convert_parser = build_parser()._subparsers._group_actions[0].choices["convert"]
+    actions = {a.dest: a for a in convert_parser._actions}
+    assert actions["kind"].choices == list(PROJECTION_KINDS) and actions["kind"].default == "grouped"
+    for name, kind in PROJECTION_KINDS.items():
+        for field in dataclasses.fields(kind):
+            action = actions[field.name]
+            assert action.default is argparse.SUPPRESS and name in action.help
+            assert action.choices == field.metadata.get("choices")
+            assert f"(default: {field.default})" in action.help
+    args = convert_parser.parse_args(["SRC", "--out", "OUT", "--kind", "monarch", "--blocks", "2"])
+    assert args.blocks == 2 and not hasattr(args, "fraction")  # a setting not typed stays the kind's default
+    with pytest.raises(SystemExit):
+        convert_parser.parse_args(["SRC", "--out", "OUT", "--kind", "butterfly"])
+    assert "invalid choice: 'butterfly'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", list(GENERIC_TARGETS))

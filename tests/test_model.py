@@ -167,3 +167,78 @@ def test_bad_dimensions_give_clear_errors(fields, message):
     with pytest.raises((ValueError, StrictDataclassError), match=message):
         tiny_config(**fields)
 
+
+
+def _old_config_rule(min_channels_per_group=256, grouped_init="scaled_normal", low_rank_fraction=None, projection=None):
+    """How KPhi3Config derived its projection when it had four fields (kphi before ``projection`` alone):
+    ``projection`` when given, else grouped when ``m > 0``, else low-rank when a fraction is set, else dense."""
+    if projection is not None:
+        return projection
+    if min_channels_per_group > 0:
+        return {"kind": "grouped", "min_channels_per_group": min_channels_per_group, "init": grouped_init, "branches": 2}
+    if low_rank_fraction is not None:
+        return {"kind": "low_rank", "fraction": low_rank_fraction}
+    return {"kind": "dense"}
+
+
+LEGACY_CASES = [
+    {},
+    {"min_channels_per_group": 32},
+    {"min_channels_per_group": 32, "grouped_init": "kaiming_uniform"},
+    {"min_channels_per_group": -1},
+    {"min_channels_per_group": -1, "grouped_init": "kaiming_uniform"},
+    {"min_channels_per_group": -1, "low_rank_fraction": 0.3},
+    {"min_channels_per_group": 32, "projection": {"kind": "monarch", "blocks": 4, "fraction": 0.25}},
+    {"min_channels_per_group": -1, "low_rank_fraction": None, "projection": None},
+]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("legacy", LEGACY_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "defaults")
+def test_legacy_projection_fields_are_folded_into_projection_as_the_old_config_read_them(legacy, tmp_path):
+    """Every report checkpoint and recorded run spells its projection with the old fields; they are read once
+    and not kept (``projection`` is the only field), and save/load keeps the projection."""
+    from kphi.projections import projection_kind
+
+    config = KPhi3Config(**legacy)
+    assert config.projection == projection_kind(_old_config_rule(**legacy)).to_dict()  # every setting spelled out
+    for name in ("min_channels_per_group", "grouped_init", "low_rank_fraction"):
+        assert not hasattr(config, name) and name not in config.to_dict()
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).projection == config.projection
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("base,overrides,expected", [
+    # a legacy field on top of a config changes its projection, keeping the rest of a grouped kind's settings
+    ({"min_channels_per_group": 32}, {"min_channels_per_group": 8},
+     {"kind": "grouped", "min_channels_per_group": 8, "init": "scaled_normal", "branches": 2}),
+    ({"projection": {"kind": "grouped", "min_channels_per_group": 32, "branches": 1}}, {"grouped_init": "kaiming_uniform"},
+     {"kind": "grouped", "min_channels_per_group": 32, "init": "kaiming_uniform", "branches": 1}),
+    ({"min_channels_per_group": -1}, {"min_channels_per_group": 16},
+     {"kind": "grouped", "min_channels_per_group": 16, "init": "scaled_normal", "branches": 2}),
+    ({"min_channels_per_group": 32}, {"min_channels_per_group": -1}, {"kind": "dense"}),
+    ({"min_channels_per_group": -1}, {"low_rank_fraction": 0.5}, {"kind": "low_rank", "fraction": 0.5}),
+    ({"projection": {"kind": "monarch", "blocks": 4, "fraction": 0.25}}, {"min_channels_per_group": 16},
+     {"kind": "grouped", "min_channels_per_group": 16, "init": "scaled_normal", "branches": 2}),
+    # an explicit projection replaces it whole; None keeps the config's
+    ({"min_channels_per_group": 32}, {"projection": {"kind": "dense"}, "min_channels_per_group": 8}, {"kind": "dense"}),
+    ({"min_channels_per_group": 32}, {"projection": None, "hidden_size": 128},
+     {"kind": "grouped", "min_channels_per_group": 32, "init": "scaled_normal", "branches": 2}),
+])
+def test_overrides_change_the_projection_of_a_config(base, overrides, expected):
+    from kphi.model import with_overrides
+
+    assert KPhi3Config(**with_overrides(tiny_config(**base), overrides)).projection == expected
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("fields,message", [
+    ({"min_channels_per_group": 32, "low_rank_fraction": 0.3}, "low_rank_fraction needs dense projections"),
+    ({"min_channels_per_group": 1.5}, "min_channels_per_group must be positive"),
+    ({"projection": {"kind": "grouped", "min_channels_per_group": -4}}, "min_channels_per_group must be a positive integer"),
+    ({"projection": {"kind": "sparse"}}, "unknown projection kind 'sparse'"),
+])
+def test_a_bad_projection_is_refused_naming_it(fields, message):
+    with pytest.raises((ValueError, StrictDataclassError), match=message):
+        tiny_config(**fields)

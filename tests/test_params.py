@@ -35,9 +35,9 @@ def naive_non_embedding(config):
     h, i = config.hidden_size, config.intermediate_size
 
     def proj(a, b):
-        if config.min_channels_per_group < 0:
+        if config.projection["kind"] == "dense":
             return a * b
-        block = GroupedPointwiseBlock.from_min_channels(a, b, config.min_channels_per_group, device="meta")
+        block = GroupedPointwiseBlock.from_min_channels(a, b, config.projection["min_channels_per_group"], device="meta")
         return sum(p.numel() for p in block.parameters())
 
     per_layer = proj(h, 3 * h) + proj(h, h) + proj(h, 2 * i) + proj(i, h) + 2 * h
@@ -81,7 +81,7 @@ def test_resolve_config_accepts_model_dirs_and_config_json(tmp_path):
     model = KPhi3ForCausalLM(load_preset("tiny-kphi3").config)
     model.save_pretrained(tmp_path / "m")
     preset = resolve_config(tmp_path / "m")
-    assert preset.config.min_channels_per_group == 16
+    assert preset.config.projection["min_channels_per_group"] == 16
     assert resolve_config(tmp_path / "m" / "config.json").config.hidden_size == 64
 
 
@@ -107,11 +107,11 @@ def test_the_dense_counterpart_and_the_dense_control_of_every_kind_are_dense(fie
     """Both once kept ``projection`` while clearing the report's fields, so a kind given as ``projection``
     stayed structured: ``kphi params`` reported 100% of dense and the control was not dense."""
     from kphi.compare import dense_control, non_embedding
-    from kphi.model import KPhi3Config, config_fields
+    from kphi.model import KPhi3Config, with_overrides
     from kphi.params import dense_counterpart
 
     dense_preset = load_preset("tiny-phi3").config
-    config = KPhi3Config(**{**config_fields(dense_preset), **fields})
+    config = KPhi3Config(**with_overrides(dense_preset, fields))
     assert config.projection_kind().name != "dense"
     counterpart = dense_counterpart(config)
     assert counterpart.projection_kind().name == "dense"

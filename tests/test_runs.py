@@ -1,6 +1,7 @@
 """The run engine every experiment shares: train once, reuse after, record a divergence, refuse a changed run."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ def test_a_run_trains_once_and_is_reused_with_identical_metrics(prepared, tmp_pa
     lines = []
     first, reused = get_or_train(settings, label="tiny", log=lines.append, announce="training tiny")
     assert not reused and lines == ["training tiny"] and first["steps"] == 2
+    assert json.loads((tmp_path / "run" / "kphi-run.json").read_text())["identity_version"] == 3
     stamp = (tmp_path / "run" / "metrics.json").stat().st_mtime_ns
     again, reused = get_or_train(settings, label="tiny", log=lines.append, announce="training tiny")
     assert reused and again == json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -55,3 +57,49 @@ def test_a_diverged_run_is_recorded_reused_and_an_error_only_where_the_caller_ne
 def test_converged_returns_a_finished_runs_metrics_unchanged():
     metrics = {"val_loss": 1.5, "train_loss": 1.6}
     assert converged(metrics, "x", "y") is metrics
+
+
+# --------------------------------------------------------------------------- recorded runs of older kphi
+
+RECORDS_V2 = Path(__file__).parent / "fixtures" / "run-records-v2"
+
+#: Real ``kphi-run.json`` files written by kphi before ``projection`` became the only field (identity version 2,
+#: legacy fields in ``model``), each with the suite arm that wrote it: every committed result was recorded so.
+V2_RECORD_ARMS = {
+    "cpu-ablations-seeds--kphi-3-lr0.004-seed42.json": ("cpu-ablations-seeds", "kphi-3"),
+    "cpu-ablations-seeds--first-branch-only-G-2-lr0.004-seed42.json": ("cpu-ablations-seeds", "first branch only (G/2)"),
+    "cpu-ablations-seeds--monarch-same-params-lr0.002-seed42.json": ("cpu-ablations-seeds", "monarch (same params)"),
+    "cpu-tokens-per-param-w64-retune--phi-3-lr0.002-seed42.json": ("cpu-tokens-per-param-w64-retune", "phi-3"),
+}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("record_file", sorted(V2_RECORD_ARMS))
+def test_a_run_recorded_with_the_legacy_projection_fields_is_the_same_run_today(record_file):
+    """Version-2 records (``min_channels_per_group``, ``grouped_init``, ``low_rank_fraction`` and a
+    ``projection`` as the suite spelled it) are migrated, not re-resolved: the arm that wrote each is the same
+    run today, and another projection is still another run."""
+    from kphi.compare import load_suite, resolve_arms
+    from kphi.model import KPhi3Config, config_fields
+    from kphi.train import TrainSettings, identity_differences, recorded_version
+
+    record = json.loads((RECORDS_V2 / record_file).read_text())
+    assert recorded_version(record) == 2 and "min_channels_per_group" in record["identity"]["model"]
+    suite, label = V2_RECORD_ARMS[record_file]
+    arm = next(a for a in resolve_arms(load_suite(suite)) if a.label == label)
+    settings = TrainSettings(**record["settings"])
+    assert identity_differences(record["identity"], settings, arm.config, version=2) == []
+    other = KPhi3Config(**{**config_fields(arm.config), "projection": {"kind": "low_rank", "fraction": 0.5}})
+    assert identity_differences(record["identity"], settings, other, version=2) == ["model"]
+
+
+@pytest.mark.fast
+def test_the_identity_version_of_a_record():
+    from kphi.train import IDENTITY_VERSION, recorded_version
+    from kphi.train_settings import recorded_identity
+
+    assert recorded_version({"identity_version": IDENTITY_VERSION, "identity": {}}) == IDENTITY_VERSION == 3
+    assert recorded_version({"identity": {"preset": "tiny-kphi3"}}) == 1
+    assert recorded_version({"identity": {"model": {}}}) == 2
+    today = {"model": {"hidden_size": 8, "projection": {"kind": "monarch", "blocks": 4, "fraction": 0.5}}}
+    assert recorded_identity(today, IDENTITY_VERSION) == today  # no migration of today's form

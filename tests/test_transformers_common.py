@@ -93,7 +93,7 @@ class KPhi3CommonTest(
         if config.embed_size != config.hidden_size:
             shapes += [(config.embed_size, config.hidden_size), (config.hidden_size, config.embed_size)]
         for fan_in, fan_out in shapes:
-            self.assertGreater(group_count(fan_in, fan_out, config.min_channels_per_group), 1, (fan_in, fan_out))
+            self.assertGreater(group_count(fan_in, fan_out, config.projection["min_channels_per_group"]), 1, (fan_in, fan_out))
 
 
 class KPhi3NarrowEmbeddingCommonTest(KPhi3CommonTest):

@@ -24,7 +24,7 @@ the report's published checkpoints, so their ``model.safetensors`` files load wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -468,8 +468,11 @@ class GroupedKind(ProjectionKind):
 
     name: ClassVar[str] = "grouped"
     min_channels_per_group: int = 256
-    init: str = "scaled_normal"
-    branches: int = 2
+    """m in the group rule: G is the largest divisor of in and out with in // G >= m (the cpu presets use 32)."""
+    init: str = field(default="scaled_normal", metadata={"choices": GROUPED_INIT_SCHEMES})
+    """initialisation of the grouped weights: scaled_normal (a dense layer's output scale) or kaiming_uniform (the report's)."""
+    branches: int = field(default=2, metadata={"choices": (1, 2)})
+    """2: the report's block; 1: the first grouped layer alone, no interleaved branch (an ablation)."""
 
     def __post_init__(self):
         if not isinstance(self.min_channels_per_group, int) or self.min_channels_per_group <= 0:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import CompareError, Suite, command_line, format_loss, run_compare
-from .files import atomic_write_text
+from .runs import write_results
 from .train_settings import training_value
 
 __all__ = ["run_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
@@ -315,5 +315,4 @@ def _write_outputs(results: dict[str, Any], out: Path) -> None:
     plot_compute(results, out / "compute.png")
     if results.get("differences"):
         plot_differences(results, out / "differences.png")
-    atomic_write_text(out / "results.md", format_budget_table(results) + "\n")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_results(out, results, format_budget_table(results))

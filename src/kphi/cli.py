@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import add_settings_arguments
+from .settings import add_kind_arguments, add_settings_arguments
 
 __all__ = ["main"]
 
@@ -252,7 +252,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_to_dir
 
-    settings = {k: getattr(args, k) for k in ("min_channels_per_group", "fraction", "blocks") if getattr(args, k) is not None}
+    from .projections import PROJECTION_KINDS
+
+    settings = {f.name: getattr(args, f.name) for kind in PROJECTION_KINDS.values() for f in dataclasses.fields(kind)
+                if hasattr(args, f.name)}  # the kind flags typed (add_kind_arguments); the kind refuses another's
     _quiet_transformers()
     result = convert_to_dir(
         args.src, args.out, kind=args.kind, targets=args.targets, overrides=args.override, fit=args.fit, calibration=args.calibration_data,
@@ -277,7 +280,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line (``command=None``). Given the ``command`` being run (``""``: none, as in ``kphi
+    --help``), the flags of other subcommands whose choices come from model code (``convert``'s kinds,
+    ``export``'s ONNX exporters) are left out, so that ``kphi configs`` or ``kphi --help`` answer without
+    importing torch."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="kphi", description="Train and compare parameter-efficient phi-3 models.")
@@ -324,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tokenizer_phi3)
     t = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer with the phi-3 special tokens")
     t.add_argument("--source", default="default")
-    t.add_argument("--vocab-size", type=int, default=4096)
+    from .data.recipe import DEFAULT_VOCAB_SIZE
+
+    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     t.add_argument("--max-rows", type=int)
     t.add_argument("--out", required=True)
     t.add_argument("--quiet", action="store_true")
@@ -440,8 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", nargs="?", help="output directory (optional with --push-to-hub)")
     p.add_argument("--standalone", action="store_true", help="weights + modeling code + auto_map (default unless --onnx alone)")
     p.add_argument("--onnx", action="store_true", help="also (or only) write model.onnx; needs pip install 'kphi[onnx]'")
-    p.add_argument("--onnx-exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
-                   help="torch.onnx.export path: dynamo (onnxscript), torchscript (legacy), auto: dynamo then torchscript")
+    if command in (None, "export"):
+        from .export import ONNX_EXPORTERS
+
+        p.add_argument("--onnx-exporter", choices=ONNX_EXPORTERS, default="auto",
+                       help="torch.onnx.export path: dynamo (onnxscript), torchscript (legacy), auto: dynamo then torchscript")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the standalone export to this hub model repository "
                    "(token from HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="create the hub repository as private")
@@ -457,25 +469,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="the dense model: directory (config.json, and model.safetensors to fit), .gguf file, known model (smollm2-135m) or hub id")
     p.add_argument("--out", required=True, help="output model directory (new, empty or a previous conversion)")
-    p.add_argument("--kind", default="grouped", help="projection kind: grouped (default), low_rank, monarch")
-    p.add_argument("--min-channels-per-group", type=int, help="grouped: m in the group rule (default 256; the cpu presets use 32)")
-    p.add_argument("--fraction", type=float, help="low_rank, monarch: fraction of each projection's parameters to keep")
-    p.add_argument("--blocks", type=int, help="monarch: number of blocks (default 4)")
     p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME,...",
                    help="modules to replace, as PEFT's target_modules: a name suffix (down_proj, layers.0.mlp.down_proj) "
                    "or a regular expression over the full name (default: the architecture's attention and MLP projections)")
     p.add_argument("--override", action="append", metavar="TARGETS=KIND[:FIELD=VALUE,...]",
                    help="another kind for some of the targets, first match wins (repeatable): v_proj=dense keeps "
                    "v_proj dense; '.*layers\\.0\\..*=low_rank:fraction=0.9' gives layer 0 its own ratio")
-    p.add_argument("--fit", default="auto", choices=["auto", "frobenius", "activations", "none"],
-                   help="frobenius: closest in weights (default with weights); activations: closest on calibration "
-                   "inputs; none: fresh initialisation")
     p.add_argument("--calibration-data", metavar="DIR", help="a prepared data directory (kphi data prepare) tokenised "
                    "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
-    p.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens read (default 4096)")
     p.add_argument("--heldout-bytes", type=int, default=8192, metavar="N",
                    help="report bits per byte before and after on N bytes of held-out text (default 8192; 0: skip)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if command in (None, "convert"):  # flags whose choices and defaults are the model code's (imports torch)
+        from .convert import CALIBRATION_TOKENS, FITS
+        from .projections import PROJECTION_KINDS
+
+        add_kind_arguments(p, PROJECTION_KINDS, default="grouped")
+        p.add_argument("--fit", default="auto", choices=FITS,
+                       help="frobenius: closest in weights (default with weights); activations: closest on calibration "
+                       "inputs; none: fresh initialisation")
+        p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+                       help=f"calibration tokens read (default {CALIBRATION_TOKENS})")
     p.set_defaults(func=cmd_convert)
     return parser
 
@@ -494,7 +508,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), ""))  # "": no subcommand (kphi --help)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -48,7 +48,7 @@ from .files import atomic_write_text, refuse_foreign_dir, slug
 from .model import KPhi3Config, config_fields, with_overrides
 from .params import count_parameters
 from .presets import load_preset
-from .runs import ExperimentError, get_or_train
+from .runs import ExperimentError, get_or_train, write_results
 from .train_settings import training_value, unknown_training_keys
 
 __all__ = [
@@ -210,7 +210,7 @@ def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
     intermediate size alone (multiples of 8), since a hidden-size step is coarse.
     """
     fields = config_fields(base)
-    fields.update(min_channels_per_group=-1, low_rank_fraction=None, projection=None, embed_size=None)
+    fields.update(projection={"kind": "dense"}, embed_size=None)
     heads, ratio = base.num_attention_heads, base.intermediate_size / base.hidden_size
 
     def closest(candidates):
@@ -233,12 +233,11 @@ def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
 def low_rank_control(base: KPhi3Config, target: int) -> KPhi3Config:
     """``base`` with every projection factorised to rank ``round(f * in * out / (in + out))``; ``f`` by bisection."""
     fields = config_fields(base)
-    fields.update(min_channels_per_group=-1, projection=None)
     lo, hi = 1e-4, 1.0
     best = None
     for _ in range(40):
         mid = (lo + hi) / 2
-        candidate = KPhi3Config(**{**fields, "low_rank_fraction": mid})
+        candidate = KPhi3Config(**{**fields, "projection": {"kind": "low_rank", "fraction": mid}})
         count = non_embedding(candidate)
         if best is None or abs(count - target) < best[0]:
             best = (abs(count - target), candidate)
@@ -276,7 +275,7 @@ def resolve_arms(suite: Suite) -> list[Arm]:
             model = "phi-3 (smaller)"
         else:
             config = low_rank_control(base, target)
-            source = f"{base_name} factorised, low_rank_fraction {config.low_rank_fraction:.4f}, to match {match}"
+            source = f"{base_name} factorised, low-rank fraction {config.projection['fraction']:.4f}, to match {match}"
             model = "low-rank phi-3"
         arms[spec["label"]] = Arm(
             spec["label"], config, spec.get("model", model), f"{kind} control", source, **_arm_training(spec)
@@ -580,5 +579,4 @@ def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:
             for a in results["arms"]
         }
         plot_lr_sweep(sweeps, out / "lr_sweep.png", f"kphi compare ({suite.name}): final validation loss vs learning rate")
-    atomic_write_text(out / "results.md", format_table(results) + "\n")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_results(out, results, format_table(results))

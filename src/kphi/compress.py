@@ -27,7 +27,7 @@ from typing import Any
 
 from .compare import CompareError, command_line, read_suite_yaml, suite_training
 from .files import atomic_write_text, slug
-from .runs import converged, get_or_train
+from .runs import converged, get_or_train, write_results
 from .train_settings import training_value
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
@@ -279,6 +279,5 @@ def format_compress_table(results: dict[str, Any]) -> str:
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
     from .plots import plot_compress
 
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "results.md", format_compress_table(results) + "\n")
+    write_results(out, results, format_compress_table(results))
     plot_compress(results, out / "compress.png")

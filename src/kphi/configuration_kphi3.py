@@ -13,34 +13,104 @@ from transformers import Phi3Config
 
 from .block import GROUPED_INIT_SCHEMES
 
-__all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "PHI3_PROJECTION_TARGETS", "BOOKKEEPING_KEYS", "config_fields"]
+__all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "PHI3_PROJECTION_TARGETS", "BOOKKEEPING_KEYS", "config_fields",
+           "DEFAULT_PROJECTION", "LEGACY_PROJECTION_FIELDS", "apply_legacy_fields", "fold_legacy_projection",
+           "canonical_projection", "with_overrides"]
 
 #: The projections of a phi-3 decoder layer that kphi-3 makes structured (and LoRA targets by default).
 PHI3_PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
+#: The projection of a config that names none: the report's block with ``m = 256``.
+DEFAULT_PROJECTION = {"kind": "grouped", "min_channels_per_group": 256, "init": "scaled_normal", "branches": 2}
+
+#: The three fields that said what replaced a dense projection before ``projection`` alone did (every report
+#: checkpoint and every run recorded before it carry them). They are read once, on the way in
+#: (:func:`fold_legacy_projection`), and never kept on a config.
+LEGACY_PROJECTION_FIELDS = ("min_channels_per_group", "grouped_init", "low_rank_fraction")
+
+
+def apply_legacy_fields(projection: dict, legacy: dict) -> dict:
+    """``projection`` changed as the legacy fields in ``legacy`` say (``None`` values count as absent).
+
+    * ``min_channels_per_group: m`` — ``m > 0``: grouped with that ``m`` (a grouped ``projection`` keeps its
+      other settings); ``m < 0``: dense; ``0`` is refused;
+    * ``low_rank_fraction: f`` — low-rank keeping a fraction ``f``; refused on a grouped projection (the old
+      rule: low-rank needs ``min_channels_per_group < 0``);
+    * ``grouped_init: scheme`` — the init of a grouped projection (ignored by other kinds, as before).
+
+    On :data:`DEFAULT_PROJECTION` this is exactly how the old config derived its kind: grouped when
+    ``m > 0``, else low-rank when ``low_rank_fraction`` is set, else dense.
+    """
+    legacy = {k: v for k, v in legacy.items() if v is not None}
+    unknown = set(legacy) - set(LEGACY_PROJECTION_FIELDS)
+    if unknown:
+        raise ValueError(f"not a legacy projection field: {', '.join(sorted(unknown))}")
+    result = dict(projection)
+    m = legacy.get("min_channels_per_group")
+    if m is not None:
+        if not isinstance(m, int) or isinstance(m, bool) or m == 0:
+            raise ValueError(f"min_channels_per_group must be positive (grouped) or negative (dense), got {m!r}")
+        if m < 0:
+            result = {"kind": "dense"}
+        elif result.get("kind") == "grouped":
+            result["min_channels_per_group"] = m
+        else:
+            result = {"kind": "grouped", "min_channels_per_group": m}
+    fraction = legacy.get("low_rank_fraction")
+    if fraction is not None:
+        if result.get("kind") == "grouped":
+            raise ValueError("low_rank_fraction needs dense projections (min_channels_per_group < 0)")
+        result = {"kind": "low_rank", "fraction": fraction}
+    scheme = legacy.get("grouped_init")
+    if scheme is not None:
+        if scheme not in GROUPED_INIT_SCHEMES:
+            raise ValueError(f"grouped_init must be one of {GROUPED_INIT_SCHEMES}, got {scheme!r}")
+        if result.get("kind") == "grouped":
+            result["init"] = scheme
+    return result
+
+
+def fold_legacy_projection(fields: dict) -> dict:
+    """``fields`` (a config's arguments, a ``config.json``, a recorded run's model) in today's form: the legacy
+    fields removed and ``projection`` set — from them (:func:`apply_legacy_fields` on
+    :data:`DEFAULT_PROJECTION`) when ``projection`` is absent or ``None``; a given ``projection`` is kept as
+    it is (it always overrode them)."""
+    fields = dict(fields)
+    legacy = {key: fields.pop(key) for key in LEGACY_PROJECTION_FIELDS if key in fields}
+    if fields.get("projection") is None:
+        fields["projection"] = apply_legacy_fields(DEFAULT_PROJECTION, legacy)
+    return fields
+
+
+def canonical_projection(projection):
+    """``projection`` with every setting of its kind spelled out (``{kind: grouped, min_channels_per_group: 32}``
+    -> ``{..., init: scaled_normal, branches: 2}``), so one projection spelled two ways is one model;
+    returned unchanged when it names no valid kind (validation reports that)."""
+    from .projections import projection_kind
+
+    try:
+        return projection_kind(projection).to_dict()
+    except (TypeError, ValueError):
+        return projection
+
 
 @strict
 class KPhi3Config(Phi3Config):
-    r"""Configuration of a kphi-3 model: every field of [`Phi3Config`] plus the grouping settings.
+    r"""Configuration of a kphi-3 model: every field of [`Phi3Config`] plus what replaces its projections.
 
     embed_size (`int`, *optional*):
         Width of the token embedding and of ``lm_head``'s input. ``None`` means ``hidden_size``. When it
         differs from ``hidden_size`` the model adds the blocks ``embed_to_hidden`` and ``hidden_to_embed``.
-    min_channels_per_group (`int`, defaults to 256):
-        ``m`` in the group rule of :func:`kphi.block.group_count`. A negative value means no grouping:
-        dense ``nn.Linear`` projections, i.e. the phi-3 baseline.
-    grouped_init (`str`, defaults to ``"scaled_normal"``):
-        Initialisation of grouped weights: ``"scaled_normal"`` (``N(0, (initializer_range*sqrt(G/2))^2)``,
-        matching a dense layer's output scale) or ``"kaiming_uniform"`` (the reference implementation's).
-    low_rank_fraction (`float`, *optional*):
-        Only with dense projections (``min_channels_per_group < 0``): factorise every projection
-        ``in -> out`` through rank ``r = round(f * in * out / (in + out))``, keeping about a fraction ``f``
-        of its parameters (:class:`kphi.lowrank.LowRankLinear`). A control for experiments.
-    projection (`dict`, *optional*):
-        Any registered projection kind as data (:mod:`kphi.projections`), e.g.
-        ``{"kind": "monarch", "blocks": 4, "fraction": 0.24}``; it overrides the three fields above.
-        ``None`` (the default, and every report checkpoint) derives the kind from them: grouped when
-        ``min_channels_per_group > 0``, else low-rank when ``low_rank_fraction`` is set, else dense.
+    projection (`dict`, defaults to the report's block with ``m = 256``):
+        The kind of every decoder projection (and width adapter) as data (:mod:`kphi.projections`):
+        ``{"kind": "grouped", "min_channels_per_group": 32}`` (the report's block, ``G`` from
+        :func:`kphi.block.group_count`), ``{"kind": "dense"}`` (phi-3), ``{"kind": "low_rank", "fraction":
+        0.24}``, ``{"kind": "monarch", "blocks": 4, "fraction": 0.24}``. Stored with every setting of its kind
+        spelled out. The fields that said this before (``min_channels_per_group``, negative for dense;
+        ``grouped_init``; ``low_rank_fraction``), which every report checkpoint carries, are still accepted as
+        arguments: they are folded into ``projection`` (:func:`fold_legacy_projection`) and not kept. Given
+        beside a ``projection`` they are ignored, as they always were (an older ``config.json`` holds both); to
+        change a config's projection with them, use :func:`with_overrides`.
 
     Fields that reference checkpoints carry and transformers 5 renamed or dropped (``rope_theta``,
     ``rope_scaling``, ``ffn_dim``, ``do_layer_norm_before``, ``torch_dtype``, ...) are accepted; the rope
@@ -50,14 +120,13 @@ class KPhi3Config(Phi3Config):
     model_type = "kphi3"
 
     embed_size: int | None = None
-    min_channels_per_group: int = 256
-    grouped_init: str = "scaled_normal"
-    low_rank_fraction: float | None = None
     projection: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.embed_size is None:
             self.embed_size = self.hidden_size
+        legacy = {key: kwargs.pop(key) for key in LEGACY_PROJECTION_FIELDS if key in kwargs}
+        self.projection = canonical_projection(fold_legacy_projection({"projection": self.projection, **legacy})["projection"])
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
@@ -77,15 +146,6 @@ class KPhi3Config(Phi3Config):
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.min_channels_per_group == 0:
-            raise ValueError("min_channels_per_group must be positive (grouped) or negative (dense), not 0")
-        if self.low_rank_fraction is not None:
-            if not 0 < self.low_rank_fraction <= 1:
-                raise ValueError(f"low_rank_fraction must be in (0, 1], got {self.low_rank_fraction!r}")
-            if self.min_channels_per_group > 0:
-                raise ValueError("low_rank_fraction needs dense projections (min_channels_per_group < 0)")
-        if self.grouped_init not in GROUPED_INIT_SCHEMES:
-            raise ValueError(f"grouped_init must be one of {GROUPED_INIT_SCHEMES}, got {self.grouped_init!r}")
         self.projection_kind()  # raises ValueError naming a bad projection setting
 
     @property
@@ -96,13 +156,7 @@ class KPhi3Config(Phi3Config):
         """The :class:`~kphi.kinds.ProjectionKind` of the decoder's projections (see ``projection``)."""
         from .projections import projection_kind
 
-        if self.projection is not None:
-            return projection_kind(self.projection)
-        if self.min_channels_per_group > 0:
-            return projection_kind({"kind": "grouped", "min_channels_per_group": self.min_channels_per_group, "init": self.grouped_init})
-        if self.low_rank_fraction is not None:
-            return projection_kind({"kind": "low_rank", "fraction": self.low_rank_fraction})
-        return projection_kind("dense")
+        return projection_kind(self.projection)
 
 
 #: Keys ``config.json`` carries that describe the file, not the model (not ``KPhi3Config`` arguments).
@@ -113,9 +167,16 @@ def with_overrides(config: KPhi3Config | dict, overrides: dict | None) -> dict:
     """``config_fields(config)`` updated by ``overrides``, where a new ``hidden_size`` carries the embedding
     width with it when that width was the old hidden size (so ``{hidden_size: 64}`` on a width-256 preset is a
     width-64 model, not a width-64 core behind width-256 embeddings and adapters); an explicit ``embed_size``
-    in ``overrides`` wins."""
-    fields = config_fields(config)
+    in ``overrides`` wins. Legacy projection fields in ``overrides`` change the config's projection
+    (:func:`apply_legacy_fields`: ``{min_channels_per_group: 8}`` on a grouped preset is that preset with
+    ``m = 8``); an explicit ``projection`` in ``overrides`` replaces it whole."""
+    fields = fold_legacy_projection(config_fields(config))
     overrides = dict(overrides or {})
+    legacy = {key: overrides.pop(key) for key in LEGACY_PROJECTION_FIELDS if key in overrides}
+    if overrides.get("projection") is None:  # (an explicit None keeps the config's projection)
+        overrides.pop("projection", None)
+        if legacy:
+            overrides["projection"] = apply_legacy_fields(canonical_projection(fields["projection"]), legacy)
     if "hidden_size" in overrides and "embed_size" not in overrides and fields.get("embed_size") in (None, fields.get("hidden_size")):
         fields["embed_size"] = None  # derived again from the new hidden size
     return {**fields, **overrides}

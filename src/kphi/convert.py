@@ -35,6 +35,8 @@ from .projections import linear_weight, projection_kind
 __all__ = ["ConvertError", "ConvertResult", "FITS", "convert", "convert_to_dir", "non_embedding_parameters", "calibration_grams"]
 
 FITS = ("auto", "frobenius", "activations", "none")
+#: Calibration tokens read for an activation-aware fit unless told otherwise.
+CALIBRATION_TOKENS = 4096
 CONVERT_MARKER = "kphi-convert.json"
 
 
@@ -273,7 +275,7 @@ def convert(
     overrides: list | None = None,
     fit: str = "auto",
     calibration=None,
-    calibration_tokens: int = 4096,
+    calibration_tokens: int = CALIBRATION_TOKENS,
     progress: bool = False,
     **settings: Any,
 ) -> ConvertResult:

@@ -60,6 +60,8 @@ __all__ = [
 
 EXPORT_MARKER = "kphi-export.json"
 ONNX_FILE = "model.onnx"
+#: ``torch.onnx.export`` paths: ``dynamo`` (onnxscript), ``torchscript`` (legacy), ``auto`` (dynamo, then torchscript).
+ONNX_EXPORTERS = ("auto", "dynamo", "torchscript")
 
 #: The ``auto_map`` that an export's ``config.json`` carries (written by ``save_pretrained``).
 AUTO_MAP = {
@@ -178,7 +180,7 @@ def export_onnx(model, path: str | os.PathLike, *, exporter: str = "auto", opset
     """
     import torch
 
-    if exporter not in ("auto", "dynamo", "torchscript"):
+    if exporter not in ONNX_EXPORTERS:
         raise ExportError(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
     if exporter in ("auto", "dynamo") and importlib.util.find_spec("onnxscript") is None:
         if exporter == "dynamo":

@@ -75,6 +75,7 @@ class LowRankKind(ProjectionKind):
 
     name: ClassVar[str] = "low_rank"
     fraction: float = 0.25
+    """fraction of each projection's dense parameters to keep, in (0, 1]."""
 
     def __post_init__(self):
         if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:

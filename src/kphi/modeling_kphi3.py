@@ -12,8 +12,8 @@ only when ``E != H``)::
     input_ids [B, T] -> embed_tokens [B, T, E] -> dropout(embd_pdrop) -> embed_to_hidden [B, T, H]
       -> decoder layers -> final RMSNorm -> hidden_to_embed [B, T, E] -> lm_head [B, T, vocab]
 
-``min_channels_per_group < 0`` gives plain dense ``nn.Linear`` projections: the phi-3 baseline, with the
-same parameter names (and logits) as ``transformers.Phi3ForCausalLM``.
+``projection: {kind: dense}`` gives plain ``nn.Linear`` projections: the phi-3 baseline, with the same
+parameter names (and logits) as ``transformers.Phi3ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ PROJECTION_TARGETS = PHI3_PROJECTION_TARGETS
 def make_projection(in_features: int, out_features: int, config: KPhi3Config) -> nn.Module:
     """The module that maps ``in_features -> out_features`` in a model built from ``config``: the build of
     ``config.projection_kind()`` (a :class:`GroupedPointwiseBlock` with ``G = group_count(in, out, m)`` for
-    the report's settings, ``nn.Linear`` without bias for ``min_channels_per_group < 0``)."""
+    the report's block, ``nn.Linear`` without bias for the dense kind)."""
     return config.projection_kind().build(in_features, out_features)
 
 
@@ -69,7 +69,7 @@ def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config)
     these sit in series with the whole network: initialised at ``initializer_range`` they would shrink the
     signal (and every gradient through them) by ``0.02 * sqrt(in)`` each. They are therefore initialised
     as norm-preserving maps, with the dense-equivalent std ``1 / sqrt(in)`` (a grouped block scales it by
-    ``sqrt(G / 2)`` as usual, see :func:`kphi.block.init_grouped_weight`), whatever ``grouped_init`` says:
+    ``sqrt(G / 2)`` as usual, see :func:`kphi.block.init_grouped_weight`), whatever the grouped kind's ``init`` says:
     the reference ``kaiming_uniform`` would give them a gain of ``sqrt(in / (3 * G * out))`` instead.
     """
     adapter = make_projection(in_features, out_features, config)

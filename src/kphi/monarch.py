@@ -99,7 +99,9 @@ class MonarchKind(ProjectionKind):
 
     name: ClassVar[str] = "monarch"
     blocks: int = 4
+    """number of blocks of each Monarch factor (at most; fewer when the shape needs it)."""
     fraction: float = 0.25
+    """fraction of each projection's dense parameters to keep, in (0, 1]."""
 
     def __post_init__(self):
         if not isinstance(self.blocks, int) or self.blocks < 1:

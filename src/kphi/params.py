@@ -58,7 +58,7 @@ def count_parameters(config: KPhi3Config) -> tuple[int, int]:
 
 def dense_counterpart(config: KPhi3Config) -> KPhi3Config:
     """The same shape with dense projections (whatever kind ``config`` uses: grouped, low-rank or a ``projection``)."""
-    return KPhi3Config(**{**config_fields(config), "min_channels_per_group": -1, "low_rank_fraction": None, "projection": None})
+    return KPhi3Config(**{**config_fields(config), "projection": {"kind": "dense"}})
 
 
 def parameter_report(config: KPhi3Config, baseline: tuple[str, KPhi3Config] | None = None) -> ParamReport:

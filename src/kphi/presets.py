@@ -115,7 +115,7 @@ def resolve_config(spec: str | Path) -> Preset:
         if model_type not in ("kphi3", "phi3"):
             raise PresetError(f"{path}: model_type {model_type!r} is not kphi3 or phi3")
         if model_type == "phi3":
-            fields.setdefault("min_channels_per_group", -1)
+            fields.setdefault("projection", {"kind": "dense"})
         config = _build_config(config_fields(fields), str(path))
         return Preset(name=path.parent.name, config=config, model="kphi-3" if config.is_grouped else "phi-3", path=path)
     if path.suffix not in (".yaml", ".yml") and len(path.parts) > 1 and not path.exists():

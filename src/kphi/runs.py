@@ -26,9 +26,12 @@ from typing import Any, Callable
 from .errors import KphiError
 from .files import atomic_write_text
 
-__all__ = ["DIVERGED_FILE", "ExperimentError", "converged", "finished_run", "get_or_train"]
+__all__ = ["DIVERGED_FILE", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
+           "write_results"]
 
 DIVERGED_FILE = "diverged.json"
+#: Every experiment's results: the numbers, and the table a reader looks at.
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
 class ExperimentError(KphiError, RuntimeError):
@@ -38,7 +41,7 @@ class ExperimentError(KphiError, RuntimeError):
 def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished (or diverged) run of exactly these settings; ``None`` when it has yet to
     (finish) training. A run of other settings or other initial weights is refused, not reused."""
-    from .train import METRICS_FILE, RUN_FILE, identity_differences, initial_weights_sha256
+    from .train import METRICS_FILE, RUN_FILE, identity_differences, initial_weights_sha256, recorded_version
 
     run_dir = Path(run_dir)
     metrics_file = next((f for f in (run_dir / METRICS_FILE, run_dir / DIVERGED_FILE) if f.is_file()), None)
@@ -51,7 +54,7 @@ def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError, AttributeError) as err:
         raise ExperimentError(f"{run_dir} is damaged ({err}); move it away to retrain that run") from None
 
-    if identity_differences(recorded, settings, config):
+    if identity_differences(recorded, settings, config, recorded_version(record)):
         raise ExperimentError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
     # runs recorded before the hash was (issue 16) cannot be told apart and are reused as they are
     started_from = record.get("initial_weights_sha256")
@@ -96,3 +99,12 @@ def converged(metrics: dict[str, Any], label: str, remedy: str) -> dict[str, Any
     if metrics.get("diverged"):
         raise ExperimentError(f"{label} diverged ({metrics['diverged']}); {remedy}")
     return metrics
+
+
+def write_results(out: Path, results: dict[str, Any], table: str) -> None:
+    """Write an experiment's ``results.json`` (``results``, indented) and ``results.md`` (``table``) into
+    ``out``, each replaced atomically: the one results writer of compare, budgets, scaling, compress and
+    structure (their plots are their own)."""
+    out = Path(out)
+    atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
+    atomic_write_text(out / RESULTS_MD, table + "\n")

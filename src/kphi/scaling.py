@@ -4,7 +4,7 @@ A *scaling suite* (YAML with ``kind: scaling`` in ``kphi/suites/``) names
 
 * ``families``: arms as in a compare suite (a preset, or a control with ``base`` and ``match``), each
   rebuilt at every width: ``hidden_size = w`` and ``intermediate_size`` at the preset's ratio to its width
-  (rounded to a multiple of 8); heads, depth and ``min_channels_per_group`` are kept, so a grouped family's
+  (rounded to a multiple of 8); heads, depth and the projection (e.g. its ``min_channels_per_group``) are kept, so a grouped family's
   group count grows with its width by the group rule;
 * ``widths``: the sizes;
 * ``budget``: tokens per run as a function of width, ``reference_tokens * (w / reference_width) ** exponent``
@@ -27,7 +27,6 @@ fits) and one comparison directory per width.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -41,9 +40,9 @@ from huggingface_hub.errors import StrictDataclassError
 from .compare import (
     CompareError, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare, suite_training,
 )
-from .files import atomic_write_text
 from .model import config_fields
 from .presets import load_preset
+from .runs import write_results
 
 __all__ = ["ScalingSuite", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
 
@@ -324,8 +323,7 @@ def write_scaling_outputs(results: dict[str, Any], out: Path) -> None:
         fit = family["fit"]
         curves[label] = {"points": pts, "curve": None if fit is None else (lambda n, f=fit: power_law(f, n))}
     plot_scaling(curves, out / "scaling.png", f"kphi scale ({results['suite']}): validation loss vs parameters")
-    atomic_write_text(out / "results.md", format_scaling_table(results) + "\n")
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    write_results(out, results, format_scaling_table(results))
 
 
 def scaling_config_summary(suite: ScalingSuite) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import json
 import textwrap
 import typing
 
-__all__ = ["setting", "invalid_setting", "add_settings_arguments", "field_docs"]
+__all__ = ["setting", "invalid_setting", "add_settings_arguments", "add_kind_arguments", "field_docs"]
 
 def setting(default, *, minimum=None, above=None, maximum=None, choices=None):
     """A dataclass field with declared bounds (``minimum <= v``, ``above < v``, ``v <= maximum``) and/or
@@ -165,3 +165,28 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, *, skip=(), req
             choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else f.name.upper(),
             help=(help_text + shown).strip(),
         )
+
+
+def add_kind_arguments(parser: argparse.ArgumentParser, kinds: dict[str, type], *, default: str) -> list[str]:
+    """``--kind`` (choices: the registry ``kinds``, name -> kind dataclass) and one ``--field-name`` flag per
+    setting of any kind, from the kinds' own fields: type, choices, docstring (help) and defaults. A setting
+    several kinds share (``fraction``) is one flag naming them all. Like every generated flag, a setting not
+    given stays absent (the kind's default applies). Returns the settings' names (``dest``)."""
+    parser.add_argument("--kind", default=default, choices=list(kinds), help=f"projection kind (default: {default})")
+    owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    docs: dict[str, str] = {}
+    for name, cls in kinds.items():
+        docs.update({k: v for k, v in field_docs(cls).items() if k not in docs})
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append((name, f))
+    for setting_name, pairs in owners.items():
+        f = pairs[0][1]
+        kind = _scalar(typing.get_type_hints(kinds[pairs[0][0]])[setting_name])
+        defaults = sorted({str(field.default) for _, field in pairs})
+        shown = f" (default: {defaults[0]})" if len(defaults) == 1 else ""
+        parser.add_argument(
+            "--" + setting_name.replace("_", "-"), dest=setting_name, type=kind, default=argparse.SUPPRESS,
+            choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else setting_name.upper(),
+            help=f"{', '.join(name for name, _ in pairs)}: {docs.get(setting_name, '').rstrip('.')}{shown}",
+        )
+    return list(owners)

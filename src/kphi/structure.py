@@ -37,6 +37,7 @@ import torch
 
 from .compare import CompareError, command_line, read_suite_yaml, suite_training
 from .files import atomic_write_text, slug
+from .runs import write_results
 
 __all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
 
@@ -174,8 +175,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         "uniform_bits_per_byte": uniform, "heldout_bytes": source["bytes"], "context": suite.context,
         "stride": suite.stride, "fits": rows, "healed": healed, "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    atomic_write_text(out / "results.md", format_structure_table(results) + "\n")
+    write_results(out, results, format_structure_table(results))
     plot_structure(results, out / "structure.png")
     return results
 

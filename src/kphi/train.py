@@ -46,14 +46,16 @@ from .callbacks import (
 from .data.prepare import CorpusSettings
 from .files import atomic_write_text, refuse_foreign_dir
 from .fingerprint import weights_sha256
-from .model import KPhi3Config, KPhi3ForCausalLM
+from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .optim import scale_grouped_learning_rates
 from .train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
+    IDENTITY_VERSION,
     DivergedError,
     TrainError,
     TrainSettings,
     identity_differences,
     model_config_fields,
+    recorded_version,
     resolve_settings,
     tokens_per_step,
 )
@@ -86,7 +88,7 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool, config: KPh
             raise TrainError(
                 f"{out} already holds {state} run; pass --resume to continue it or choose another --out"
             )
-        changed = identity_differences(previous.get("identity"), settings, config)
+        changed = identity_differences(previous.get("identity"), settings, config, recorded_version(previous))
         if changed:
             raise TrainError(f"{out} holds a different run (settings differ: {', '.join(changed)}); choose another --out")
     else:
@@ -130,10 +132,14 @@ def _validate_checkpoint(folder: Path, model) -> None:
     except Exception as err:  # noqa: BLE001 - any failure means the checkpoint is unusable
         raise TrainError(f"checkpoint {folder} is corrupt or incomplete ({type(err).__name__}: {err})") from None
     config = model.config
+    try:  # read back as the model's own config class: defaults filled in, legacy projection fields folded
+        saved = type(config)(**config_fields(saved))
+    except Exception as err:  # noqa: BLE001 - any failure means the checkpoint is unusable
+        raise TrainError(f"checkpoint {folder} has an unreadable config.json ({type(err).__name__}: {err})") from None
     expected = set(model.state_dict())
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
-    fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "min_channels_per_group", "vocab_size", "projection")
-    mismatched = [f for f in fields if saved.get(f) != getattr(config, f, None)]
+    fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "projection")
+    mismatched = [f for f in fields if getattr(saved, f, None) != getattr(config, f, None)]
     if mismatched or not expected <= keys | tied:
         raise TrainError(f"checkpoint {folder} does not match this model ({', '.join(mismatched) or 'weights differ'})")
 
@@ -357,7 +363,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         checkpoint = _newest_complete_checkpoint(out) if resume else None
         if checkpoint is not None:
             _validate_checkpoint(checkpoint, model)
-        record = {"identity": settings.identity(config), "settings": dataclasses.asdict(settings),
+        record = {"identity_version": IDENTITY_VERSION, "identity": settings.identity(config),
+                  "settings": dataclasses.asdict(settings),
                   "initial_weights_sha256": initial_weights}
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
         return str(checkpoint) if checkpoint else None
@@ -500,7 +507,6 @@ def _final_metrics(trainer, settings, config, data_stats, csv_logger, step_token
         "layers": config.num_hidden_layers,
         "intermediate_size": getattr(config, "intermediate_size", None),
         "hidden_size": config.hidden_size,
-        "min_channels_per_group": getattr(config, "min_channels_per_group", None),
         "projection": config.projection_kind().to_dict() if hasattr(config, "projection_kind") else None,
         "data": {k: data_stats.get(k) for k in ("train_rows", "validation_rows", "train_tokens", "validation_tokens")},
     }

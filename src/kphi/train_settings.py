@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from .model import KPhi3Config
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "GROUPED_LR_SCALES", "LATER_FIELDS", "resolve_settings",
-           "model_config_fields", "model_fields", "recorded_identity", "identity_differences", "tokens_per_step",
-           "whole_steps"]
+           "model_config_fields", "model_fields", "IDENTITY_VERSION", "recorded_version", "recorded_identity",
+           "identity_differences", "tokens_per_step", "whole_steps"]
 
 #: ``grouped_lr_scale`` values (:func:`kphi.optim.scale_grouped_learning_rates`).
 GROUPED_LR_SCALES = ("none", "groups")
@@ -93,7 +93,8 @@ class TrainSettings(CorpusSettings):
     """``none``, or ``groups``: the learning rate of every grouped weight is multiplied by its group count
     ``G`` (see :func:`kphi.optim.scale_grouped_learning_rates`)."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    """KPhi3Config fields to change from the preset, as a JSON object (e.g. ``{"min_channels_per_group": 16}``)."""
+    """KPhi3Config fields to change from the preset, as a JSON object (e.g. ``{"num_hidden_layers": 3}`` or
+    ``{"projection": {"kind": "low_rank", "fraction": 0.25}}``)."""
     training_arguments: dict[str, Any] = field(default_factory=dict)
     """Any other ``transformers.TrainingArguments`` field, passed through as is, as a JSON object (e.g.
     ``{"adam_beta2": 0.95, "torch_compile": true}``); the fields kphi sets from its own settings are refused."""
@@ -173,28 +174,59 @@ def model_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> 
     return json.loads(json.dumps({k: v for k, v in fields.items() if k not in ("dtype", "torch_dtype")}))
 
 
-def recorded_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """A run's recorded identity in today's form.
+#: The form of run identity this code writes (``identity_version`` in ``kphi-run.json``). Older records are
+#: brought to it by :func:`recorded_identity`, one explicit step per version, and then compared:
+#:
+#: * 1 -> 2: ``preset`` + ``config_overrides`` became ``model``, the whole model config;
+#: * 2 -> 3: ``model``'s legacy projection fields (``min_channels_per_group``, ``grouped_init``,
+#:   ``low_rank_fraction``) folded into ``projection``, spelled out with every setting of its kind.
+IDENTITY_VERSION = 3
 
-    Runs recorded before identities held the whole model config stored ``preset`` (a name or a YAML path,
-    e.g. the arm files ``kphi compare`` used to write) and ``config_overrides``; they are resolved to
-    ``model`` here, so such runs stay resumable and reusable. A preset that no longer resolves gives
-    ``model: None``, which matches nothing.
+
+def recorded_version(record: dict[str, Any]) -> int:
+    """The identity version of a run record (``kphi-run.json``): its ``identity_version``, else (records made
+    before versions were written) 1 when the identity names a preset, 2 when it holds the model."""
+    version = record.get("identity_version")
+    if version is not None:
+        return int(version)
+    return 1 if "preset" in (record.get("identity") or {}) else 2
+
+
+def recorded_identity(identity: dict[str, Any], version: int | None = None) -> dict[str, Any]:
+    """A run's recorded identity (of ``version``, inferred as :func:`recorded_version` does when ``None``)
+    migrated to today's form (:data:`IDENTITY_VERSION`), so runs recorded by older kphi stay resumable and
+    reusable.
+
+    Version 1 stored only a preset name (or a YAML path) and overrides, not the model: it is the one step that
+    resolves a preset as it is today (a preset that no longer resolves gives ``model: None``, which matches
+    nothing). Version 2 -> 3 is pure data: :func:`~kphi.configuration_kphi3.fold_legacy_projection`.
     """
-    if "model" in identity or "preset" not in identity:
-        return identity
+    from .configuration_kphi3 import canonical_projection, fold_legacy_projection
+
+    if version is None:
+        version = recorded_version({"identity": identity})
     upgraded = dict(identity)
-    old = TrainSettings(preset=upgraded.pop("preset"), config_overrides=upgraded.pop("config_overrides", {}))
-    try:
-        upgraded["model"] = model_fields(old)
-    except (KphiError, TypeError, ValueError):
-        upgraded["model"] = None
+    if version < 2 and "preset" in upgraded:
+        old = TrainSettings(preset=upgraded.pop("preset"), config_overrides=upgraded.pop("config_overrides", {}))
+        try:
+            upgraded["model"] = model_fields(old)
+        except (KphiError, TypeError, ValueError):
+            upgraded["model"] = None
+    if version < 3 and isinstance(upgraded.get("model"), dict):
+        try:
+            model = fold_legacy_projection(upgraded["model"])
+        except ValueError:  # legacy fields no config could be built from: a run that matches nothing
+            model = {**upgraded["model"], "projection": None}
+        model["projection"] = canonical_projection(model["projection"])
+        upgraded["model"] = model
     return upgraded
 
 
-def identity_differences(recorded: dict[str, Any] | None, settings: TrainSettings, config: KPhi3Config | None = None) -> list[str]:
-    """The identity fields in which ``settings`` (training ``config``) differ from a recorded run; ``[]``: the same run."""
-    previous = recorded_identity(recorded or {})
+def identity_differences(recorded: dict[str, Any] | None, settings: TrainSettings, config: KPhi3Config | None = None,
+                         version: int | None = None) -> list[str]:
+    """The identity fields in which ``settings`` (training ``config``) differ from a run recorded with identity
+    ``version`` (:func:`recorded_identity`); ``[]``: the same run."""
+    previous = recorded_identity(recorded or {}, version)
     current = settings.identity(config)
     return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
 

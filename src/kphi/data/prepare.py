@@ -41,7 +41,7 @@ from typing import Any, Iterator
 from ..files import cache_root, refuse_foreign_dir, slug, staged_dir, stat_fingerprint
 from ..settings import invalid_setting, setting
 from . import recipe
-from .recipe import DEFAULT_FILTERS, EOS, IGNORE_INDEX
+from .recipe import DEFAULT_FILTERS, DEFAULT_VOCAB_SIZE, EOS, IGNORE_INDEX
 from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
 
 #: Bumped whenever the on-disk layout or the recipe changes output for the same settings.
@@ -61,7 +61,7 @@ class CorpusSettings:
     """Tokenizer: ``bpe`` (trained on the training split), ``phi3`` (exact, offline), ``phi3-hub``, or a model:
     a model directory or a known model (``smollm2-135m``). A model whose tokenizer lacks phi-3's chat tokens
     gets its pairs in its own chat template (SmolLM2: ChatML), not phi-3's layout."""
-    vocab_size: int = setting(4096, minimum=1)
+    vocab_size: int = setting(DEFAULT_VOCAB_SIZE, minimum=1)
     """Vocabulary size of a trained BPE tokenizer."""
     context_length: int = setting(256, minimum=2)
     """Tokens per packed (training) row."""

@@ -42,6 +42,8 @@ ASSISTANT = "<|assistant|>"
 END = "<|end|>"
 SYSTEM = "<|system|>"
 EOS = "<|endoftext|>"
+#: Vocabulary size of the byte-level BPE tokenizer the recipe trains on a corpus (``tokenizer: bpe``).
+DEFAULT_VOCAB_SIZE = 4096
 
 #: Label value ignored by the loss of a ``transformers`` causal LM.
 IGNORE_INDEX = -100

@@ -45,7 +45,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
 from ..files import atomic_write_bytes, cache_root, pip_download_sdist
-from .recipe import END
+from .recipe import DEFAULT_VOCAB_SIZE, END
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -117,7 +117,6 @@ TOKENIZER_SPECS = ("bpe", "phi3", "phi3-hub")
 
 #: The tokens of phi-3's chat layout (kphi.data.recipe) that a tokenizer must keep whole to use it.
 PHI3_CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
-DEFAULT_VOCAB_SIZE = 4096
 
 
 class TokenizerError(KphiError, RuntimeError):
