@@ -29,6 +29,36 @@ def test_time_limit_stops_every_rank_when_rank_0_runs_out():
     assert dict(results) == {0: (True, True, True), 1: (True, True, True)}
 
 
+def _refusing_rank(rank: int, port: int, results) -> None:
+    from kphi.train import TrainError, _main_process_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        def refuse():
+            raise TrainError("runs/x already holds a finished run")
+
+        try:
+            _main_process_first(rank == 0, refuse, on_others=lambda found: results.setdefault(f"others-{rank}", found))
+            results[rank] = "went on"
+        except TrainError as err:
+            results[rank] = str(err)
+        # and a verdict that is a value reaches the others through on_others
+        results[f"value-{rank}"] = _main_process_first(rank == 0, lambda: "checkpoint-4", on_others=lambda found: found + "!")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_refusal_on_the_main_process_reaches_every_rank():
+    """Checks that touch the run directory run once, on rank 0; when they refuse, the other ranks must raise
+    the same error rather than go on (or hang in the next collective)."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_refusing_rank, args=(free_port(), results), nprocs=2, join=True)
+    assert results[0] == results[1] == "runs/x already holds a finished run"
+    assert results["value-0"] == "checkpoint-4" and results["value-1"] == "checkpoint-4!"
+    assert "others-1" not in results  # on_others never ran: the verdict was an error
+
+
 def test_experiments_refuse_to_run_under_several_processes(tmp_path):
     from processes import run_kphi
 

@@ -242,3 +242,31 @@ def test_overrides_change_the_projection_of_a_config(base, overrides, expected):
 def test_a_bad_projection_is_refused_naming_it(fields, message):
     with pytest.raises((ValueError, StrictDataclassError), match=message):
         tiny_config(**fields)
+
+
+@pytest.mark.fast
+def test_width_adapters_start_norm_preserving_whatever_the_grouped_init():
+    """``embed_to_hidden`` / ``hidden_to_embed`` sit in series with the whole network: they get the
+    dense-equivalent std ``1 / sqrt(in)`` (times ``sqrt(G / 2)`` in a grouped block), even when the decoder's
+    grouped weights take the report's ``kaiming_uniform`` (``U(+-1/sqrt(s*o))``, std ``1/sqrt(3*s*o)``)."""
+    import math
+
+    from kphi.block import group_count
+
+    dense = tiny_config(embed_size=32, projection={"kind": "dense"})
+    torch.manual_seed(0)
+    model = KPhi3ForCausalLM(dense)
+    for adapter, fan_in in ((model.model.embed_to_hidden, 32), (model.hidden_to_embed, 64)):
+        assert adapter.weight.std().item() == pytest.approx(fan_in**-0.5, rel=0.1)
+
+    grouped = tiny_config(embed_size=32, projection={"kind": "grouped", "min_channels_per_group": 16, "init": "kaiming_uniform"})
+    torch.manual_seed(0)
+    model = KPhi3ForCausalLM(grouped)
+    for adapter, (fan_in, fan_out) in ((model.model.embed_to_hidden, (32, 64)), (model.hidden_to_embed, (64, 32))):
+        groups = group_count(fan_in, fan_out, 16)
+        assert groups > 1
+        for layer in (adapter.first_pointwise_conv, adapter.second_pointwise_conv):
+            assert layer.weight.std().item() == pytest.approx(fan_in**-0.5 * math.sqrt(groups / 2), rel=0.1)
+    qkv = model.model.layers[0].self_attn.qkv_proj.first_pointwise_conv.weight  # [G, s, o]: the report's init
+    s, o = qkv.shape[1:]
+    assert qkv.std().item() == pytest.approx((3 * s * o) ** -0.5, rel=0.1)

@@ -106,3 +106,25 @@ def test_the_report_presets_carry_the_reports_training_recipe(preset, tmp_path):
     assert (settings.tokenizer, settings.context_length, settings.batch_size) == ("phi3", 4096, 1)
     assert (settings.learning_rate, settings.lr_scheduler, settings.precision) == (1e-4, "constant", "auto")
     assert settings.validation_rows == 5000 and settings.eval_rows == 500  # evaluation a small share of compute
+
+
+@pytest.mark.fast
+def test_settings_resolve_as_defaults_then_the_preset_then_the_flags():
+    """``resolve_settings``: TrainSettings' defaults <- the preset's ``training:`` <- what the caller gives
+    (``None``: not given); an explicit budget replaces the preset's; two budgets or an unknown name are refused."""
+    from kphi.presets import load_preset
+    from kphi.train_settings import TrainError, TrainSettings, resolve_settings
+
+    preset, defaults = load_preset("cpu-kphi3").training, TrainSettings()
+    assert preset["learning_rate"] != defaults.learning_rate and "weight_decay" not in preset
+    settings = resolve_settings("cpu-kphi3")
+    assert settings.learning_rate == preset["learning_rate"] and settings.weight_decay == defaults.weight_decay
+    assert settings.max_steps == preset["max_steps"] and settings.preset == "cpu-kphi3"
+    settings = resolve_settings("cpu-kphi3", learning_rate=5e-4, batch_size=None, max_tokens=4096)
+    assert settings.learning_rate == 5e-4 and settings.batch_size == preset["batch_size"]
+    assert settings.max_tokens == 4096 and settings.max_steps is None  # the preset's budget is replaced
+    assert resolve_settings(None, max_steps=3).learning_rate == defaults.learning_rate  # no preset: the defaults
+    with pytest.raises(TrainError, match="give one budget, not max_steps and max_tokens"):
+        resolve_settings("cpu-kphi3", max_steps=10, max_tokens=4096)
+    with pytest.raises(TrainError, match="unknown training setting 'learning_rat'"):
+        resolve_settings("cpu-kphi3", learning_rat=1e-3)
