@@ -50,6 +50,7 @@ DAMAGE = {
     "config truncated": (_truncate("config.json"), "config.json", True),
     "config wrong type": (_write("config.json", "[1, 2]"), "config.json", True),
     "config impossible shape": (_set_config(hidden_size=30), "hidden_size (30)", True),
+    "config unknown projection kind": (_set_config(projection={"kind": "sparse"}), "unknown projection kind 'sparse'", True),
     "weights missing": (_remove("model.safetensors"), "model.safetensors is missing", False),
     "weights empty": (_write("model.safetensors", ""), "model.safetensors", False),
     "weights truncated": (_truncate("model.safetensors", 0.7), "not a complete safetensors file", False),

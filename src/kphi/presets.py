@@ -60,8 +60,9 @@ def _build_config(fields: dict[str, Any], where: str) -> KPhi3Config:
     try:
         return KPhi3Config(**fields)
     except (TypeError, ValueError, StrictDataclassError) as err:
-        detail = str(err).strip().splitlines()
-        raise PresetError(f"invalid model configuration in {where}: {detail[-1].strip() if detail else err}") from None
+        # a strict dataclass wraps the validator's own error (its cause), whose message names the field
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        raise PresetError(f"invalid model configuration in {where}: {cause}") from err
 
 
 def _read_yaml(path: Path) -> Preset:
