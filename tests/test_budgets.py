@@ -86,6 +86,36 @@ def test_the_largest_budget_runs_more_seeds_and_reruns_reuse_everything(series, 
         assert arm["points"][0]["seeds"] == [42] and arm["points"][1]["seeds"] == [42, 43]
 
 
+@pytest.mark.fast
+def test_a_series_is_a_plan_of_comparisons_one_per_budget(tmp_path):
+    """``plan_budget_series`` is the series without training: one comparison per budget, smallest first, in
+    ``OUT/tokens-N``, at ``max_tokens: N`` (the suite's ``max_steps`` dropped), more seeds at the largest."""
+    from kphi.budgets import budgets_per_parameter, plan_budget_series
+
+    suite = load_suite("cpu-tokens-per-param-w96")
+    plan = plan_budget_series(suite, tmp_path / "out")
+    budgets = budgets_per_parameter(suite)
+    assert [c.suite.training["max_tokens"] for c in plan] == budgets == sorted(budgets) and len(budgets) == 4
+    assert [c.seeds for c in plan] == [1, 1, 1, 2]
+    assert [c.out for c in plan] == [tmp_path / "out" / f"tokens-{b}" for b in budgets]
+    assert all("max_steps" not in c.suite.training and c.suite.arms == suite.arms for c in plan)
+    assert [c.seeds for c in plan_budget_series(suite, tmp_path, [10_000, 5_000], seeds=3)] == [3, 2]
+
+
+def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
+    """``kphi compare --dry-run`` trains nothing and counts the runs its ``--out`` already holds."""
+    out, corpus, tmp, _ = series
+    before = finished_runs(out)
+    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024,2048", "--data", str(corpus), "--out",
+                      str(out), "--dry-run", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "tokens per run" in line.split("|")[1]]
+    assert len(rows) == 3 * len(load_suite("smoke").arms)
+    finished = {(row[0].strip().split(" tokens")[0], row[1].strip()): int(row[7]) for row in rows}
+    assert set(finished.values()) == {0, 1} and all((label.startswith("2,048")) == (done == 0) for (label, _), done in finished.items())
+    assert finished_runs(out) == before and not (out / "tokens-2048").exists()  # nothing trained, nothing written
+
+
 def test_a_series_needs_two_budgets_and_refuses_rate_flags(tmp_path):
     with pytest.raises(CompareError, match="at least two budgets"):
         run_budget_series(load_suite("smoke"), tmp_path / "o", budgets=[512], progress=False, log=lambda *_: None)

@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, Suite, command_line, format_loss, run_compare
+from .compare import CompareError, Comparison, Suite, command_line, format_loss, run_plan
 from .runs import write_results
 from .train_settings import training_value
 
-__all__ = ["run_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
+__all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
 
 def run_budget_series(
@@ -57,20 +57,12 @@ def run_budget_series(
     if seeds:
         suite = dataclasses.replace(suite, seeds=seeds)
     per_parameter = dict(zip(budgets_per_parameter(suite), suite.budgets_per_parameter or [])) if not (budgets or suite.budgets) else {}
-    budgets = sorted(set(budgets or suite.budgets or per_parameter))
-    if len(budgets) < 2:
-        raise CompareError("a budget series needs at least two budgets (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")
+    plan = plan_budget_series(suite, out, budgets)
+    budgets = [int(c.suite.training["max_tokens"]) for c in plan]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    per_budget = {}
-    for tokens in budgets:
-        seeds = (suite.seeds_at_largest or suite.seeds) if tokens == budgets[-1] else suite.seeds
-        training = {k: v for k, v in suite.training.items() if k != "max_steps"}
-        at_budget = dataclasses.replace(suite, training={**training, "max_tokens": tokens}, budgets=None)
-        log(f"== {tokens:,} tokens per run, {seeds} seed(s)")
-        per_budget[tokens] = run_compare(at_budget, out / f"tokens-{tokens}", seeds=seeds, data=data, progress=progress, log=log,
-                                        only_arms=only_arms)
+    per_budget = dict(zip(budgets, run_plan(plan, data=data, progress=progress, log=log, only_arms=only_arms)))
     results = budget_results(suite, per_budget, time.perf_counter() - started)
     results["tokens_per_parameter"] = {str(tokens): ratio for tokens, ratio in per_parameter.items()}
     _add_compute(results, suite)
@@ -82,6 +74,26 @@ def run_budget_series(
                             if train_tokens is not None and tokens > train_tokens]
     _write_outputs(results, out)
     return results
+
+
+def plan_budget_series(suite: Suite, out: Path, budgets: list[int] | None = None, seeds: int | None = None) -> list[Comparison]:
+    """The comparisons a series is made of, one per budget (``budgets``, else the suite's ``budgets`` or
+    ``budgets_per_parameter``), smallest first, each in ``OUT/tokens-N/`` with ``max_tokens: N`` and the suite's
+    seeds (``seeds_at_largest`` at the largest); nothing is trained (``kphi compare --dry-run`` shows it)."""
+    if seeds:
+        suite = dataclasses.replace(suite, seeds=seeds)
+    budgets = sorted(set(budgets or suite.budgets or budgets_per_parameter(suite)))
+    if len(budgets) < 2:
+        raise CompareError("a budget series needs at least two budgets (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")
+    training = {k: v for k, v in suite.training.items() if k != "max_steps"}
+    plan = []
+    for tokens in budgets:
+        at_largest = tokens == budgets[-1]
+        count = (suite.seeds_at_largest or suite.seeds) if at_largest else suite.seeds
+        at_budget = dataclasses.replace(suite, training={**training, "max_tokens": tokens}, budgets=None,
+                                        budgets_per_parameter=None)
+        plan.append(Comparison(f"{tokens:,} tokens per run, {count} seed(s)", at_budget, Path(out) / f"tokens-{tokens}", count))
+    return plan
 
 
 def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:

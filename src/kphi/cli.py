@@ -94,8 +94,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None,
     )
     out = args.out or f"runs/compare-{suite.name}"
-    if args.budgets or suite.budgets or suite.budgets_per_parameter:
-        budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
+    series = bool(args.budgets or suite.budgets or suite.budgets_per_parameter)
+    budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
+    if args.dry_run:
+        from .budgets import plan_budget_series
+        from .compare import Comparison, format_plan
+
+        if not series and args.max_tokens:
+            training = {k: v for k, v in suite.training.items() if k != "max_steps"}
+            suite = dataclasses.replace(suite, training={**training, "max_tokens": args.max_tokens})
+        plan = plan_budget_series(suite, out, budgets, args.seeds) if series else [Comparison(suite.name, suite, Path(out), args.seeds)]
+        print(format_plan(plan, options["learning_rates"]))
+        return 0
+    if series:
         print(format_budget_table(run_budget_series(suite, out, budgets=budgets, **options)))
         print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
         return 0
@@ -379,6 +390,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="a budget series: every arm at each of these token budgets (e.g. 716800,3e6), one comparison each")
     p.add_argument("--arms", metavar="LABEL,LABEL,...",
                    help="train and report only these arms of the suite (the others still size its controls)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every comparison, arm, budget, rate and seed the command would train, and how many of "
+                   "those runs --out already holds; train nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

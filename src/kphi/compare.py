@@ -48,12 +48,12 @@ from .files import atomic_write_text, refuse_foreign_dir, slug
 from .model import KPhi3Config, config_fields, with_overrides
 from .params import count_parameters
 from .presets import load_preset
-from .runs import ExperimentError, get_or_train, write_results
+from .runs import DIVERGED_FILE, ExperimentError, get_or_train, write_results
 from .train_settings import training_value, unknown_training_keys
 
 __all__ = [
-    "Arm", "Suite", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms", "run_compare",
-    "format_table", "best_rate",
+    "Arm", "Suite", "Comparison", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms",
+    "run_compare", "run_plan", "format_plan", "format_table", "best_rate",
 ]
 
 
@@ -448,6 +448,67 @@ def run_compare(
     results["command"] = command_line()
     _write_outputs(results, out, suite)
     return results
+
+
+@dataclass
+class Comparison:
+    """One comparison of a larger experiment (a budget of a series, a width of a scaling study): the suite
+    to run, the directory its runs go to, and its seeds (``None``: the suite's). Budget series and scaling
+    studies are lists of these (:func:`kphi.budgets.plan_budget_series`, :func:`kphi.scaling.plan_scaling`),
+    run by :func:`run_plan` and shown, untrained, by :func:`format_plan`."""
+
+    label: str
+    suite: Suite
+    out: Path
+    seeds: int | None = None
+
+
+def run_plan(plan: list[Comparison], *, data: str | None = None, learning_rates: list[float] | None = None,
+             progress: bool = True, log=print, only_arms: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run each comparison of ``plan`` in order (each resumes and reuses its runs as any comparison does);
+    returns their ``results.json`` contents, in plan order."""
+    results = []
+    for comparison in plan:
+        log(f"== {comparison.label}")
+        results.append(run_compare(comparison.suite, comparison.out, seeds=comparison.seeds, data=data,
+                                   learning_rates=learning_rates, progress=progress, log=log, only_arms=only_arms))
+    return results
+
+
+def planned_tokens(training: dict[str, Any]) -> str:
+    """A suite's budget per run in words: its ``max_tokens``, else ``max_steps`` whole steps in tokens, else minutes."""
+    from .train_settings import tokens_per_step
+
+    if training.get("max_tokens"):
+        return f"{int(training['max_tokens']):,}"
+    if training.get("max_steps"):
+        return f"{int(training['max_steps']) * tokens_per_step(training):,}"
+    return f"{training.get('max_minutes')} min" if training.get("max_minutes") else "?"
+
+
+def format_plan(plan: list[Comparison], learning_rates: list[float] | None = None) -> str:
+    """What ``plan`` trains, as a table, without training (``kphi compare --dry-run``): per comparison and arm
+    its non-embedding parameters, tokens per run, rates (all on the first seed), seeds (the others at the best
+    rate), runs, and how many of those runs its directory already holds finished (they will be reused)."""
+    lines = ["| comparison | arm | non-emb. params | tokens per run | learning rates | seeds | runs | finished |",
+             "|:--|:--|--:|--:|:--|--:|--:|--:|"]
+    planned_total = finished_total = 0
+    for comparison in plan:
+        seeds = comparison.seeds or comparison.suite.seeds
+        first = int(training_value(comparison.suite.training, "seed"))
+        tokens = planned_tokens(comparison.suite.training)
+        for arm in resolve_arms(comparison.suite):
+            rates = arm_rates(arm, comparison.suite, learning_rates)
+            arms_dir = Path(comparison.out) / "arms"
+            done = [arms_dir / run_dir_name(arm, rate, first) for rate in rates]
+            done += [next(iter(sorted(arms_dir.glob(f"{slug(arm.label, 'arm')}-lr*-seed{seed}"))), arms_dir / "-")
+                     for seed in range(first + 1, first + seeds)]
+            finished = sum((d / "metrics.json").is_file() or (d / DIVERGED_FILE).is_file() for d in done)
+            planned_total, finished_total = planned_total + len(done), finished_total + finished
+            lines.append(f"| {comparison.label} | {arm.label} | {non_embedding(arm.config):,} | {tokens} | "
+                         f"{', '.join(f'{r:g}' for r in rates)} | {seeds} | {len(done)} | {finished} |")
+    lines.append(f"\n{planned_total} runs, {finished_total} of them finished (reused); nothing was trained.")
+    return "\n".join(lines)
 
 
 def command_line() -> str | None:

@@ -38,13 +38,14 @@ import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
 from .compare import (
-    CompareError, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_compare, suite_training,
+    CompareError, Comparison, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_plan,
+    suite_training,
 )
 from .model import config_fields
 from .presets import load_preset
 from .runs import write_results
 
-__all__ = ["ScalingSuite", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
+__all__ = ["ScalingSuite", "plan_scaling", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
 
 
 @dataclass
@@ -191,16 +192,17 @@ def run_scaling(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    per_width = {}
-    for width in suite.widths:
-        log(f"== width {width}: {suite.tokens_at(width):,} tokens per run")
-        per_width[width] = run_compare(
-            suite.suite_at(width), out / f"w{width}", seeds=seeds, data=data, learning_rates=learning_rates,
-            progress=progress, log=log,
-        )
+    per_width = dict(zip(suite.widths, run_plan(plan_scaling(suite, out, seeds), data=data, learning_rates=learning_rates,
+                                                progress=progress, log=log)))
     results = scaling_results(suite, per_width, time.perf_counter() - started)
     write_scaling_outputs(results, out)
     return results
+
+
+def plan_scaling(suite: ScalingSuite, out: Path, seeds: int | None = None) -> list[Comparison]:
+    """The comparisons a scaling study is made of: one per width (:meth:`ScalingSuite.suite_at`), in ``OUT/wW/``."""
+    return [Comparison(f"width {width}: {suite.tokens_at(width):,} tokens per run", suite.suite_at(width),
+                       Path(out) / f"w{width}", seeds) for width in suite.widths]
 
 
 def scaling_results(suite: ScalingSuite, per_width: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:
