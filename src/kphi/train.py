@@ -324,9 +324,10 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     The model is ``config`` when given (e.g. a comparison's arm), else the preset's config; either way
     ``settings.config_overrides`` apply on top, and the vocabulary and token ids are the tokenizer's.
+    Steps: check the settings and the run directory, load the data, build the model (and a teacher), claim the
+    run directory (run record), train with Trainer (resuming from the newest complete checkpoint), then write
+    the model directory and ``metrics.json``.
     """
-    from transformers import default_data_collator
-
     settings.validate()
     if settings.preset is None and settings.init_from is None and config is None:
         raise TrainError("give --preset (a model to build) or --init-from MODEL (a model to start from)")
@@ -334,24 +335,14 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     args = trainer_arguments(settings, out, max_steps=1)  # also joins the process group when launched distributed
     is_main = args.process_index == 0
     step_tokens = tokens_per_step(settings, args.world_size)
-    max_steps = settings.max_steps
-    if max_steps is None and settings.max_tokens is not None:
-        max_steps = math.ceil(settings.max_tokens / step_tokens)
-    args.max_steps = max_steps if max_steps is not None else 10**9  # time-limited: a budget that never binds
+    args.max_steps = _step_budget(settings, step_tokens)
 
     def load_and_check():
         _check_run_dir(out, settings, resume, config)
         return _load_data(settings)
 
     train_rows, val_rows, tokenizer, data_stats = _main_process_first(is_main, load_and_check, lambda _: _load_data(settings))
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise TrainError("the prepared data has an empty training or validation split")
-    row_length = len(train_rows[0]["input_ids"])
-    if row_length != settings.context_length:
-        raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
-    eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
-    if len(eval_rows) < args.per_device_eval_batch_size * args.world_size:  # drop_last would leave no eval batch
-        args.per_device_eval_batch_size = max(1, len(eval_rows) // args.world_size)
+    eval_rows = _evaluation_rows(train_rows, val_rows, settings, args)
     model = initial_model(settings, tokenizer, config)
     initial_weights = weights_sha256(model)
     teacher = None
@@ -371,47 +362,23 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     checkpoint = _main_process_first(is_main, claim_run_dir, lambda found: found)
 
-    csv_logger = CsvLogger(out / "log.csv", step_tokens)
-    guard = DivergenceGuard()
-    steps_begun = StepsBegun()
-    callbacks = [CheckpointMarker(), csv_logger, guard, steps_begun]
-    time_limit = TimeLimit(settings.max_minutes) if settings.max_minutes is not None else None
-    if time_limit is not None:
-        callbacks.append(time_limit)
-    trainer_class = _trainer_class(settings.grouped_lr_scale)
-    if teacher is not None:
-        from .distill import distillation_trainer_class
-
-        trainer_class = distillation_trainer_class(trainer_class, teacher, settings.distill_alpha, settings.distill_temperature)
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
-        data_collator=default_data_collator,
-        callbacks=callbacks,
-    )
-    check_sharding_enabled(trainer)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the raw log dict every logging_steps
-    if settings.progress:
-        trainer.add_callback(ProgressLine(out.name, step_tokens))
+    watch = _RunWatch(out, step_tokens, settings.max_minutes)
+    trainer = _make_trainer(settings, model, teacher, args, train_rows, eval_rows, watch, step_tokens)
     start = time.perf_counter()
     try:
         with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
             trainer.train(resume_from_checkpoint=checkpoint)
     except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
-        if checkpoint is not None and not steps_begun.begun:  # Trainer was still loading the checkpoint
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if checkpoint is not None and not watch.steps_begun.begun:  # Trainer was still loading the checkpoint
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line for the command
             raise TrainError(f"cannot resume from {checkpoint}: {first_line}") from err
         raise
     wall = time.perf_counter() - start
 
-    if guard.diverged_at is not None:
+    if watch.guard.diverged_at is not None:
         last_good = _newest_complete_checkpoint(out)
         raise DivergedError(
-            f"training loss became {guard.value} at step {guard.diverged_at}; stopped. "
+            f"training loss became {watch.guard.value} at step {watch.guard.diverged_at}; stopped. "
             + (f"The last good checkpoint is {last_good}." if last_good else "No checkpoint was saved before it.")
             + " Lower the learning rate or use fp32."
         )
@@ -419,24 +386,91 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
         trainer.evaluate()
-    metrics: dict[str, Any] = {}
     from .sharding import full_state_dict
 
     state_dict = full_state_dict(trainer.model_wrapped, trainer.accelerator)  # every process: gathering is collective
+    metrics: dict[str, Any] = {}
     if is_main:
-        with _without_hub_progress_bars():  # the trained model first: nothing after it may lose it
-            write_model_dir(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out, state_dict)
-        metrics = _final_metrics(trainer, settings, model.config, data_stats, csv_logger, step_tokens, wall)
+        metrics = _write_run_outputs(trainer, settings, tokenizer, out, state_dict, data_stats, watch, step_tokens, wall)
         metrics["initial_weights_sha256"] = initial_weights
-        metrics["precision_effective"] = effective_precision(settings.precision)
-        metrics["stopped_by_time_limit"] = time_limit is not None and time_limit.reached
-        from .plots import plot_loss_curve
-
-        if (out / "log.csv").is_file():
-            plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset or out).name}: loss vs tokens")
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _leave_process_group()
     return TrainResult(out=out, metrics=metrics)
+
+
+def _step_budget(settings: TrainSettings, step_tokens: int) -> int:
+    """Optimizer steps a run may take: ``max_steps``, else ``ceil(max_tokens / step_tokens)``; a run limited
+    only by ``max_minutes`` gets a step budget that never binds."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    if settings.max_tokens is not None:
+        return math.ceil(settings.max_tokens / step_tokens)
+    return 10**9
+
+
+def _evaluation_rows(train_rows, val_rows, settings: TrainSettings, args):
+    """The validation rows evaluated (the first ``eval_rows``), after checking the splits fit the settings; an
+    evaluation batch larger than them is shrunk (``drop_last`` would leave no batch)."""
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise TrainError("the prepared data has an empty training or validation split")
+    row_length = len(train_rows[0]["input_ids"])
+    if row_length != settings.context_length:
+        raise TrainError(f"prepared rows have {row_length} tokens but context_length is {settings.context_length}")
+    eval_rows = val_rows if settings.eval_rows is None else val_rows.select(range(min(settings.eval_rows, len(val_rows))))
+    if len(eval_rows) < args.per_device_eval_batch_size * args.world_size:
+        args.per_device_eval_batch_size = max(1, len(eval_rows) // args.world_size)
+    return eval_rows
+
+
+class _RunWatch:
+    """The callbacks kphi adds to every run, kept to read after training: the loss log, the divergence
+    guard, whether a step began (a resume failing before one is a bad checkpoint) and the time limit."""
+
+    def __init__(self, out: Path, step_tokens: int, max_minutes: float | None):
+        self.csv_logger = CsvLogger(out / "log.csv", step_tokens)
+        self.guard, self.steps_begun = DivergenceGuard(), StepsBegun()
+        self.time_limit = TimeLimit(max_minutes) if max_minutes is not None else None
+
+    def callbacks(self) -> list:
+        return [CheckpointMarker(), self.csv_logger, self.guard, self.steps_begun,
+                *([self.time_limit] if self.time_limit is not None else [])]
+
+
+def _make_trainer(settings: TrainSettings, model, teacher, args, train_rows, eval_rows, watch: _RunWatch, step_tokens: int):
+    """The Trainer of a run: transformers' own, with the grouped learning-rate rule and distillation from
+    ``teacher`` when the settings ask, kphi's callbacks, and one progress line instead of the raw log dicts."""
+    from transformers import default_data_collator
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer_class = _trainer_class(settings.grouped_lr_scale)
+    if teacher is not None:
+        from .distill import distillation_trainer_class
+
+        trainer_class = distillation_trainer_class(trainer_class, teacher, settings.distill_alpha, settings.distill_temperature)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
+                            data_collator=default_data_collator, callbacks=watch.callbacks())
+    check_sharding_enabled(trainer)
+    trainer.remove_callback(PrinterCallback)  # the raw log dict every logging_steps
+    if settings.progress:
+        trainer.add_callback(ProgressLine(Path(settings.out).name, step_tokens))
+    return trainer
+
+
+def _write_run_outputs(trainer, settings: TrainSettings, tokenizer, out: Path, state_dict, data_stats, watch: _RunWatch,
+                       step_tokens: int, wall: float) -> dict[str, Any]:
+    """On the main process: the model directory first (nothing after it may lose it), the loss plot, and the
+    final metrics (returned; the caller writes ``metrics.json`` last, marking the run finished)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with _without_hub_progress_bars():
+        write_model_dir(model, tokenizer, out, state_dict)
+    metrics = _final_metrics(trainer, settings, model.config, data_stats, watch.csv_logger, step_tokens, wall)
+    metrics["precision_effective"] = effective_precision(settings.precision)
+    metrics["stopped_by_time_limit"] = watch.time_limit is not None and watch.time_limit.reached
+    from .plots import plot_loss_curve
+
+    if (out / "log.csv").is_file():
+        plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset or out).name}: loss vs tokens")
+    return metrics
 
 
 @contextlib.contextmanager
