@@ -1,6 +1,7 @@
 """``kphi compare``: controls of equal size, the smoke suite end to end, results and plots on disk."""
 
 import json
+import re
 import math
 
 import pytest
@@ -77,6 +78,21 @@ def test_bad_suites_name_the_problem(tmp_path):
 
 
 @pytest.mark.fast
+@pytest.mark.fast
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 0.01\narms:\n  - {label: a, preset: tiny-phi3}\n", "no setting 'learning_rate' (a suite has"),
+    ("arms:\n  - {label: a, preset: tiny-phi3, learnig_rate: 0.01}\n", "arm 'a': no setting 'learnig_rate' (an arm has"),
+    ("arms:\n  - {label: a, preset: tiny-phi3, training: {sead: 1}}\n", "arm 'a': training has no setting 'sead'"),
+    ("arms:\n  - tiny-phi3\n", "every arm is a mapping"),
+])
+def test_a_misspelt_suite_or_arm_key_is_refused_by_name(tmp_path, text, message):
+    """A key no suite or arm reads would otherwise be ignored, and the run would quietly use a default."""
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(text)
+    with pytest.raises(CompareError, match=re.escape(message)):
+        load_suite(str(bad))
+
+
 def test_a_suites_training_section_is_partial_train_settings(tmp_path):
     """Unknown settings are refused when the suite loads (in every kind of suite); absent ones come from
     TrainSettings' defaults, the one place they are written."""

@@ -91,6 +91,8 @@ def test_budgets_round_to_the_optimizer_steps_a_run_takes():
         ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16]\nbudget: {reference_width: 16, reference_tokens: 99}\n", "widths"),
         ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16, 32]\n", "budget"),
         ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16, 30]\nbudget: {reference_width: 16, reference_tokens: 99}\n", "width 30"),
+        ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3}, {label: b, preset: tiny-kphi3}]\nwidths: [16, 32]\nbudgets: {reference_width: 16, reference_tokens: 99}\n", "no setting 'budgets'"),
+        ("kind: scaling\nfamilies: [{label: a, preset: tiny-phi3, learning_rat: 0.1}, {label: b, preset: tiny-kphi3}]\nwidths: [16, 32]\nbudget: {reference_width: 16, reference_tokens: 99}\n", "arm 'a': no setting 'learning_rat'"),
     ],
 )
 def test_bad_scaling_suites_name_the_problem(tmp_path, text, message):

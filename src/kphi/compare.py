@@ -29,6 +29,7 @@ list can be extended in the same ``--out`` and only the new runs train.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -144,6 +145,14 @@ def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
         raise CompareError(f"cannot read suite {path}: {err}") from None
 
 
+#: The keys a compare suite's YAML may hold (the fields of :class:`Suite`); anything else is refused by name.
+SUITE_KEYS = frozenset(f.name for f in dataclasses.fields(Suite))
+#: The keys of one arm: a preset arm (``preset``, optional ``config`` overrides) or a control (``control:
+#: dense|low_rank``, ``base``, ``match``), each with its own rates and training settings.
+ARM_KEYS = frozenset({"label", "preset", "model", "config", "training", "learning_rate", "learning_rates",
+                      "control", "base", "match"})
+
+
 def load_suite(name_or_path: str) -> Suite:
     """A bundled suite (``cpu``, ``smoke``, ``paper``, ...) or a suite YAML file."""
     path, data = read_suite_yaml(name_or_path)
@@ -152,9 +161,13 @@ def load_suite(name_or_path: str) -> Suite:
         raise CompareError(f"{path} is a {data['kind']} suite; run it with kphi {command} --suite {name_or_path}")
     if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or not data["arms"]:
         raise CompareError(f"suite {path} needs a non-empty 'arms' list")
+    unknown_keys(data, SUITE_KEYS, f"suite {path}", "a suite")
+    if not all(isinstance(a, dict) for a in data["arms"]):
+        raise CompareError(f"suite {path}: every arm is a mapping (label, preset or control, ...)")
     labels = [a.get("label") for a in data["arms"]]
     if len(set(labels)) != len(labels) or not all(labels):
         raise CompareError(f"suite {path}: every arm needs a unique label")
+    check_arm_specs(data["arms"], f"suite {path}")
     baseline = data.get("baseline", labels[0])
     if baseline not in labels:
         raise CompareError(f"suite {path}: baseline {baseline!r} is not an arm label")
@@ -171,6 +184,20 @@ def load_suite(name_or_path: str) -> Suite:
         seeds_at_largest=data.get("seeds_at_largest"),
         budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
     )
+
+
+def unknown_keys(mapping: dict, known: frozenset[str], where: str, what: str) -> None:
+    """Refuse the keys of ``mapping`` (a suite, an arm) that nothing reads: a misspelt one would be ignored."""
+    unknown = sorted(set(map(str, mapping)) - known)
+    if unknown:
+        raise CompareError(f"{where}: no setting {', '.join(map(repr, unknown))} ({what} has {', '.join(sorted(known))})")
+
+
+def check_arm_specs(arms: list[dict[str, Any]], where: str) -> None:
+    """Each arm of a suite (or family of a scaling suite) names only :data:`ARM_KEYS`, with a valid training."""
+    for arm in arms:
+        unknown_keys(arm, ARM_KEYS, f"{where}, arm {arm['label']!r}", "an arm")
+        suite_training(arm.get("training"), f"{where}, arm {arm['label']!r}")
 
 
 def suite_training(section: Any, where: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
 from .compare import (
-    CompareError, Comparison, Suite, positive_rates, command_line, non_embedding, read_suite_yaml, resolve_arms, run_plan,
-    suite_training,
+    CompareError, Comparison, Suite, check_arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
+    resolve_arms, run_plan, suite_training, unknown_keys,
 )
 from .model import config_fields
 from .presets import load_preset
@@ -90,6 +90,10 @@ class ScalingSuite:
         )
 
 
+#: The keys a scaling suite's YAML may hold: ``kind: scaling`` and the fields of :class:`ScalingSuite`.
+SCALING_KEYS = frozenset({"kind", *(f.name for f in dataclass_fields(ScalingSuite))})
+
+
 def load_scaling_suite(name_or_path: str) -> ScalingSuite:
     """A bundled scaling suite (``kind: scaling``) or a YAML file of one."""
     path, data = read_suite_yaml(name_or_path)
@@ -98,6 +102,8 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
     families, widths, budget = data.get("families"), data.get("widths"), data.get("budget")
     if not isinstance(families, list) or len(families) < 2 or not all(isinstance(f, dict) and f.get("label") for f in families):
         raise CompareError(f"suite {path}: 'families' needs at least two entries with a label")
+    unknown_keys(data, SCALING_KEYS, f"suite {path}", "a scaling suite")  # a misspelt key first: it explains the rest
+    check_arm_specs(families, f"suite {path}")
     if not isinstance(widths, list) or len(widths) < 2 or not all(isinstance(w, int) and w > 0 for w in widths):
         raise CompareError(f"suite {path}: 'widths' needs at least two positive integers")
     needed = ("reference_width", "reference_tokens")
