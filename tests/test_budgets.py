@@ -1,5 +1,6 @@
 """Budget series: every arm of a suite at several token budgets, each an ordinary comparison."""
 
+import dataclasses
 import json
 
 import pytest
@@ -154,7 +155,7 @@ def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path)
 
     spec = {"name": "per-param", "baseline": "phi-3", "budgets_per_parameter": [0.01, 0.05],
             "data": smoke.data, "training": {k: v for k, v in smoke.training.items() if k != "max_steps"},
-            "arms": smoke.arms[:2]}
+            "arms": [{k: v for k, v in dataclasses.asdict(arm).items() if v not in (None, {})} for arm in smoke.arms[:2]]}
     suite_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
     result = run_kphi("compare", "--suite", str(suite_file), "--data", str(corpus), "--out", str(out), "--quiet", cache=tmp_path / "cache")

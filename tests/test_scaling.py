@@ -62,8 +62,8 @@ def test_budgets_grow_with_width_in_whole_steps():
     assert tokens == sorted(tokens) and all(t % per_step == 0 for t in tokens)
     assert suite.tokens_at(128) == 716_800
     for width in suite.widths:
-        arms = {a["label"]: a for a in suite.suite_at(width).arms}
-        assert all(a["config"]["hidden_size"] == width for a in arms.values())
+        arms = {a.label: a for a in suite.suite_at(width).arms}
+        assert all(a.config["hidden_size"] == width for a in arms.values())
 
 
 @pytest.mark.fast

@@ -53,7 +53,7 @@ from .runs import DIVERGED_FILE, ExperimentError, get_or_train, write_results
 from .train_settings import training_value, unknown_training_keys
 
 __all__ = [
-    "Arm", "Suite", "Comparison", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms",
+    "Arm", "ArmSpec", "Suite", "Comparison", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms",
     "run_compare", "run_plan", "format_plan", "format_table", "best_rate",
 ]
 
@@ -77,11 +77,30 @@ class Arm:
     training: dict[str, Any] = field(default_factory=dict)  # training settings of this arm only
 
 
+@dataclass(frozen=True)
+class ArmSpec:
+    """One arm as a suite states it: a preset arm (``preset``, with optional ``config`` overrides of its model)
+    or a control sized to another arm (``control: dense|low_rank``, ``base``: the preset it shrinks or
+    factorises, ``match``: the label of the arm whose non-embedding parameters it matches); each with its own
+    ``learning_rate`` or grid ``learning_rates``, ``training`` settings and a ``model`` name for the table."""
+
+    label: str
+    preset: str | None = None
+    model: str | None = None
+    config: dict[str, Any] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float | None = None
+    learning_rates: list[float] | None = None
+    control: str | None = None
+    base: str | None = None
+    match: str | None = None
+
+
 @dataclass
 class Suite:
     name: str
     description: str
-    arms: list[dict[str, Any]]
+    arms: list[ArmSpec]
     baseline: str
     data: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -149,8 +168,7 @@ def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
 SUITE_KEYS = frozenset(f.name for f in dataclasses.fields(Suite))
 #: The keys of one arm: a preset arm (``preset``, optional ``config`` overrides) or a control (``control:
 #: dense|low_rank``, ``base``, ``match``), each with its own rates and training settings.
-ARM_KEYS = frozenset({"label", "preset", "model", "config", "training", "learning_rate", "learning_rates",
-                      "control", "base", "match"})
+ARM_KEYS = frozenset(f.name for f in dataclasses.fields(ArmSpec))
 
 
 def load_suite(name_or_path: str) -> Suite:
@@ -167,14 +185,13 @@ def load_suite(name_or_path: str) -> Suite:
     labels = [a.get("label") for a in data["arms"]]
     if len(set(labels)) != len(labels) or not all(labels):
         raise CompareError(f"suite {path}: every arm needs a unique label")
-    check_arm_specs(data["arms"], f"suite {path}")
     baseline = data.get("baseline", labels[0])
     if baseline not in labels:
         raise CompareError(f"suite {path}: baseline {baseline!r} is not an arm label")
     return Suite(
         name=str(data.get("name", path.stem)),
         description=str(data.get("description", "")),
-        arms=data["arms"],
+        arms=arm_specs(data["arms"], f"suite {path}"),
         baseline=baseline,
         data=dict(data.get("data") or {}),
         training=suite_training(data.get("training"), f"suite {path}"),
@@ -193,11 +210,15 @@ def unknown_keys(mapping: dict, known: frozenset[str], where: str, what: str) ->
         raise CompareError(f"{where}: no setting {', '.join(map(repr, unknown))} ({what} has {', '.join(sorted(known))})")
 
 
-def check_arm_specs(arms: list[dict[str, Any]], where: str) -> None:
-    """Each arm of a suite (or family of a scaling suite) names only :data:`ARM_KEYS`, with a valid training."""
+def arm_specs(arms: list[dict[str, Any]], where: str) -> list[ArmSpec]:
+    """A suite's arms (or a scaling suite's families) as :class:`ArmSpec`; a key no arm has, or a training
+    setting that does not exist, is refused by name."""
+    specs = []
     for arm in arms:
         unknown_keys(arm, ARM_KEYS, f"{where}, arm {arm['label']!r}", "an arm")
-        suite_training(arm.get("training"), f"{where}, arm {arm['label']!r}")
+        training = suite_training(arm.get("training"), f"{where}, arm {arm['label']!r}")
+        specs.append(ArmSpec(**{**arm, "label": str(arm["label"]), "training": training}))
+    return specs
 
 
 def suite_training(section: Any, where: str) -> dict[str, Any]:
@@ -279,46 +300,37 @@ def resolve_arms(suite: Suite) -> list[Arm]:
     """Presets first, then controls sized to the arms they ``match``."""
     arms: dict[str, Arm] = {}
     for spec in suite.arms:
-        if "preset" in spec:
-            preset = load_preset(spec["preset"])
-            fields = with_overrides(preset.config, spec.get("config"))
-            config = KPhi3Config(**fields)
-            arms[spec["label"]] = Arm(
-                spec["label"], config, spec.get("model", preset.model), "preset", preset.name, **_arm_training(spec)
-            )
+        if spec.preset is not None:
+            preset = load_preset(spec.preset)
+            config = KPhi3Config(**with_overrides(preset.config, spec.config))
+            arms[spec.label] = Arm(spec.label, config, spec.model or preset.model, "preset", preset.name, **_arm_training(spec))
     for spec in suite.arms:
-        if "preset" in spec:
+        if spec.preset is not None:
             continue
-        kind, base_name, match = spec.get("control"), spec.get("base"), spec.get("match")
-        if kind not in ("dense", "low_rank") or not base_name or match not in arms:
+        if spec.control not in ("dense", "low_rank") or not spec.base or spec.match not in arms:
             raise CompareError(
-                f"arm {spec['label']!r}: a control needs control: dense|low_rank, base: PRESET and match: LABEL of a preset arm"
+                f"arm {spec.label!r}: a control needs control: dense|low_rank, base: PRESET and match: LABEL of a preset arm"
             )
-        base = KPhi3Config(**with_overrides(load_preset(base_name).config, spec.get("config")))
-        target = non_embedding(arms[match].config)
-        if kind == "dense":
+        base = KPhi3Config(**with_overrides(load_preset(spec.base).config, spec.config))
+        target = non_embedding(arms[spec.match].config)
+        if spec.control == "dense":
             config = dense_control(base, target)
-            source = f"{base_name} shrunk to width {config.hidden_size}/{config.intermediate_size} to match {match}"
+            source = f"{spec.base} shrunk to width {config.hidden_size}/{config.intermediate_size} to match {spec.match}"
             model = "phi-3 (smaller)"
         else:
             config = low_rank_control(base, target)
-            source = f"{base_name} factorised, low-rank fraction {config.projection['fraction']:.4f}, to match {match}"
+            source = f"{spec.base} factorised, low-rank fraction {config.projection['fraction']:.4f}, to match {spec.match}"
             model = "low-rank phi-3"
-        arms[spec["label"]] = Arm(
-            spec["label"], config, spec.get("model", model), f"{kind} control", source, **_arm_training(spec)
-        )
-    return [arms[spec["label"]] for spec in suite.arms]
+        arms[spec.label] = Arm(spec.label, config, spec.model or model, f"{spec.control} control", source, **_arm_training(spec))
+    return [arms[spec.label] for spec in suite.arms]
 
 
-def _arm_training(spec: dict[str, Any]) -> dict[str, Any]:
-    rate = spec.get("learning_rate")
-    if rate is not None:
-        rate = positive_rates([rate], f"arm {spec['label']!r}")[0]
-    training = dict(spec.get("training") or {})
-    if "learning_rate" in training:
-        raise CompareError(f"arm {spec['label']!r}: give its rate as learning_rate on the arm, not under training")
-    grid = positive_rates(spec.get("learning_rates"), f"arm {spec['label']!r}")
-    return {"learning_rate": rate, "learning_rates": grid, "training": training}
+def _arm_training(spec: ArmSpec) -> dict[str, Any]:
+    where = f"arm {spec.label!r}"
+    rate = positive_rates([spec.learning_rate], where)[0] if spec.learning_rate is not None else None
+    if "learning_rate" in spec.training:
+        raise CompareError(f"{where}: give its rate as learning_rate on the arm, not under training")
+    return {"learning_rate": rate, "learning_rates": positive_rates(spec.learning_rates, where), "training": dict(spec.training)}
 
 
 # --------------------------------------------------------------------------- running

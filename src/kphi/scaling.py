@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, fields as dataclass_fields
+from dataclasses import dataclass, field, fields as dataclass_fields, replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
 from .compare import (
-    CompareError, Comparison, Suite, check_arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
+    ArmSpec, CompareError, Comparison, Suite, arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
     resolve_arms, run_plan, suite_training, unknown_keys,
 )
 from .model import config_fields
@@ -52,7 +52,7 @@ __all__ = ["ScalingSuite", "plan_scaling", "format_dry_run", "load_scaling_suite
 class ScalingSuite:
     name: str
     description: str
-    families: list[dict[str, Any]]
+    families: list[ArmSpec]
     reference: str
     widths: list[int]
     budget: dict[str, float]
@@ -72,10 +72,10 @@ class ScalingSuite:
         """The comparison at one width: every family rebuilt at ``width`` with that width's budget."""
         arms = []
         for spec in self.families:
-            preset = load_preset(spec.get("preset") or spec["base"]).config
+            preset = load_preset(spec.preset or spec.base).config
             ratio = preset.intermediate_size / preset.hidden_size
             overrides = {"hidden_size": width, "embed_size": None, "intermediate_size": max(8, round(ratio * width / 8) * 8)}
-            arms.append({**spec, "config": {**(spec.get("config") or {}), **overrides}})
+            arms.append(dataclass_replace(spec, config={**(spec.config or {}), **overrides}))
         training = {k: v for k, v in self.training.items() if k != "max_steps"}
         training["max_tokens"] = self.tokens_at(width)
         return Suite(
@@ -103,13 +103,13 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
     if not isinstance(families, list) or len(families) < 2 or not all(isinstance(f, dict) and f.get("label") for f in families):
         raise CompareError(f"suite {path}: 'families' needs at least two entries with a label")
     unknown_keys(data, SCALING_KEYS, f"suite {path}", "a scaling suite")  # a misspelt key first: it explains the rest
-    check_arm_specs(families, f"suite {path}")
+    families = arm_specs(families, f"suite {path}")
     if not isinstance(widths, list) or len(widths) < 2 or not all(isinstance(w, int) and w > 0 for w in widths):
         raise CompareError(f"suite {path}: 'widths' needs at least two positive integers")
     needed = ("reference_width", "reference_tokens")
     if not isinstance(budget, dict) or not all(isinstance(budget.get(k), (int, float)) and budget[k] > 0 for k in needed):
         raise CompareError(f"suite {path}: 'budget' needs positive reference_width and reference_tokens (and an exponent)")
-    labels = [f["label"] for f in families]
+    labels = [f.label for f in families]
     reference = data.get("reference", labels[0])
     if reference not in labels or len(set(labels)) != len(labels):
         raise CompareError(f"suite {path}: family labels must be unique and 'reference' one of them")
@@ -213,7 +213,7 @@ def plan_scaling(suite: ScalingSuite, out: Path, seeds: int | None = None) -> li
 
 def scaling_results(suite: ScalingSuite, per_width: dict[int, dict[str, Any]], wall: float) -> dict[str, Any]:
     """Points per family, fits (on the seed mean and per seed) and the savings factors against the reference."""
-    families: dict[str, dict[str, Any]] = {f["label"]: {"points": []} for f in suite.families}
+    families: dict[str, dict[str, Any]] = {f.label: {"points": []} for f in suite.families}
     for width, result in sorted(per_width.items()):
         for arm in result["arms"]:
             seed_losses = {str(r["seed"]): r["val_loss"] for r in arm["runs"]}
