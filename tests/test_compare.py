@@ -78,7 +78,6 @@ def test_bad_suites_name_the_problem(tmp_path):
 
 
 @pytest.mark.fast
-@pytest.mark.fast
 @pytest.mark.parametrize("text, message", [
     ("learning_rate: 0.01\narms:\n  - {label: a, preset: tiny-phi3}\n", "no setting 'learning_rate' (a suite has"),
     ("arms:\n  - {label: a, preset: tiny-phi3, learnig_rate: 0.01}\n", "arm 'a': no setting 'learnig_rate' (an arm has"),
@@ -93,6 +92,7 @@ def test_a_misspelt_suite_or_arm_key_is_refused_by_name(tmp_path, text, message)
         load_suite(str(bad))
 
 
+@pytest.mark.fast
 def test_a_suites_training_section_is_partial_train_settings(tmp_path):
     """Unknown settings are refused when the suite loads (in every kind of suite); absent ones come from
     TrainSettings' defaults, the one place they are written."""
