@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, Comparison, Suite, command_line, format_loss, run_plan
+from .compare import CompareError, Comparison, Suite, command_line, format_loss, run_plan, training_at_budget
 from .runs import write_results
 from .train_settings import training_value
 
@@ -56,7 +56,10 @@ def run_budget_series(
         raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
     if seeds:
         suite = dataclasses.replace(suite, seeds=seeds)
-    per_parameter = dict(zip(budgets_per_parameter(suite), suite.budgets_per_parameter or [])) if not (budgets or suite.budgets) else {}
+    per_parameter = {}
+    if not (budgets or suite.budgets):  # computed once, here, and handed to the plan
+        budgets = budgets_per_parameter(suite)
+        per_parameter = dict(zip(budgets, suite.budgets_per_parameter or []))
     plan = plan_budget_series(suite, out, budgets)
     budgets = [int(c.suite.training["max_tokens"]) for c in plan]
     out = Path(out)
@@ -85,12 +88,11 @@ def plan_budget_series(suite: Suite, out: Path, budgets: list[int] | None = None
     budgets = sorted(set(budgets or suite.budgets or budgets_per_parameter(suite)))
     if len(budgets) < 2:
         raise CompareError("a budget series needs at least two budgets (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")
-    training = {k: v for k, v in suite.training.items() if k != "max_steps"}
     plan = []
     for tokens in budgets:
         at_largest = tokens == budgets[-1]
         count = (suite.seeds_at_largest or suite.seeds) if at_largest else suite.seeds
-        at_budget = dataclasses.replace(suite, training={**training, "max_tokens": tokens}, budgets=None,
+        at_budget = dataclasses.replace(suite, training=training_at_budget(suite.training, tokens), budgets=None,
                                         budgets_per_parameter=None)
         plan.append(Comparison(f"{tokens:,} tokens per run, {count} seed(s)", at_budget, Path(out) / f"tokens-{tokens}", count))
     return plan

@@ -98,11 +98,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
     if args.dry_run:
         from .budgets import plan_budget_series
-        from .compare import Comparison, format_plan
+        from .compare import Comparison, format_plan, training_at_budget
 
         if not series and args.max_tokens:
-            training = {k: v for k, v in suite.training.items() if k != "max_steps"}
-            suite = dataclasses.replace(suite, training={**training, "max_tokens": args.max_tokens})
+            suite = dataclasses.replace(suite, training=training_at_budget(suite.training, args.max_tokens))
         plan = plan_budget_series(suite, out, budgets, args.seeds) if series else [Comparison(suite.name, suite, Path(out), args.seeds)]
         print(format_plan(plan, options["learning_rates"]))
         return 0

@@ -49,7 +49,7 @@ from .files import atomic_write_text, refuse_foreign_dir, slug
 from .model import KPhi3Config, config_fields, with_overrides
 from .params import count_parameters
 from .presets import load_preset
-from .runs import DIVERGED_FILE, ExperimentError, get_or_train, write_results
+from .runs import ExperimentError, finished_metrics_file, get_or_train, write_results
 from .train_settings import training_value, unknown_training_keys
 
 __all__ = [
@@ -437,10 +437,7 @@ def run_compare(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, json.dumps({"identity": identity}, indent=2))
 
-    training = dict(suite.training)
-    if max_tokens is not None:
-        training.pop("max_steps", None)
-        training["max_tokens"] = max_tokens
+    training = dict(suite.training) if max_tokens is None else training_at_budget(suite.training, max_tokens)
     data_settings = {**suite.data}
     if data is not None:
         data_settings["source"] = data
@@ -514,6 +511,12 @@ def run_plan(plan: list[Comparison], *, data: str | None = None, learning_rates:
     return results
 
 
+def training_at_budget(training: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """A suite's ``training:`` with its budget replaced by ``tokens`` per run (``max_steps`` dropped): every
+    comparison of a budget series, a scaling width, and ``--max-tokens``."""
+    return {**{k: v for k, v in training.items() if k != "max_steps"}, "max_tokens": tokens}
+
+
 def planned_tokens(training: dict[str, Any]) -> str:
     """A suite's budget per run in words: its ``max_tokens``, else ``max_steps`` whole steps in tokens, else minutes."""
     from .train_settings import tokens_per_step
@@ -542,7 +545,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
             done = [arms_dir / run_dir_name(arm, rate, first) for rate in rates]
             done += [next(iter(sorted(arms_dir.glob(f"{slug(arm.label, 'arm')}-lr*-seed{seed}"))), arms_dir / "-")
                      for seed in range(first + 1, first + seeds)]
-            finished = sum((d / "metrics.json").is_file() or (d / DIVERGED_FILE).is_file() for d in done)
+            finished = sum(finished_metrics_file(d) is not None for d in done)
             planned_total, finished_total = planned_total + len(done), finished_total + finished
             lines.append(f"| {comparison.label} | {arm.label} | {non_embedding(arm.config):,} | {tokens} | "
                          f"{', '.join(f'{r:g}' for r in rates)} | {seeds} | {len(done)} | {finished} |")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from .errors import KphiError
 from .files import atomic_write_text
 
-__all__ = ["DIVERGED_FILE", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
+__all__ = ["DIVERGED_FILE", "finished_metrics_file", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
            "write_results"]
 
 DIVERGED_FILE = "diverged.json"
@@ -38,13 +38,20 @@ class ExperimentError(KphiError, RuntimeError):
     """An experiment (compare, budgets, scaling, compress) cannot run as asked; the message says why."""
 
 
+def finished_metrics_file(run_dir: Path) -> Path | None:
+    """The file that marks ``run_dir`` finished: its metrics, or the record of its divergence; ``None`` yet."""
+    from .train import METRICS_FILE
+
+    return next((f for f in (Path(run_dir) / METRICS_FILE, Path(run_dir) / DIVERGED_FILE) if f.is_file()), None)
+
+
 def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished (or diverged) run of exactly these settings; ``None`` when it has yet to
     (finish) training. A run of other settings or other initial weights is refused, not reused."""
-    from .train import METRICS_FILE, RUN_FILE, identity_differences, initial_weights_sha256, recorded_version
+    from .train import RUN_FILE, identity_differences, initial_weights_sha256, recorded_version
 
     run_dir = Path(run_dir)
-    metrics_file = next((f for f in (run_dir / METRICS_FILE, run_dir / DIVERGED_FILE) if f.is_file()), None)
+    metrics_file = finished_metrics_file(run_dir)
     if metrics_file is None:
         return None
     try:

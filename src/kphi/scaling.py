@@ -39,7 +39,7 @@ from huggingface_hub.errors import StrictDataclassError
 
 from .compare import (
     ArmSpec, CompareError, Comparison, Suite, arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
-    resolve_arms, run_plan, suite_training, unknown_keys,
+    resolve_arms, run_plan, suite_training, training_at_budget, unknown_keys,
 )
 from .model import config_fields
 from .presets import load_preset
@@ -76,8 +76,7 @@ class ScalingSuite:
             ratio = preset.intermediate_size / preset.hidden_size
             overrides = {"hidden_size": width, "embed_size": None, "intermediate_size": max(8, round(ratio * width / 8) * 8)}
             arms.append(dataclass_replace(spec, config={**(spec.config or {}), **overrides}))
-        training = {k: v for k, v in self.training.items() if k != "max_steps"}
-        training["max_tokens"] = self.tokens_at(width)
+        training = training_at_budget(self.training, self.tokens_at(width))
         return Suite(
             name=f"{self.name}-w{width}",
             description=f"{self.description} (width {width})",
