@@ -1,11 +1,14 @@
 """KPhi3Config / KPhi3ForCausalLM as transformers models."""
 
+import json
+
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, Trainer, TrainingArguments
 
 from kphi import GroupedPointwiseBlock, KPhi3Config, KPhi3ForCausalLM
+from kphi.model import config_fields
 from tiny import tiny_config
 
 
@@ -182,7 +185,7 @@ def _old_config_rule(min_channels_per_group=256, grouped_init="scaled_normal", l
 
 
 LEGACY_CASES = [
-    {},
+    {"min_channels_per_group": 256},
     {"min_channels_per_group": 32},
     {"min_channels_per_group": 32, "grouped_init": "kaiming_uniform"},
     {"min_channels_per_group": -1},
@@ -206,6 +209,29 @@ def test_legacy_projection_fields_are_folded_into_projection_as_the_old_config_r
         assert not hasattr(config, name) and name not in config.to_dict()
     config.save_pretrained(tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).projection == config.projection
+
+
+@pytest.mark.fast
+def test_the_default_grouped_init_is_the_reports_but_configs_from_before_keep_theirs(tmp_path):
+    """``kaiming_uniform`` is the init of a config, preset or projection that names none (it beat
+    ``scaled_normal`` at 0.7M and 6.8M tokens); what was written before it became the default — legacy fields,
+    a ``config.json`` holding both ``projection`` and legacy fields — keeps ``scaled_normal``, the init it
+    was trained from."""
+    from kphi.block import DEFAULT_GROUPED_INIT
+    from kphi.presets import load_preset
+
+    assert DEFAULT_GROUPED_INIT == "kaiming_uniform"
+    assert KPhi3Config().projection == {"kind": "grouped", "min_channels_per_group": 256, "init": "kaiming_uniform", "branches": 2}
+    assert KPhi3Config(projection={"kind": "grouped", "min_channels_per_group": 32}).projection["init"] == "kaiming_uniform"
+    assert load_preset("cpu-kphi3").config.projection["init"] == "kaiming_uniform"
+    assert KPhi3Config(min_channels_per_group=32).projection["init"] == "scaled_normal"
+    older = {**config_fields(tiny_config()), "projection": {"kind": "grouped", "min_channels_per_group": 16},
+             "min_channels_per_group": 16, "grouped_init": None, "low_rank_fraction": None}
+    (tmp_path / "config.json").write_text(json.dumps({**older, "model_type": "kphi3"}))
+    assert AutoConfig.from_pretrained(tmp_path).projection["init"] == "scaled_normal"
+    # an explicit init is kept either way
+    assert KPhi3Config(min_channels_per_group=32, grouped_init="kaiming_uniform").projection["init"] == "kaiming_uniform"
+    assert KPhi3Config(projection={"kind": "grouped", "min_channels_per_group": 32, "init": "scaled_normal"}).projection["init"] == "scaled_normal"
 
 
 @pytest.mark.fast

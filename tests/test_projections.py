@@ -21,8 +21,8 @@ pytestmark = pytest.mark.fast
 
 KINDS = [
     DenseKind(),
-    GroupedKind(min_channels_per_group=4),
-    GroupedKind(min_channels_per_group=4, branches=1),
+    GroupedKind(min_channels_per_group=4, init="scaled_normal"),
+    GroupedKind(min_channels_per_group=4, init="scaled_normal", branches=1),
     LowRankKind(fraction=0.3),
     MonarchKind(blocks=4, fraction=0.3),
 ]
@@ -86,6 +86,23 @@ def test_initialisation_matches_a_dense_layers_output_scale(kind):
     module = _built(kind, n_in, n_out, std=std)
     y = module(torch.randn(4096, n_in, dtype=torch.float64))
     assert y.std().item() == pytest.approx(n_in**0.5 * std, rel=0.1)
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_the_default_grouped_init_is_the_reports_kaiming_uniform(branches):
+    """The report's init ignores ``std``: every grouped weight ``[G, s, o]`` is ``U(-b, b)`` with
+    ``b = 1 / sqrt(s * o)`` (torch's ``kaiming_uniform_(a=sqrt(5))`` on the 3-d tensor), so each output, a sum
+    of ``branches * s`` products of unit inputs, has std ``sqrt(branches * s / (3 * s * o))``."""
+    torch.manual_seed(0)
+    kind = GroupedKind(min_channels_per_group=8, branches=branches)
+    assert kind.init == "kaiming_uniform"
+    module = _built(kind, 64, 128, std=0.02)
+    groups = kind.groups(64, 128)
+    s, o = 64 // groups, 128 // groups
+    for weight in (p for p in module.parameters()):
+        assert weight.abs().max().item() <= (s * o) ** -0.5
+    y = module(torch.randn(8192, 64, dtype=torch.float64))
+    assert y.std().item() == pytest.approx((branches * s / (3 * s * o)) ** 0.5, rel=0.1)
 
 
 # --- fits ---------------------------------------------------------------------------------------------

@@ -94,6 +94,34 @@ def test_a_run_recorded_with_the_legacy_projection_fields_is_the_same_run_today(
 
 
 @pytest.mark.fast
+def test_records_from_before_the_init_default_changed_keep_the_init_they_trained_with():
+    """Version 1 and 2 records never spelled an init unless it was not the default of their day
+    (``scaled_normal``); today's default (``kaiming_uniform``) must not be read into them, else a run of the
+    report's init would reuse a run that never had it."""
+    from kphi.model import KPhi3Config, config_fields
+    from kphi.presets import load_preset
+    from kphi.train import TrainSettings, identity_differences
+    from kphi.train_settings import recorded_identity
+
+    record = json.loads((RECORDS_V2 / "cpu-ablations-seeds--kphi-3-lr0.004-seed42.json").read_text())
+    assert recorded_identity(record["identity"], 2)["model"]["projection"]["init"] == "scaled_normal"
+    single_branch = json.loads((RECORDS_V2 / "cpu-ablations-seeds--first-branch-only-G-2-lr0.004-seed42.json").read_text())
+    assert "init" not in single_branch["identity"]["model"]["projection"]  # spelled by the suite, without init
+    assert recorded_identity(single_branch["identity"], 2)["model"]["projection"]["init"] == "scaled_normal"
+    settings = TrainSettings(**record["settings"])
+    today = load_preset("cpu-kphi3").config  # the preset as it is today: the report's init
+    assert today.projection["init"] == "kaiming_uniform"
+    assert identity_differences(record["identity"], settings, today, version=2) == ["model"]
+    pinned = KPhi3Config(**{**config_fields(today), "projection": {**today.projection, "init": "scaled_normal"}})
+    assert identity_differences(record["identity"], settings, pinned, version=2) == []
+
+    version_1 = recorded_identity({"preset": "tiny-kphi3", "config_overrides": {}}, 1)
+    assert version_1["model"]["projection"]["init"] == "scaled_normal"
+    asked = recorded_identity({"preset": "tiny-kphi3", "config_overrides": {"grouped_init": "kaiming_uniform"}}, 1)
+    assert asked["model"]["projection"]["init"] == "kaiming_uniform"
+
+
+@pytest.mark.fast
 def test_the_identity_version_of_a_record():
     from kphi.train import IDENTITY_VERSION, recorded_version
     from kphi.train_settings import recorded_identity

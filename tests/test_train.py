@@ -275,9 +275,12 @@ def test_a_run_recorded_with_a_preset_is_the_same_run_as_one_given_its_config_ob
     assert identity_differences(old, settings, arm) == []
     assert identity_differences(old, settings, KPhi3Config(**{**fields, "num_hidden_layers": 2})) == ["model"]
     assert identity_differences(old, TrainSettings(preset=None, data="prepared", learning_rate=2e-3), arm) == ["learning_rate"]
-    # an old record naming a bundled preset with a few overrides
-    named = TrainSettings(preset="tiny-kphi3", config_overrides={"num_hidden_layers": 1})
-    assert identity_differences(_old_style_identity(named, "tiny-kphi3", {"num_hidden_layers": 1}), named) == []
+    # an old record naming a bundled preset with a few overrides: trained with the grouped init of its day
+    # (scaled_normal), so it is that run, and not today's preset, which names none and gets kaiming_uniform
+    named = TrainSettings(preset="tiny-kphi3", config_overrides={"num_hidden_layers": 1, "grouped_init": "scaled_normal"})
+    recorded = _old_style_identity(named, "tiny-kphi3", {"num_hidden_layers": 1})
+    assert identity_differences(recorded, named) == []
+    assert identity_differences(recorded, TrainSettings(preset="tiny-kphi3", config_overrides={"num_hidden_layers": 1})) == ["model"]
     # a preset that no longer resolves matches nothing
     gone = _old_style_identity(settings, str(tmp_path / "missing.yaml"), fields)
     assert identity_differences(gone, settings, arm) == ["model"]

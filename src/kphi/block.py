@@ -32,8 +32,14 @@ from torch import nn
 
 from .kinds import ProjectionKind, copy_bias, calibration_error, dense_matrix
 
-#: The initialisations of grouped weights (:func:`init_grouped_weight`); the first is the default.
+#: The initialisations of grouped weights (:func:`init_grouped_weight`).
 GROUPED_INIT_SCHEMES = ("scaled_normal", "kaiming_uniform")
+
+#: The init of a grouped projection that names none: the report's ``kaiming_uniform``, which beat
+#: ``scaled_normal`` tuned at 0.7M and 6.8M tokens (RESULTS.md section 9). Configurations that said nothing
+#: before it became the default (the legacy fields, run records of version 2 or older) keep ``scaled_normal``:
+#: :data:`kphi.configuration_kphi3.LEGACY_GROUPED_INIT`.
+DEFAULT_GROUPED_INIT = "kaiming_uniform"
 
 __all__ = [
     "group_count",
@@ -108,7 +114,7 @@ class GroupedLinear(nn.Module):
             torch.empty(groups, in_features // groups, out_features // groups, device=device, dtype=dtype)
         )
 
-    def reset_parameters(self, scheme: str = "scaled_normal", std: float = 0.02) -> None:
+    def reset_parameters(self, scheme: str = DEFAULT_GROUPED_INIT, std: float = 0.02) -> None:
         """Initialise in place; see :func:`init_grouped_weight` for the schemes."""
         with torch.no_grad():
             init_grouped_weight(self.weight, scheme, std)
@@ -155,12 +161,12 @@ class SingleGroupLinear(nn.Module):
 def init_grouped_weight(weight: torch.Tensor, scheme: str, std: float, branches: int = 2) -> torch.Tensor:
     """Initialise a grouped weight ``[G, s, o]`` of a block with ``branches`` grouped layers, in place.
 
-    * ``"scaled_normal"`` (default): ``N(0, (std * sqrt(G / branches))^2)``. Each output of the block sums
+    * ``"scaled_normal"``: ``N(0, (std * sqrt(G / branches))^2)``. Each output of the block sums
       ``branches * in / G`` products instead of the dense layer's ``in``, so this scale gives the block the
       output variance of a dense layer initialised with ``N(0, std^2)`` (phi-3's ``initializer_range``): the
       model starts from the same signal scale as the baseline it is compared with.
-    * ``"kaiming_uniform"``: the reference implementation's init, ``kaiming_uniform_(a=sqrt(5))`` applied to
-      the 3-d tensor, so torch computes ``fan_in = s * o``, i.e. ``U(-1/sqrt(s*o), 1/sqrt(s*o))``.
+    * ``"kaiming_uniform"`` (the default, :data:`DEFAULT_GROUPED_INIT`): the reference implementation's init,
+      ``kaiming_uniform_(a=sqrt(5))`` applied to the 3-d tensor, so torch computes ``fan_in = s * o``, i.e. ``U(-1/sqrt(s*o), 1/sqrt(s*o))``.
     """
     groups = weight.shape[0]
     if scheme == "scaled_normal":
@@ -461,16 +467,16 @@ def grouped_activation_fit(
 class GroupedKind(ProjectionKind):
     """The report's grouped pointwise block, ``G = group_count(in, out, min_channels_per_group)`` groups.
 
-    ``init``: ``"scaled_normal"`` (dense-equivalent output variance) or ``"kaiming_uniform"`` (the
-    report's), see :func:`init_grouped_weight`. ``branches``: 2 (the report's block) or 1 (the first grouped
+    ``init``: ``"kaiming_uniform"`` (the report's, the default) or ``"scaled_normal"`` (dense-equivalent
+    output variance), see :func:`init_grouped_weight`. ``branches``: 2 (the report's block) or 1 (the first grouped
     layer alone, no interleaved branch: an ablation of what the interleave earns).
     """
 
     name: ClassVar[str] = "grouped"
     min_channels_per_group: int = 256
     """m in the group rule: G is the largest divisor of in and out with in // G >= m (the cpu presets use 32)."""
-    init: str = field(default="scaled_normal", metadata={"choices": GROUPED_INIT_SCHEMES})
-    """initialisation of the grouped weights: scaled_normal (a dense layer's output scale) or kaiming_uniform (the report's)."""
+    init: str = field(default=DEFAULT_GROUPED_INIT, metadata={"choices": GROUPED_INIT_SCHEMES})
+    """initialisation of the grouped weights: kaiming_uniform (the report's, the default) or scaled_normal (a dense layer's output scale)."""
     branches: int = field(default=2, metadata={"choices": (1, 2)})
     """2: the report's block; 1: the first grouped layer alone, no interleaved branch (an ablation)."""
 

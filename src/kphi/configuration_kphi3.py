@@ -11,17 +11,26 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import Phi3Config
 
-from .block import GROUPED_INIT_SCHEMES
+from .block import DEFAULT_GROUPED_INIT, GROUPED_INIT_SCHEMES
 
 __all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "PHI3_PROJECTION_TARGETS", "BOOKKEEPING_KEYS", "config_fields",
            "DEFAULT_PROJECTION", "LEGACY_PROJECTION_FIELDS", "apply_legacy_fields", "fold_legacy_projection",
-           "canonical_projection", "with_overrides"]
+           "canonical_projection", "with_overrides", "LEGACY_GROUPED_INIT", "LEGACY_DEFAULT_PROJECTION",
+           "pin_legacy_init"]
 
 #: The projections of a phi-3 decoder layer that kphi-3 makes structured (and LoRA targets by default).
 PHI3_PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
-#: The projection of a config that names none: the report's block with ``m = 256``.
-DEFAULT_PROJECTION = {"kind": "grouped", "min_channels_per_group": 256, "init": "scaled_normal", "branches": 2}
+#: The projection of a config that names none: the report's block with ``m = 256`` and the report's init.
+DEFAULT_PROJECTION = {"kind": "grouped", "min_channels_per_group": 256, "init": DEFAULT_GROUPED_INIT, "branches": 2}
+
+#: The init every grouped projection had when its config did not name one, before ``kaiming_uniform`` became
+#: the default: what the legacy fields (``grouped_init`` absent), version-2 run records and every bundled
+#: suite swept before the switch mean.
+LEGACY_GROUPED_INIT = "scaled_normal"
+
+#: The projection the legacy fields were read against (:func:`apply_legacy_fields`): the old default.
+LEGACY_DEFAULT_PROJECTION = {**DEFAULT_PROJECTION, "init": LEGACY_GROUPED_INIT}
 
 #: The three fields that said what replaced a dense projection before ``projection`` alone did (every report
 #: checkpoint and every run recorded before it carry them). They are read once, on the way in
@@ -38,8 +47,9 @@ def apply_legacy_fields(projection: dict, legacy: dict) -> dict:
       rule: low-rank needs ``min_channels_per_group < 0``);
     * ``grouped_init: scheme`` — the init of a grouped projection (ignored by other kinds, as before).
 
-    On :data:`DEFAULT_PROJECTION` this is exactly how the old config derived its kind: grouped when
-    ``m > 0``, else low-rank when ``low_rank_fraction`` is set, else dense.
+    On :data:`LEGACY_DEFAULT_PROJECTION` this is exactly how the old config derived its kind: grouped when
+    ``m > 0``, else low-rank when ``low_rank_fraction`` is set, else dense; a grouped projection made here
+    from a non-grouped one gets the legacy init (:data:`LEGACY_GROUPED_INIT`) unless ``grouped_init`` says.
     """
     legacy = {k: v for k, v in legacy.items() if v is not None}
     unknown = set(legacy) - set(LEGACY_PROJECTION_FIELDS)
@@ -55,7 +65,7 @@ def apply_legacy_fields(projection: dict, legacy: dict) -> dict:
         elif result.get("kind") == "grouped":
             result["min_channels_per_group"] = m
         else:
-            result = {"kind": "grouped", "min_channels_per_group": m}
+            result = {"kind": "grouped", "min_channels_per_group": m, "init": LEGACY_GROUPED_INIT}
     fraction = legacy.get("low_rank_fraction")
     if fraction is not None:
         if result.get("kind") == "grouped":
@@ -72,19 +82,34 @@ def apply_legacy_fields(projection: dict, legacy: dict) -> dict:
 
 def fold_legacy_projection(fields: dict) -> dict:
     """``fields`` (a config's arguments, a ``config.json``, a recorded run's model) in today's form: the legacy
-    fields removed and ``projection`` set — from them (:func:`apply_legacy_fields` on
-    :data:`DEFAULT_PROJECTION`) when ``projection`` is absent or ``None``; a given ``projection`` is kept as
-    it is (it always overrode them)."""
+    fields removed and ``projection`` set when it is absent or ``None`` — from them (:func:`apply_legacy_fields`
+    on :data:`LEGACY_DEFAULT_PROJECTION`) when there are any, else :data:`DEFAULT_PROJECTION`. A given
+    ``projection`` is kept (it always overrode them); beside legacy fields it comes from a ``config.json``
+    written before the init default changed, so a grouped one naming no init gets the legacy init
+    (:func:`pin_legacy_init`)."""
     fields = dict(fields)
-    legacy = {key: fields.pop(key) for key in LEGACY_PROJECTION_FIELDS if key in fields}
+    legacy = {key: fields.pop(key) for key in LEGACY_PROJECTION_FIELDS if fields.get(key) is not None}
+    for key in LEGACY_PROJECTION_FIELDS:
+        fields.pop(key, None)
     if fields.get("projection") is None:
-        fields["projection"] = apply_legacy_fields(DEFAULT_PROJECTION, legacy)
+        fields["projection"] = apply_legacy_fields(LEGACY_DEFAULT_PROJECTION, legacy) if legacy else dict(DEFAULT_PROJECTION)
+    elif legacy:
+        fields["projection"] = pin_legacy_init(fields["projection"])
     return fields
+
+
+def pin_legacy_init(projection):
+    """``projection`` with ``init: scaled_normal`` (:data:`LEGACY_GROUPED_INIT`) when it is grouped and names
+    no init: what a grouped projection spelled without one meant before ``kaiming_uniform`` became the default
+    (version-2 run records). Anything else is returned unchanged."""
+    if isinstance(projection, dict) and projection.get("kind") == "grouped" and "init" not in projection:
+        return {**projection, "init": LEGACY_GROUPED_INIT}
+    return projection
 
 
 def canonical_projection(projection):
     """``projection`` with every setting of its kind spelled out (``{kind: grouped, min_channels_per_group: 32}``
-    -> ``{..., init: scaled_normal, branches: 2}``), so one projection spelled two ways is one model;
+    -> ``{..., init: kaiming_uniform, branches: 2}``), so one projection spelled two ways is one model;
     returned unchanged when it names no valid kind (validation reports that)."""
     from .projections import projection_kind
 

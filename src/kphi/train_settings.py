@@ -199,15 +199,22 @@ def recorded_identity(identity: dict[str, Any], version: int | None = None) -> d
 
     Version 1 stored only a preset name (or a YAML path) and overrides, not the model: it is the one step that
     resolves a preset as it is today (a preset that no longer resolves gives ``model: None``, which matches
-    nothing). Version 2 -> 3 is pure data: :func:`~kphi.configuration_kphi3.fold_legacy_projection`.
+    nothing). Version 2 -> 3 is pure data: :func:`~kphi.configuration_kphi3.fold_legacy_projection`. Both
+    predate ``kaiming_uniform`` as the default init, so a grouped projection they leave unspelled gets the init
+    it had then (:data:`~kphi.configuration_kphi3.LEGACY_GROUPED_INIT`); version 3 spells every init.
     """
-    from .configuration_kphi3 import canonical_projection, fold_legacy_projection
+    from .configuration_kphi3 import LEGACY_GROUPED_INIT, canonical_projection, fold_legacy_projection, pin_legacy_init
 
     if version is None:
         version = recorded_version({"identity": identity})
     upgraded = dict(identity)
     if version < 2 and "preset" in upgraded:
-        old = TrainSettings(preset=upgraded.pop("preset"), config_overrides=upgraded.pop("config_overrides", {}))
+        overrides = dict(upgraded.pop("config_overrides", None) or {})
+        if overrides.get("projection") is not None:
+            overrides["projection"] = pin_legacy_init(overrides["projection"])
+        elif overrides.get("grouped_init") is None:
+            overrides["grouped_init"] = LEGACY_GROUPED_INIT  # (ignored when the preset is not grouped)
+        old = TrainSettings(preset=upgraded.pop("preset"), config_overrides=overrides)
         try:
             upgraded["model"] = model_fields(old)
         except (KphiError, TypeError, ValueError):
@@ -217,7 +224,7 @@ def recorded_identity(identity: dict[str, Any], version: int | None = None) -> d
             model = fold_legacy_projection(upgraded["model"])
         except ValueError:  # legacy fields no config could be built from: a run that matches nothing
             model = {**upgraded["model"], "projection": None}
-        model["projection"] = canonical_projection(model["projection"])
+        model["projection"] = canonical_projection(pin_legacy_init(model["projection"]))
         upgraded["model"] = model
     return upgraded
 
