@@ -166,7 +166,8 @@ def init_grouped_weight(weight: torch.Tensor, scheme: str, std: float, branches:
       output variance of a dense layer initialised with ``N(0, std^2)`` (phi-3's ``initializer_range``): the
       model starts from the same signal scale as the baseline it is compared with.
     * ``"kaiming_uniform"`` (the default, :data:`DEFAULT_GROUPED_INIT`): the reference implementation's init,
-      ``kaiming_uniform_(a=sqrt(5))`` applied to the 3-d tensor, so torch computes ``fan_in = s * o``, i.e. ``U(-1/sqrt(s*o), 1/sqrt(s*o))``.
+      ``kaiming_uniform_(a=sqrt(5))`` applied to the 3-d tensor, so torch computes ``fan_in = s * o``, i.e.
+      ``U(-1/sqrt(s*o), 1/sqrt(s*o))``; it ignores ``std``.
     """
     groups = weight.shape[0]
     if scheme == "scaled_normal":
