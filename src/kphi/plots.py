@@ -164,8 +164,11 @@ def plot_compute(results: dict, out_png: Path) -> Path:
             left.plot(*zip(*flops), "o-", markersize=4, label=label)
         if walls:
             right.plot(*zip(*walls), "o-", markersize=4, label=label)
+    from matplotlib.ticker import NullFormatter
+
     for ax, xlabel in ((left, "training FLOPs (analytic, kphi.flops)"), (right, "wall-clock seconds per run (median over seeds)")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
         ax.set_xlabel(xlabel)
         ax.set_ylabel("final validation loss")
         ax.grid(alpha=0.3, which="both")
