@@ -117,6 +117,19 @@ def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
     assert finished_runs(out) == before and not (out / "tokens-2048").exists()  # nothing trained, nothing written
 
 
+def test_the_dry_run_shows_only_the_arms_that_arms_selects(tmp_path):
+    """``--dry-run`` lists what the same command without it would train: with ``--arms``, those arms only."""
+    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-3 small (same params)",
+                      "--out", str(tmp_path / "o"), "--dry-run", cache=tmp_path / "c")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "tokens per run" in line.split("|")[1]]
+    assert [row[1].strip() for row in rows] == ["phi-3 small (same params)"] * 2
+    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-4",
+                      "--out", str(tmp_path / "o"), "--dry-run", cache=tmp_path / "c")
+    assert result.returncode != 0 and "no arm 'phi-4' in suite smoke" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_series_needs_two_budgets_and_refuses_rate_flags(tmp_path):
     with pytest.raises(CompareError, match="at least two budgets"):
         run_budget_series(load_suite("smoke"), tmp_path / "o", budgets=[512], progress=False, log=lambda *_: None)

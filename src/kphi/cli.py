@@ -103,7 +103,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not series and args.max_tokens:
             suite = dataclasses.replace(suite, training=training_at_budget(suite.training, args.max_tokens))
         plan = plan_budget_series(suite, out, budgets, args.seeds) if series else [Comparison(suite.name, suite, Path(out), args.seeds)]
-        print(format_plan(plan, options["learning_rates"]))
+        print(format_plan(plan, options["learning_rates"], options["only_arms"]))
         return 0
     if series:
         print(format_budget_table(run_budget_series(suite, out, budgets=budgets, **options)))

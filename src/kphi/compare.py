@@ -416,12 +416,7 @@ def run_compare(
         raise CompareError(f"--seeds must be at least 1, got {seeds}")
     arms = resolve_arms(suite)
     baseline_params = non_embedding(next(a.config for a in arms if a.label == suite.baseline))
-    if only_arms:
-        unknown = sorted(set(only_arms) - {a.label for a in arms})
-        if unknown:
-            raise CompareError(f"--arms: no arm {', '.join(map(repr, unknown))} in suite {suite.name} "
-                               f"(arms: {', '.join(a.label for a in arms)})")
-        arms = [a for a in arms if a.label in only_arms]
+    arms = select_arms(arms, only_arms, suite.name)
     out = Path(out)
     marker = out / "kphi-compare.json"
     identity = _comparison_identity(suite, data, max_tokens)
@@ -528,10 +523,23 @@ def planned_tokens(training: dict[str, Any]) -> str:
     return f"{training.get('max_minutes')} min" if training.get("max_minutes") else "?"
 
 
-def format_plan(plan: list[Comparison], learning_rates: list[float] | None = None) -> str:
+def select_arms(arms: list[Arm], only_arms: list[str] | None, suite_name: str) -> list[Arm]:
+    """The arms labelled in ``only_arms`` (``--arms``), in the suite's order; all of them when it is empty."""
+    if not only_arms:
+        return arms
+    unknown = sorted(set(only_arms) - {a.label for a in arms})
+    if unknown:
+        raise CompareError(f"--arms: no arm {', '.join(map(repr, unknown))} in suite {suite_name} "
+                           f"(arms: {', '.join(a.label for a in arms)})")
+    return [a for a in arms if a.label in only_arms]
+
+
+def format_plan(plan: list[Comparison], learning_rates: list[float] | None = None,
+                only_arms: list[str] | None = None) -> str:
     """What ``plan`` trains, as a table, without training (``kphi compare --dry-run``): per comparison and arm
-    its non-embedding parameters, tokens per run, rates (all on the first seed), seeds (the others at the best
-    rate), runs, and how many of those runs its directory already holds finished (they will be reused)."""
+    (``only_arms`` as ``--arms`` selects them) its non-embedding parameters, tokens per run, rates (all on the
+    first seed), seeds (the others at the best rate), runs, and how many of those runs its directory already
+    holds finished (they will be reused)."""
     lines = ["| comparison | arm | non-emb. params | tokens per run | learning rates | seeds | runs | finished |",
              "|:--|:--|--:|--:|:--|--:|--:|--:|"]
     planned_total = finished_total = 0
@@ -539,7 +547,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
         seeds = comparison.seeds or comparison.suite.seeds
         first = int(training_value(comparison.suite.training, "seed"))
         tokens = planned_tokens(comparison.suite.training)
-        for arm in resolve_arms(comparison.suite):
+        for arm in select_arms(resolve_arms(comparison.suite), only_arms, comparison.suite.name):
             rates = arm_rates(arm, comparison.suite, learning_rates)
             arms_dir = Path(comparison.out) / "arms"
             done = [arms_dir / run_dir_name(arm, rate, first) for rate in rates]
