@@ -103,6 +103,12 @@ def test_a_series_is_a_plan_of_comparisons_one_per_budget(tmp_path):
     assert [c.seeds for c in plan_budget_series(suite, tmp_path, [10_000, 5_000], seeds=3)] == [3, 2]
 
 
+def plan_rows(stdout: str) -> list[list[str]]:
+    """The cells of each arm's row in ``kphi compare --dry-run``'s table (its first cell names the comparison)."""
+    return [line.split("|")[1:-1] for line in stdout.splitlines()
+            if line.startswith("| ") and "tokens per run" in line.split("|")[1]]
+
+
 def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
     """``kphi compare --dry-run`` trains nothing and counts the runs its ``--out`` already holds."""
     out, corpus, tmp, _ = series
@@ -110,7 +116,7 @@ def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
     result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024,2048", "--data", str(corpus), "--out",
                       str(out), "--dry-run", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "tokens per run" in line.split("|")[1]]
+    rows = plan_rows(result.stdout)
     assert len(rows) == 3 * len(load_suite("smoke").arms)
     finished = {(row[0].strip().split(" tokens")[0], row[1].strip()): int(row[7]) for row in rows}
     assert set(finished.values()) == {0, 1} and all((label.startswith("2,048")) == (done == 0) for (label, _), done in finished.items())
@@ -122,7 +128,7 @@ def test_the_dry_run_shows_only_the_arms_that_arms_selects(tmp_path):
     result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-3 small (same params)",
                       "--out", str(tmp_path / "o"), "--dry-run", cache=tmp_path / "c")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "tokens per run" in line.split("|")[1]]
+    rows = plan_rows(result.stdout)
     assert [row[1].strip() for row in rows] == ["phi-3 small (same params)"] * 2
     result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-4",
                       "--out", str(tmp_path / "o"), "--dry-run", cache=tmp_path / "c")
