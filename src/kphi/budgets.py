@@ -2,7 +2,8 @@
 
 A compare suite with ``budgets: [N1, N2, ...]`` (or ``kphi compare --budgets``) trains every arm, at its
 own rate, once per budget, each budget an ordinary comparison in ``OUT/tokens-N/`` (so it resumes and
-reuses finished runs like one). The largest budget runs ``seeds_at_largest`` seeds, the others ``seeds``.
+reuses finished runs like one). The largest budget (the ``seeded_budgets`` largest) runs ``seeds_at_largest``
+seeds, the others ``seeds``.
 With the cosine schedule every budget is a separate run that ends at a learning rate of zero, so each
 point is the final loss of a run planned for that many tokens (not a point on a longer run's curve).
 
@@ -82,15 +83,16 @@ def run_budget_series(
 def plan_budget_series(suite: Suite, out: Path, budgets: list[int] | None = None, seeds: int | None = None) -> list[Comparison]:
     """The comparisons a series is made of, one per budget (``budgets``, else the suite's ``budgets`` or
     ``budgets_per_parameter``), smallest first, each in ``OUT/tokens-N/`` with ``max_tokens: N`` and the suite's
-    seeds (``seeds_at_largest`` at the largest); nothing is trained (``kphi compare --dry-run`` shows it)."""
+    seeds (``seeds_at_largest`` at the ``seeded_budgets`` largest); nothing is trained (``kphi compare --dry-run`` shows it)."""
     if seeds:
         suite = dataclasses.replace(suite, seeds=seeds)
     budgets = sorted(set(budgets or suite.budgets or budgets_per_parameter(suite)))
     if len(budgets) < 2:
         raise CompareError("a budget series needs at least two budgets (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")
     plan = []
+    largest = budgets[-max(1, suite.seeded_budgets):]
     for tokens in budgets:
-        at_largest = tokens == budgets[-1]
+        at_largest = tokens in largest
         count = (suite.seeds_at_largest or suite.seeds) if at_largest else suite.seeds
         at_budget = dataclasses.replace(suite, training=training_at_budget(suite.training, tokens), budgets=None,
                                         budgets_per_parameter=None)

@@ -107,7 +107,8 @@ class Suite:
     seeds: int = 1
     learning_rates: list[float] | None = None
     budgets: list[int] | None = None  # a budget series (kphi.budgets): every arm at each of these token budgets
-    seeds_at_largest: int | None = None  # seeds at the largest budget of a series (default: ``seeds``)
+    seeds_at_largest: int | None = None  # seeds at the largest budget(s) of a series (default: ``seeds``)
+    seeded_budgets: int = 1  # how many of a series' largest budgets run ``seeds_at_largest`` seeds
     # budgets stated as tokens per non-embedding parameter of the baseline arm (kphi.budgets turns them into
     # token counts, whole optimizer steps): ``budgets_per_parameter: [2.5, 5, 10, 20, 40]``
     budgets_per_parameter: list[float] | None = None
@@ -199,6 +200,7 @@ def load_suite(name_or_path: str) -> Suite:
         learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
         budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
         seeds_at_largest=data.get("seeds_at_largest"),
+        seeded_budgets=int(data.get("seeded_budgets", 1)),
         budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import KphiError
 
 __all__ = [
-    "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download_sdist",
+    "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download", "pip_download_sdist",
 ]
 
 
@@ -110,29 +110,37 @@ def staged_dir(target: Path):
         raise
 
 
-def pip_download_sdist(requirement: str, dest: Path, error: type[Exception], timeout: float = 1800) -> Path:
-    """Download the source distribution of ``requirement`` (``"name==version"``) into ``dest``; its path.
+def pip_download(requirement: str, dest: Path, error: type[Exception], wheel: bool = False,
+                 timeout: float = 1800) -> Path:
+    """Download ``requirement`` (``"name==version"``) into ``dest`` with pip, without its dependencies; the
+    path of the file pip wrote: a wheel when ``wheel``, else the source distribution (``.tar.gz``).
 
     ``pip download`` runs in a subprocess so that pip's own index configuration, proxies and cache apply.
-    ``--no-binary`` is given for this one package only: its build requirements (which pip needs to read the
-    sdist's metadata) may come as wheels, much faster than ``:all:``. Failures raise ``error``.
+    For a source distribution ``--no-binary`` is given for this one package only: its build requirements
+    (which pip needs to read the sdist's metadata) may come as wheels, much faster than ``:all:``. Failures
+    raise ``error`` with pip's last lines.
     """
     package = requirement.split("==")[0]
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-        "--no-binary", package, "--dest", str(dest), requirement,
-    ]  # fmt: skip
+    kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", package]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", *kind,
+           "--dest", str(dest), requirement]
     try:
         done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise error(f"could not download {requirement} with pip: {exc}") from exc
+        raise error(f"could not download {requirement} with pip: {exc}") from None
     if done.returncode != 0:
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise error(f"could not download {requirement} with pip (exit {done.returncode}): {tail}")
-    sdists = sorted(Path(dest).glob("*.tar.gz"))
-    if not sdists:
-        raise error(f"pip download of {requirement} produced no .tar.gz in {dest}")
-    return sdists[0]
+    pattern = "*.whl" if wheel else "*.tar.gz"
+    found = sorted(Path(dest).glob(pattern))
+    if not found:
+        raise error(f"pip download of {requirement} produced no {pattern} in {dest}")
+    return found[0]
+
+
+def pip_download_sdist(requirement: str, dest: Path, error: type[Exception], timeout: float = 1800) -> Path:
+    """The source distribution of ``requirement`` (:func:`pip_download`)."""
+    return pip_download(requirement, dest, error, wheel=False, timeout=timeout)
 
 
 def stat_fingerprint(files) -> str:

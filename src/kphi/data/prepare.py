@@ -41,11 +41,11 @@ from typing import Any, Iterator
 from ..files import cache_root, refuse_foreign_dir, slug, staged_dir, stat_fingerprint
 from ..settings import invalid_setting, setting
 from . import recipe
-from .recipe import DEFAULT_FILTERS, DEFAULT_VOCAB_SIZE, EOS, IGNORE_INDEX
+from .recipe import DEFAULT_FILTERS, DEFAULT_VOCAB_SIZE, EOS, FORMAT_VERSION, IGNORE_INDEX, packed_features
+from .corpora import is_corpus, open_corpus
+from .prepare_text import build_text_corpus, format_text_stats
 from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
 
-#: Bumped whenever the on-disk layout or the recipe changes output for the same settings.
-FORMAT_VERSION = 1
 PACKINGS = ("tokens", "reference")
 LOSS_ON = ("all", "assistant")
 _TOKENIZE_BATCH = 1_000
@@ -78,7 +78,7 @@ class PrepareSettings(CorpusSettings):
     :func:`kphi.data.sources.open_source`."""
 
     source: str = "default"
-    """Data source: default (offline chitchat + chatterbot corpus), lamini, chitchat, chatterbot,
+    """Data source: default (offline chitchat + chatterbot corpus), lamini, chitchat, chatterbot, a text corpus (python-source, or a corpus .yaml file),
     hf:OWNER/NAME[:SPLIT], or a parquet/jsonl/json/csv file or a directory of them."""
     columns: tuple[str, str] = DEFAULT_COLUMNS
     """(instruction column, response column) for files and hub datasets."""
@@ -236,13 +236,6 @@ class _SplitStats:
     pad_tokens: int = 0
 
 
-def _features():
-    import datasets
-
-    row = datasets.List(datasets.Value("int32"))
-    return datasets.Features({"input_ids": row, "labels": row})
-
-
 def _pack_split(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: PrepareSettings, scratch: Path):
     """Tokenise and pack one split (a ``datasets.Dataset`` with a ``text`` column) into rows of
     ``context_length``; returns the packed dataset (written to ``scratch``) and its counts.
@@ -260,7 +253,7 @@ def _pack_split(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: Prep
     if ids.user is None:
         return _pack_split_templated(name, texts, tokenizer, ids, settings, scratch, st)
     if not len(texts):  # datasets.map writes nothing at all for no rows
-        return datasets.Dataset.from_dict({"input_ids": [], "labels": []}, features=_features()), st
+        return datasets.Dataset.from_dict({"input_ids": [], "labels": []}, features=packed_features()), st
     assistant = settings.loss_on == "assistant"
 
     def labels_for(seq: list[int]) -> list[int]:
@@ -296,7 +289,7 @@ def _pack_split(name: str, texts, tokenizer: Any, ids: _TokenIds, settings: Prep
             return rows_out(rows)
 
     packed = texts.map(
-        pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=texts.column_names, features=_features(),
+        pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=texts.column_names, features=packed_features(),
         load_from_cache_file=False, new_fingerprint=f"kphi-pack-{name}", cache_file_name=str(scratch),
         desc=f"tokenizing and packing {name}",
     )
@@ -339,7 +332,7 @@ def _pack_split_templated(name: str, texts, tokenizer: Any, ids: _TokenIds, sett
         return {"input_ids": [r for r, _ in rows], "labels": [labels for _, labels in rows]}
 
     packed = texts.map(
-        pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=texts.column_names, features=_features(),
+        pack, batched=True, batch_size=_TOKENIZE_BATCH, remove_columns=texts.column_names, features=packed_features(),
         load_from_cache_file=False, new_fingerprint=f"kphi-pack-{name}", cache_file_name=str(scratch),
         desc=f"tokenizing and packing {name} (chat template)",
     )
@@ -504,14 +497,18 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
     if not isinstance(settings, PrepareSettings):
         raise TypeError(f"settings must be PrepareSettings, got {type(settings).__name__}")
     settings.validate()
-    source = open_source(settings.source, settings.columns)
+    if is_corpus(settings.source):
+        source: Any = open_corpus(settings.source)
+        builder: Any = build_text_corpus
+    else:
+        source, builder = open_source(settings.source, settings.columns), _build
     key = cache_key(settings, source.fingerprint)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else data_cache_dir()
     cached = cache_root / _entry_name(settings, key)
 
     def build(work: Path) -> None:
         with _datasets_bars(progress):
-            _build(settings, source, key, work, progress)
+            builder(settings, source, key, work, progress)
 
     if out_dir is None:
         if _prepared_key(cached) == key:
@@ -545,6 +542,8 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
 
 def format_stats(stats: dict[str, Any]) -> str:
     """A one-paragraph, human-readable summary of a ``stats.json`` dict."""
+    if stats.get("kind") == "text":
+        return format_text_stats(stats)
     g = stats.get
     dropped = {k: v for k, v in (g("dropped") or {}).items() if v}
     dropped_total = sum(dropped.values())

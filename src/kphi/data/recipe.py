@@ -47,6 +47,8 @@ DEFAULT_VOCAB_SIZE = 4096
 
 #: Label value ignored by the loss of a ``transformers`` causal LM.
 IGNORE_INDEX = -100
+#: Bumped whenever the on-disk layout or the recipe changes output for the same settings.
+FORMAT_VERSION = 1
 
 #: Refusal / disclaimer phrases of the reference recipe. A sample whose text
 #: contains any of them is dropped.
@@ -228,3 +230,11 @@ def pad_or_truncate(ids: Sequence[int], context_length: int, pad_id: int) -> tup
     if len(ids) >= context_length:
         return ids[:context_length], context_length, len(ids) - context_length
     return ids + [pad_id] * (context_length - len(ids)), len(ids), 0
+
+
+def packed_features():
+    """The ``datasets.Features`` of a packed split: ``input_ids`` and ``labels``, int32 lists."""
+    import datasets
+
+    row = datasets.List(datasets.Value("int32"))
+    return datasets.Features({"input_ids": row, "labels": row})

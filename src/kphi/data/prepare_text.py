@@ -1,0 +1,160 @@
+"""Prepare a text corpus (:mod:`kphi.data.corpora`) into the same directory layout as instruction pairs.
+
+Documents stream from the corpus twice: once to train the BPE tokenizer on the training documents (a
+``tokenizers`` trainer fed by an iterator), once to tokenise and pack both splits. Each split is written by
+``datasets.Dataset.from_generator``, which flushes Arrow batches to disk as the generator yields, so peak
+memory is one batch of documents and the trainer's word counts, never the corpus.
+
+Splits: ``validation`` is the corpus's held-out documents (fixed by file name, see
+:class:`~kphi.data.corpora.TextCorpus`), ``train`` the rest; ``validation_rows`` of the settings does not
+apply. Packing is token packing: each document's tokens, then ``<|endoftext|>``, concatenated and cut into rows
+of ``context_length`` (the last partial row dropped); the loss is on every position. ``stats.json`` records,
+per split, the SHA-256 of the packed token ids (int32, little-endian, row after row): the content hash that
+says two preparations hold the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import recipe
+from .corpora import TextCorpus
+from .recipe import FORMAT_VERSION, packed_features
+from .sources import DataError
+
+_BATCH_DOCUMENTS = 64  # documents encoded per call: the tokenizer's Rust batch encoder spreads them over threads
+
+
+def _row_dicts(rows: list[tuple[list[int], list[int]]], digest: Any) -> Iterator[dict[str, list[int]]]:
+    for ids, labels in rows:
+        digest.update(np.asarray(ids, dtype="<i4").tobytes())
+        yield {"input_ids": ids, "labels": labels}
+
+
+def _split_rows(corpus: TextCorpus, heldout: bool, tokenizer: Any, eos: int, context_length: int,
+                max_documents: int | None, counts: dict[str, Any], bar: Any) -> Iterator[dict[str, list[int]]]:
+    """Packed rows of one split; fills ``counts`` (documents, bytes, tokens, rows, dropped tokens, sha256)."""
+    packer = recipe.TokenPacker(context_length)
+    digest = hashlib.sha256()
+    batch: list[str] = []
+
+    def flush() -> Iterator[dict[str, list[int]]]:
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        rows = [row for seq in encoded for row in packer.add([*seq, eos])]
+        batch.clear()
+        yield from _row_dicts(rows, digest)
+
+    for doc in corpus.documents(max_documents):
+        bar.update(1)
+        if doc.heldout != heldout:
+            continue
+        batch.append(doc.text)
+        counts["documents"] += 1
+        counts["bytes"] += len(doc.text.encode("utf-8"))
+        if len(batch) >= _BATCH_DOCUMENTS:
+            yield from flush()
+    if batch:
+        yield from flush()
+    counts.update(rows=packer.rows, tokens=packer.rows * context_length, dropped_tokens=packer.dropped_tokens,
+                  sha256=digest.hexdigest())
+
+
+def _train_tokenizer(corpus: TextCorpus, settings: Any, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    from .tokenizers import build_tokenizer
+
+    if settings.tokenizer != "bpe":
+        return build_tokenizer(settings.tokenizer)
+    total = settings.max_rows or len(corpus.members())
+    bar = tqdm(total=total, desc=f"training the BPE tokenizer on {corpus.name}", unit="file", disable=not progress)
+
+    def training_texts() -> Iterator[str]:
+        for doc in corpus.documents(settings.max_rows):
+            bar.update(1)
+            if not doc.heldout:
+                yield doc.text
+
+    tokenizer = build_tokenizer("bpe", training_texts=training_texts(), vocab_size=settings.vocab_size)
+    bar.close()
+    return tokenizer
+
+
+def build_text_corpus(settings: Any, corpus: TextCorpus, key: str, work: Path, progress: bool) -> dict[str, Any]:
+    """Fill ``work`` with ``train/``, ``validation/``, ``tokenizer/``, ``settings.json`` and ``stats.json`` for
+    ``corpus`` (``settings``: a :class:`kphi.data.prepare.PrepareSettings`); returns the stats."""
+    import datasets
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    if settings.packing != "tokens" or settings.loss_on != "all":
+        raise DataError(f"a text corpus ({corpus.name!r}) is packed by tokens with the loss on every position; "
+                        "use packing 'tokens' and loss_on 'all'")
+    tokenizer = _train_tokenizer(corpus, settings, progress)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"tokenizer {settings.tokenizer!r} has no end-of-text token to separate documents with")
+    total = settings.max_rows or len(corpus.members())
+    split_counts: dict[str, dict[str, Any]] = {}
+    for name, heldout in (("train", False), ("validation", True)):
+        counts = split_counts[name] = {"documents": 0, "bytes": 0}
+        bar = tqdm(total=total, desc=f"tokenizing and packing {name}", unit="file", disable=not progress)
+        packed = datasets.Dataset.from_generator(
+            _split_rows, features=packed_features(), cache_dir=str(work / ".cache"), keep_in_memory=False,
+            gen_kwargs=dict(corpus=corpus, heldout=heldout, tokenizer=tokenizer, eos=eos,
+                            context_length=settings.context_length, max_documents=settings.max_rows,
+                            counts=counts, bar=bar))
+        bar.close()
+        if not len(packed):
+            raise DataError(f"corpus {corpus.name!r}: the {name} split ({counts['documents']} documents) is too "
+                            f"small for one row of context_length={settings.context_length}")
+        packed.save_to_disk(str(work / name))
+        del packed
+    _remove_tree(work / ".cache")
+    tokenizer.save_pretrained(str(work / "tokenizer"))
+    stats = _stats(settings, corpus, split_counts, len(tokenizer), time.monotonic() - started)
+    meta = settings.to_dict()
+    meta.update(cache_key=key, source_fingerprint=corpus.fingerprint, format_version=FORMAT_VERSION)
+    (work / "settings.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (work / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    return stats
+
+
+def _stats(settings: Any, corpus: TextCorpus, split: dict[str, dict[str, Any]], vocab: int, seconds: float) -> dict:
+    tr, va = split["train"], split["validation"]
+    return {
+        "source": settings.source, "corpus": corpus.name, "kind": "text",
+        "packages": [p.requirement for p in corpus.packages],
+        "train_documents": tr["documents"], "validation_documents": va["documents"],
+        "train_bytes": tr["bytes"], "validation_bytes": va["bytes"],
+        "train_rows": tr["rows"], "validation_rows": va["rows"],
+        "train_tokens": tr["tokens"], "validation_tokens": va["tokens"],
+        "train_loss_tokens": tr["tokens"], "validation_loss_tokens": va["tokens"],
+        "train_tokens_dropped": tr["dropped_tokens"], "validation_tokens_dropped": va["dropped_tokens"],
+        "train_sha256": tr["sha256"], "validation_sha256": va["sha256"],
+        "context_length": settings.context_length, "packing": "tokens", "loss_on": "all",
+        "tokenizer": settings.tokenizer, "vocab_size": vocab, "seconds": round(seconds, 2),
+    }
+
+
+def format_text_stats(stats: dict[str, Any]) -> str:
+    """A one-paragraph summary of a text corpus's ``stats.json``."""
+    g = stats.get
+    return (f"Prepared {g('source')}: {g('train_documents', 0):,} training and {g('validation_documents', 0):,} "
+            f"held-out documents ({g('train_bytes', 0) / 1e6:,.1f} + {g('validation_bytes', 0) / 1e6:,.1f} MB), "
+            f"packed into {g('train_rows', 0):,} + {g('validation_rows', 0):,} rows of {g('context_length')} tokens "
+            f"({g('train_tokens', 0):,} + {g('validation_tokens', 0):,} tokens) with the {g('tokenizer')} tokenizer "
+            f"({g('vocab_size', 0):,} tokens) in {g('seconds', 0):.1f} s; content SHA-256 "
+            f"{str(g('train_sha256'))[:12]} (train), {str(g('validation_sha256'))[:12]} (held out).")
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
