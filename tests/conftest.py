@@ -1,9 +1,16 @@
 """Shared fixtures: a deterministic seed for every test and one trained model directory."""
 
-import pytest
-import torch
+import os
 
-import kphi  # noqa: F401  (registers the kphi3 model type with the Auto classes)
+# The CLI runs in this process in most tests (processes.run_kphi): offline, as a user's subprocess would be.
+# huggingface_hub reads HF_HUB_OFFLINE when it is imported, so this comes before any import of it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kphi  # noqa: F401, E402  (registers the kphi3 model type with the Auto classes)
 
 
 #: The modules that take longest, run first. Under ``pytest -n 2 --dist loadfile`` a module runs whole on one

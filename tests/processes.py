@@ -1,11 +1,17 @@
-"""Running ``kphi`` as a user does: subprocesses, and runs killed with SIGKILL once a checkpoint is complete."""
+"""Running ``kphi`` as a user does: in this process through ``kphi.cli.main``, in a subprocess where the process
+boundary is the point, and runs killed with SIGKILL once a checkpoint is complete."""
 
+import contextlib
 import csv
+import io
 import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+
+from kphi.cli import main
 
 
 def kphi_env(extra=None) -> dict:
@@ -22,11 +28,56 @@ def free_port() -> int:
 
 
 def run_kphi(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:
-    """``python -m kphi ARGS`` as a user runs it: offline (no hub), output captured as text. ``cache`` isolates
-    ``KPHI_CACHE`` (prepared data, tokenizers) in that folder; ``env`` adds variables; ``input`` is stdin."""
+    """``kphi ARGS`` as a user runs it, in this process: ``kphi.cli.main`` with standard input, output and error
+    swapped for text buffers, offline, ``KPHI_CACHE`` set to ``cache`` and ``env`` added to the environment for
+    the call only. The result reads like a finished subprocess: the exit status (argparse's ``SystemExit``
+    included; an exception that escapes ``main`` is a traceback on standard error and status 1, as Python's
+    own), the captured output. ``timeout`` is kept for the callers that also run it as a process."""
+    extra = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+             **({"KPHI_CACHE": str(cache)} if cache is not None else {}), **(env or {})}
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with _environment(extra), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            _stdin(input or ""):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        except Exception:  # noqa: BLE001 - what a process would print before exiting with status 1
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(["kphi", *argv], code or 0, out.getvalue(), err.getvalue())
+
+
+def run_kphi_process(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:
+    """``python -m kphi ARGS`` in a new process, for the tests where the process boundary is the point (start-up
+    imports, exit by signal, launchers); otherwise as :func:`run_kphi`."""
     extra = {**({"KPHI_CACHE": str(cache)} if cache is not None else {}), **(env or {})}
     return subprocess.run([sys.executable, "-m", "kphi", *map(str, args)], capture_output=True, text=True, input=input,
                           timeout=timeout, env=kphi_env(extra))
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update({key: str(value) for key, value in values.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _stdin(text: str):
+    saved, sys.stdin = sys.stdin, io.StringIO(text)
+    try:
+        yield
+    finally:
+        sys.stdin = saved
 
 
 def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float = 300) -> None:

@@ -1,4 +1,4 @@
-"""The ``kphi`` command run as a real subprocess."""
+"""The ``kphi`` command through `kphi.cli.main`, as a user runs it: flags, messages, exit codes."""
 
 import json
 

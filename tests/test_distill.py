@@ -1,6 +1,6 @@
 """Healing by distillation: ``kphi train --init-from STUDENT --distill-from TEACHER``.
 
-The loss is checked against a per-position reference; runs are real subprocesses that train, get killed,
+The loss is checked against a per-position reference; runs train (in-process), get killed (a real process),
 resume to the same losses, and leave a normal model directory holding the student only.
 """
 
@@ -19,7 +19,6 @@ from kphi.distill import distillation_loss
 TINY = ["--preset", "tiny-phi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 
 
-kphi = run_kphi
 
 
 @pytest.mark.fast
@@ -48,7 +47,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     prepared = prepare_small(root)
     teacher = root / "teacher"
-    run = kphi("train", *TINY, "--data", str(prepared), "--out", str(teacher), "--max-steps", "6", "--learning-rate", "3e-3")
+    run = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(teacher), "--max-steps", "6", "--learning-rate", "3e-3")
     assert run.returncode == 0, run.stderr
     student = root / "student"
     convert_to_dir(teacher, student, kind={"kind": "grouped", "min_channels_per_group": 16}, progress=False)
@@ -65,7 +64,7 @@ def distill_args(prepared, teacher, student, out, steps=10):
 def full_distill_run(setup, tmp_path_factory):
     prepared, teacher, student = setup
     out = tmp_path_factory.mktemp("runs") / "full"
-    run = kphi(*distill_args(prepared, teacher, student, out))
+    run = run_kphi(*distill_args(prepared, teacher, student, out))
     assert run.returncode == 0, run.stderr
     return out
 
@@ -84,7 +83,7 @@ def test_distillation_trains_the_student_into_a_normal_model_dir(setup, full_dis
     assert len(curve) == 10
     # the mixed loss differs from plain training from the same start: the teacher is in the loop
     plain = tmp_path / "plain"
-    run = kphi("train", *TINY, "--data", str(prepared), "--init-from", str(student), "--out", str(plain), "--max-steps", "10",
+    run = run_kphi("train", *TINY, "--data", str(prepared), "--init-from", str(student), "--out", str(plain), "--max-steps", "10",
                "--save-steps", "2", "--eval-steps", "5")
     assert run.returncode == 0, run.stderr
     assert losses(plain)[1] != pytest.approx(curve[1], rel=1e-3)
@@ -94,7 +93,7 @@ def test_distillation_resumes_after_a_kill_to_the_same_losses(setup, full_distil
     prepared, teacher, student = setup
     out = tmp_path / "killed"
     kill_after_checkpoint(distill_args(prepared, teacher, student, out), out, step=4)
-    resumed = kphi(*distill_args(prepared, teacher, student, out), "--resume")
+    resumed = run_kphi(*distill_args(prepared, teacher, student, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     expected, got = losses(full_distill_run), losses(out)
     for step in range(5, 11):
@@ -109,7 +108,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", pairs=100, seed=3)
     small_vocab = prepare_dataset(PrepareSettings(source=str(corpus), tokenizer="bpe", vocab_size=280, context_length=32,
                                                   validation_rows=10), out_dir=tmp_path / "p280", cache_dir=tmp_path / "cache", progress=False)
-    run = kphi("train", *TINY, "--data", str(small_vocab), "--init-from", str(student), "--out", str(tmp_path / "x"), "--max-steps", "2")
+    run = run_kphi("train", *TINY, "--data", str(small_vocab), "--init-from", str(student), "--out", str(tmp_path / "x"), "--max-steps", "2")
     assert run.returncode == 2 and "vocabulary" in run.stderr and "Traceback" not in run.stderr
-    run = kphi("train", *TINY, "--data", str(prepared), "--distill-from", str(tmp_path), "--out", str(tmp_path / "y"), "--max-steps", "2")
+    run = run_kphi("train", *TINY, "--data", str(prepared), "--distill-from", str(tmp_path), "--out", str(tmp_path / "y"), "--max-steps", "2")
     assert run.returncode == 2 and "not a model directory" in run.stderr

@@ -10,14 +10,13 @@ import textwrap
 
 import pytest
 
-from processes import run_kphi
+from processes import run_kphi, run_kphi_process
 import torch
 
 from kphi.errors import KphiError
 from kphi.export import AUTO_MAP, CODE_FILES, EXPORT_MARKER, ExportError, export_model, push_to_hub
 
 
-kphi = run_kphi
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ NO_KPHI_SCRIPT = textwrap.dedent(
 
 def test_standalone_export_loads_without_kphi_and_gives_the_same_logits(model_dir, reference, tmp_path):
     out = tmp_path / "standalone"
-    result = kphi("export", str(model_dir), str(out), "--standalone")
+    result = run_kphi("export", str(model_dir), str(out), "--standalone")
     assert result.returncode == 0, result.stderr
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", *CODE_FILES, EXPORT_MARKER):
         assert (out / name).is_file(), name
@@ -262,7 +261,7 @@ def test_export_refuses_an_occupied_directory_and_replaces_a_previous_export(mod
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
-    result = kphi("export", str(model_dir), str(occupied))
+    result = run_kphi("export", str(model_dir), str(occupied))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "not empty and holds no kphi export" in result.stderr
@@ -334,7 +333,9 @@ def test_export_command_pushes_to_the_hub(model_dir, tmp_path):
     try:
         online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token", "HF_HOME": str(tmp_path / "hf"),
                   "HF_HUB_DISABLE_TELEMETRY": "1"}  # the fake hub is the only one reachable
-        result = run_kphi("export", model_dir, "--push-to-hub", "kphi-user/tiny", "--private", env=online, timeout=300)
+        # a process of its own: huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported
+        result = run_kphi_process("export", model_dir, "--push-to-hub", "kphi-user/tiny", "--private", env=online,
+                                  timeout=300)
     finally:
         server.shutdown()
     assert result.returncode == 0, result.stderr
