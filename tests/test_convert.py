@@ -186,6 +186,49 @@ def test_converted_directories_load_with_trust_remote_code_without_kphi(converte
         assert report[str(path)]["sum"] == pytest.approx(float(expected.double().sum()), rel=1e-5, abs=1e-3), arch
 
 
+WITH_KPHI = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import kphi
+    from transformers import AutoModelForCausalLM
+    results = {}
+    for path in sys.argv[1:]:
+        model = AutoModelForCausalLM.from_pretrained(path)  # no trust_remote_code
+        logits = model(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
+        results[path] = {"class": type(model).__module__ + "." + type(model).__name__, "sum": float(logits.double().sum())}
+    print(json.dumps(results))
+    """
+)
+
+
+def test_import_kphi_makes_every_converted_architecture_loadable_through_the_auto_classes(converted, tmp_path):
+    """A fresh process (no classes built yet) loads GPT-NeoX and OPT conversions, which kphi has no written-out
+    classes for, with ``import kphi`` and ``AutoModelForCausalLM.from_pretrained(DIR)`` alone."""
+    script = tmp_path / "load.py"
+    script.write_text(WITH_KPHI)
+    paths = [converted["gpt_neox"], converted["opt"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(script), *map(str, paths)], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for path in paths:
+        assert report[str(path)]["class"].startswith("kphi.modeling_structured."), report
+        with torch.no_grad():
+            expected = AutoModelForCausalLM.from_pretrained(path)(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
+        assert report[str(path)]["sum"] == pytest.approx(float(expected.double().sum()), rel=1e-6, abs=1e-4)
+
+
+def test_only_real_architectures_become_kphi_types():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert "kphi_gpt_neox" in CONFIG_MAPPING and CONFIG_MAPPING["kphi_opt"].model_type == "kphi_opt"
+    assert "kphi_no_such_architecture" not in CONFIG_MAPPING and "no_such_architecture" not in CONFIG_MAPPING
+    with pytest.raises(KeyError):
+        CONFIG_MAPPING["kphi_no_such_architecture"]
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_converted_model_trains_with_init_from(arch, converted, prepared, tmp_path):
     out = tmp_path / "run"

@@ -58,14 +58,50 @@ def register_structured(source_model_type: str):
     return config_class, model_class
 
 
-def register_model_type(model_type: str) -> None:
-    """Make ``model_type`` of a ``config.json`` loadable with the Auto classes: a converted model of an
-    architecture beyond the five written out (``kphi_gpt_neox``) registers its classes; others are left as
-    they are (transformers knows them, or says it does not)."""
+def register_model_type(model_type: str) -> bool:
+    """Make ``model_type`` of a ``config.json`` loadable with the Auto classes; whether transformers now knows
+    it. A converted model of an architecture beyond the five written out (``kphi_gpt_neox``) has its classes
+    built and registered; any other type is left as it is (transformers knows it, or says it does not)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if model_type.startswith("kphi_") and model_type not in CONFIG_MAPPING:
-        try:
-            register_structured(model_type[len("kphi_"):])
-        except KeyError:
-            pass  # transformers' own loader then names the unknown type
+    if model_type in CONFIG_MAPPING._extra_content or model_type in CONFIG_MAPPING._mapping:
+        return True
+    if not model_type.startswith("kphi_"):
+        return False
+    try:
+        register_structured(model_type[len("kphi_"):])
+    except (KeyError, ValueError):
+        return False  # transformers' own loader then names the unknown type
+    return True
+
+
+def _structured_types_on_demand() -> None:
+    """Let ``AutoConfig`` (and through it ``AutoModelForCausalLM``) find every ``kphi_<type>``, for any
+    architecture, the first time a ``config.json`` names it.
+
+    transformers' registry has no hook for a family of model types, and building the classes of all of its
+    architectures at import would import every one of them (seconds, and most are never used). So the
+    registry object gets a subclass whose look-ups build a ``kphi_`` type's classes when first asked: the
+    same classes, registered the same way, as :func:`register_structured` gives.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base = type(CONFIG_MAPPING)
+    if getattr(base, "builds_kphi_types", False):
+        return
+
+    class StructuredTypesOnDemand(base):
+        builds_kphi_types = True
+
+        def __contains__(self, item: object) -> bool:
+            return base.__contains__(self, item) or (isinstance(item, str) and register_model_type(item))
+
+        def __getitem__(self, key: str):
+            if isinstance(key, str) and not base.__contains__(self, key):
+                register_model_type(key)
+            return base.__getitem__(self, key)
+
+    CONFIG_MAPPING.__class__ = StructuredTypesOnDemand
+
+
+_structured_types_on_demand()
