@@ -2,7 +2,7 @@
 
 import os
 
-# The CLI runs in this process in most tests (processes.run_kphi): offline, as a user's subprocess would be.
+# The CLI runs in this process in most tests (processes.run_cli): offline, as a user's subprocess would be.
 # huggingface_hub reads HF_HUB_OFFLINE when it is imported, so this comes before any import of it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,12 +50,12 @@ def _seed():
 def trained_model_dir(tmp_path_factory):
     """A model directory exactly as ``kphi train`` leaves it (3 steps of the tiny preset), shared by test files."""
     from corpus import prepare_small
-    from processes import run_kphi
+    from processes import run_cli
 
     root = tmp_path_factory.mktemp("trained")
     out = root / "model"
     args = ["train", "--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1",
             "--data", str(prepare_small(root)), "--out", str(out), "--max-steps", "3", "--quiet"]
-    result = run_kphi(*args, timeout=300)
+    result = run_cli(*args, timeout=300)
     assert result.returncode == 0, result.stderr
     return out

@@ -27,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_kphi(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:
+def run_cli(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:
     """``kphi ARGS`` as a user runs it, in this process: ``kphi.cli.main`` with standard input, output and error
     swapped for text buffers, offline, ``KPHI_CACHE`` set to ``cache`` and ``env`` added to the environment for
     the call only. The result reads like a finished subprocess: the exit status (argparse's ``SystemExit``
@@ -51,7 +51,7 @@ def run_kphi(*args, cache=None, input=None, timeout=900, env=None) -> subprocess
 
 def run_kphi_process(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:
     """``python -m kphi ARGS`` in a new process, for the tests where the process boundary is the point (start-up
-    imports, exit by signal, launchers); otherwise as :func:`run_kphi`."""
+    imports, exit by signal, launchers); otherwise as :func:`run_cli`."""
     extra = {**({"KPHI_CACHE": str(cache)} if cache is not None else {}), **(env or {})}
     return subprocess.run([sys.executable, "-m", "kphi", *map(str, args)], capture_output=True, text=True, input=input,
                           timeout=timeout, env=kphi_env(extra))

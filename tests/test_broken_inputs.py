@@ -14,7 +14,7 @@ import pytest
 
 from kphi.cli import main
 
-from processes import run_kphi
+from processes import run_cli
 
 
 def _set_config(**changes):
@@ -129,6 +129,6 @@ def test_the_undamaged_directory_works_with_every_command(trained_model_dir, tmp
 @pytest.mark.parametrize("command", ["generate", "export"])
 def test_a_truncated_weights_file_in_a_real_process(trained_model_dir, tmp_path, command):
     target = _damaged_copy(trained_model_dir, tmp_path, "weights truncated")
-    result = run_kphi(*COMMANDS[command](target, tmp_path), cache=tmp_path / "cache")
+    result = run_cli(*COMMANDS[command](target, tmp_path), cache=tmp_path / "cache")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("kphi: error:")

@@ -9,7 +9,7 @@ from kphi.budgets import run_budget_series
 from kphi.compare import CompareError, load_suite
 
 from corpus import write_corpus
-from processes import finished_runs, run_kphi
+from processes import finished_runs, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def series(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("budgets")
     corpus = write_corpus(tmp / "pairs.jsonl", pairs=200)
     out = tmp / "out"
-    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--data", str(corpus), "--out", str(out), "--quiet", cache=tmp / "cache")
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--data", str(corpus), "--out", str(out), "--quiet", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, corpus, tmp, result.stdout
 
@@ -115,7 +115,7 @@ def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
     """``kphi compare --dry-run`` trains nothing and counts the runs its ``--out`` already holds."""
     out, corpus, tmp, _ = series
     before = finished_runs(out)
-    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024,2048", "--data", str(corpus), "--out",
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024,2048", "--data", str(corpus), "--out",
                       str(out), "--dry-run", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = plan_rows(result.stdout)
@@ -127,12 +127,12 @@ def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
 
 def test_the_dry_run_shows_only_the_arms_that_arms_selects(tmp_path):
     """``--dry-run`` lists what the same command without it would train: with ``--arms``, those arms only."""
-    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-3 small (same params)",
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-3 small (same params)",
                       "--out", str(tmp_path / "o"), "--dry-run", cache=tmp_path / "c")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = plan_rows(result.stdout)
     assert [row[1].strip() for row in rows] == ["phi-3 small (same params)"] * 2
-    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-4",
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-4",
                       "--out", str(tmp_path / "o"), "--dry-run", cache=tmp_path / "c")
     assert result.returncode != 0 and "no arm 'phi-4' in suite smoke" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
@@ -141,9 +141,9 @@ def test_the_dry_run_shows_only_the_arms_that_arms_selects(tmp_path):
 def test_a_series_needs_two_budgets_and_refuses_rate_flags(tmp_path):
     with pytest.raises(CompareError, match="at least two budgets"):
         run_budget_series(load_suite("smoke"), tmp_path / "o", budgets=[512], progress=False, log=lambda *_: None)
-    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,1e3", "--learning-rates", "1e-3", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1e3", "--learning-rates", "1e-3", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "budget series" in result.stderr and "Traceback" not in result.stderr
-    result = run_kphi("compare", "--suite", "smoke", "--budgets", "512,many", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,many", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "--budgets must be positive whole numbers" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -179,7 +179,7 @@ def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path)
             "arms": [{k: v for k, v in dataclasses.asdict(arm).items() if v not in (None, {})} for arm in smoke.arms[:2]]}
     suite_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    result = run_kphi("compare", "--suite", str(suite_file), "--data", str(corpus), "--out", str(out), "--quiet", cache=tmp_path / "cache")
+    result = run_cli("compare", "--suite", str(suite_file), "--data", str(corpus), "--out", str(out), "--quiet", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     small, large = results["budgets"]

@@ -60,10 +60,10 @@ def test_a_refusal_on_the_main_process_reaches_every_rank():
 
 
 def test_experiments_refuse_to_run_under_several_processes(tmp_path):
-    from processes import run_kphi
+    from processes import run_cli
 
     # compare, scale and compress share the check (cli._single_process); one real process shows it
-    run = run_kphi("compare", "--suite", "smoke", "--out", tmp_path / "out", cache=tmp_path / "cache",
+    run = run_cli("compare", "--suite", "smoke", "--out", tmp_path / "out", cache=tmp_path / "cache",
                    env={"WORLD_SIZE": "2", "RANK": "1"})
     assert run.returncode == 2 and run.stderr.startswith("kphi: error: kphi compare runs in one process"), run.stderr
     assert not (tmp_path / "out").exists()

@@ -2,13 +2,13 @@
 
 import json
 
-from processes import run_kphi
+from processes import run_cli
 
 
 
 
 def test_params_json_reports_the_report_count():
-    result = run_kphi("params", "JP47D55C", "--json")
+    result = run_cli("params", "JP47D55C", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["non_embedding"] == 35_011_584
@@ -16,7 +16,7 @@ def test_params_json_reports_the_report_count():
 
 
 def test_params_table_lists_all_presets():
-    result = run_kphi("params")
+    result = run_cli("params")
     assert result.returncode == 0, result.stderr
     for name in ("JP47D54C", "JP47D55C", "JP47D56C", "tiny-phi3", "tiny-kphi3"):
         assert name in result.stdout
@@ -24,7 +24,7 @@ def test_params_table_lists_all_presets():
 
 
 def test_unknown_preset_is_one_clear_line_and_exit_2():
-    result = run_kphi("params", "JP00")
+    result = run_cli("params", "JP00")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "unknown preset 'JP00'" in result.stderr
@@ -34,7 +34,7 @@ def test_unknown_preset_is_one_clear_line_and_exit_2():
 def test_inconsistent_config_file_is_rejected(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "kphi3", "hidden_size": 100, "num_attention_heads": 32}))
-    result = run_kphi("params", str(bad))
+    result = run_cli("params", str(bad))
     assert result.returncode == 2
     assert "divisible by num_attention_heads" in result.stderr
     assert "Traceback" not in result.stderr
@@ -45,7 +45,7 @@ def test_data_prepare_writes_stats_for_a_local_file(tmp_path):
 
     corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=200)
     out = tmp_path / "prepared"
-    result = run_kphi("data", "prepare", "--source", str(corpus), "--vocab-size", "300", "--context-length", "32",
+    result = run_cli("data", "prepare", "--source", str(corpus), "--vocab-size", "300", "--context-length", "32",
                       "--validation-rows", "10", "--out", str(out), "--quiet", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "stats.json").read_text())
@@ -56,7 +56,7 @@ def test_data_prepare_writes_stats_for_a_local_file(tmp_path):
 
 
 def test_data_prepare_bad_source_is_one_clear_line(tmp_path):
-    result = run_kphi("data", "prepare", "--source", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o"))
+    result = run_cli("data", "prepare", "--source", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "missing.parquet" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
@@ -65,7 +65,7 @@ def test_data_prepare_bad_source_is_one_clear_line(tmp_path):
 def test_tokenizer_phi3_writes_a_loadable_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    result = run_kphi("tokenizer", "phi3", "--out", str(tmp_path / "phi3"))
+    result = run_cli("tokenizer", "phi3", "--out", str(tmp_path / "phi3"))
     if result.returncode != 0 and "could not download" in result.stderr:
         import pytest
 
@@ -82,7 +82,7 @@ def test_tokenizer_train_writes_a_bpe_tokenizer(tmp_path):
     from corpus import write_corpus
 
     corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
-    result = run_kphi("tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "bpe"), "--quiet")
+    result = run_cli("tokenizer", "train", "--source", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "bpe"), "--quiet")
     assert result.returncode == 0, result.stderr
     tok = AutoTokenizer.from_pretrained(tmp_path / "bpe")
     assert len(tok) == 300

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from processes import run_kphi
+from processes import run_cli
 
 from kphi.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
 from kphi.lowrank import LowRankLinear, rank_for_fraction
@@ -118,7 +118,7 @@ def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     corpus = write_corpus(tmp / "pairs.jsonl", pairs=300)
     out = tmp / "out"
-    result = run_kphi("compare", "--suite", "smoke", "--data", str(corpus), "--seeds", "2", "--out", str(out), "--quiet", cache=tmp / "cache")
+    result = run_cli("compare", "--suite", "smoke", "--data", str(corpus), "--seeds", "2", "--out", str(out), "--quiet", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout, tmp
 
@@ -155,10 +155,10 @@ def test_arms_share_data_order_and_settings(smoke_run):
 def test_rerun_reuses_finished_arms_and_refuses_a_different_comparison(smoke_run):
     out, _, tmp = smoke_run
     before = (out / "results.json").read_text()
-    again = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--seeds", "2", "--out", str(out), "--quiet", cache=tmp / "cache")
+    again = run_cli("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--seeds", "2", "--out", str(out), "--quiet", cache=tmp / "cache")
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((out / "results.json").read_text())["arms"] == json.loads(before)["arms"]
-    other = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--max-tokens", "999", "--out", str(out), "--quiet", cache=tmp / "cache")
+    other = run_cli("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--max-tokens", "999", "--out", str(out), "--quiet", cache=tmp / "cache")
     assert other.returncode == 2 and "different comparison" in other.stderr and "Traceback" not in other.stderr
     assert json.loads((out / "results.json").read_text())["arms"] == json.loads(before)["arms"]
 
@@ -177,7 +177,7 @@ def test_a_run_that_started_from_other_initial_weights_is_not_reused(smoke_run, 
     record["initial_weights_sha256"] = "0" * 64
     run_file.write_text(json.dumps(record))
     before = (copy / "results.json").read_text()
-    again = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--seeds", "2", "--out", str(copy), "--quiet", cache=tmp / "cache")
+    again = run_cli("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--seeds", "2", "--out", str(copy), "--quiet", cache=tmp / "cache")
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "other initial weights" in again.stderr and run_file.parent.name in again.stderr
     assert (copy / "results.json").read_text() == before
@@ -187,7 +187,7 @@ def test_arms_option_trains_only_the_named_arms(smoke_run, tmp_path):
     """``--arms`` re-runs part of a suite: the others still size the control and set the percentages."""
     _, _, tmp = smoke_run
     out = tmp_path / "only"
-    result = run_kphi("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--arms", "phi-3 small (same params)",
+    result = run_cli("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--arms", "phi-3 small (same params)",
                       "--out", str(out), "--quiet", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     arms = json.loads((out / "results.json").read_text())["arms"]
@@ -195,7 +195,7 @@ def test_arms_option_trains_only_the_named_arms(smoke_run, tmp_path):
     assert sorted(p.name.split("-lr")[0] for p in (out / "arms").iterdir()) == ["phi-3-small-same-params"]
     full = {a.label: a for a in resolve_arms(load_suite("smoke"))}
     assert arms[0]["percent"] == round(100 * non_embedding(full["phi-3 small (same params)"].config) / non_embedding(full["phi-3"].config), 1)
-    bad = run_kphi("compare", "--suite", "smoke", "--arms", "nope", "--out", str(tmp_path / "bad"), "--quiet", cache=tmp / "cache")
+    bad = run_cli("compare", "--suite", "smoke", "--arms", "nope", "--out", str(tmp_path / "bad"), "--quiet", cache=tmp / "cache")
     assert bad.returncode == 2 and "no arm 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from processes import finished_runs, run_kphi
+from processes import finished_runs, run_cli
 
 from kphi.compare import CompareError, load_suite
 from kphi.compress import load_compress_suite
@@ -15,7 +15,7 @@ from kphi.compress import load_compress_suite
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress") / "out"
-    run = run_kphi("compress", "--suite", "compress-smoke", "--out", str(out), "--quiet", cache=out.parent / "cache")
+    run = run_cli("compress", "--suite", "compress-smoke", "--out", str(out), "--quiet", cache=out.parent / "cache")
     assert run.returncode == 0, run.stderr
     return out, run.stdout
 
@@ -47,7 +47,7 @@ def test_compress_runs_every_step_and_reports_it(smoke_run):
 def test_a_second_run_reuses_every_finished_run(smoke_run):
     out, _ = smoke_run
     before, runs = (out / "results.json").read_text(), finished_runs(out)
-    run = run_kphi("compress", "--suite", "compress-smoke", "--out", str(out), cache=out.parent / "cache")
+    run = run_cli("compress", "--suite", "compress-smoke", "--out", str(out), cache=out.parent / "cache")
     assert run.returncode == 0, run.stderr
     assert len(runs) >= 10 and finished_runs(out) == runs  # nothing retrained
     after = json.loads((out / "results.json").read_text())
@@ -80,7 +80,7 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
         "heal: {fits: [grouped m=8], tokens: 1024, learning_rate: 0.01,"
         " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
     command = ["compress", "--suite", suite, "--out", tmp_path / "out", "--quiet"]
-    first = run_kphi(*command, cache=tmp_path / "cache", timeout=600)
+    first = run_cli(*command, cache=tmp_path / "cache", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [f["label"] for f in results["fits"]] == ["low-rank 50%", "grouped m=8"]
@@ -99,7 +99,7 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     assert run["settings"]["distill_from"] == str(gguf) and run["settings"]["init_from"].endswith("fit")
     assert "healed by distillation" in (tmp_path / "out" / "results.md").read_text()
     heal_stamp = (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns
-    again = run_kphi(*command, cache=tmp_path / "cache", timeout=600)
+    again = run_cli(*command, cache=tmp_path / "cache", timeout=600)
     assert again.returncode == 0 and (tmp_path / "out" / "fits" / "low-rank-50.json").stat().st_mtime_ns == stamp
     assert (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns == heal_stamp
 

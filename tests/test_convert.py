@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from processes import run_kphi
+from processes import run_cli
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -250,7 +250,7 @@ def test_converted_model_trains_with_init_from(arch, converted, prepared, tmp_pa
 
 def test_kphi_convert_cli_with_activation_fit_and_params(sources, prepared, tmp_path):
     out = tmp_path / "llama-act"
-    run = run_kphi("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
+    run = run_cli("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
                    "--fit", "activations", "--calibration-data", str(prepared), "--calibration-tokens", "512", "--heldout-bytes", "0", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "projections as" in run.stdout and "on calibration inputs" in run.stdout
@@ -259,7 +259,7 @@ def test_kphi_convert_cli_with_activation_fit_and_params(sources, prepared, tmp_
     for name, fit in report["projections"].items():
         assert fit["method"] == "activations"
         assert fit["calibration_error"] <= frob.fits[name].calibration_error + 1e-6, name
-    params = run_kphi("params", str(out), "--json")
+    params = run_cli("params", str(out), "--json")
     assert params.returncode == 0, params.stderr
     counts = json.loads(params.stdout)
     assert counts["model"] == "kphi_llama" and counts["non_embedding"] == report["non_embedding_after"]
@@ -284,7 +284,7 @@ def test_other_kinds_convert_too(sources, tmp_path):
 def test_bad_conversions_fail_with_one_line_and_write_nothing(args, message, sources, prepared, tmp_path):
     out = tmp_path / "out"
     args = [str(prepared) if a == "PREPARED" else a for a in args]
-    run = run_kphi("convert", str(sources["llama"]), "--out", str(out), "--quiet", *args)
+    run = run_cli("convert", str(sources["llama"]), "--out", str(out), "--quiet", *args)
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("kphi: error:") and message in run.stderr and "Traceback" not in run.stderr
     assert not out.exists()
@@ -330,7 +330,7 @@ def test_overrides_keep_projections_dense_or_give_them_their_own_kind(sources, t
 
     grouped = projection_kind(GROUPED)
     out = tmp_path / "mixed"
-    run = run_kphi("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
+    run = run_cli("convert", str(sources["llama"]), "--out", str(out), "--kind", "grouped", "--min-channels-per-group", "8",
                    "--override", "v_proj=dense", "--override", r".*layers\.0\.mlp\..*=low_rank:fraction=0.5", "--quiet")
     assert run.returncode == 0, run.stderr
     assert "v_proj as {'kind': 'dense'}" in run.stdout
@@ -356,7 +356,7 @@ def test_overrides_keep_projections_dense_or_give_them_their_own_kind(sources, t
     ("v_proj=low_rank:fraction", "is not FIELD=VALUE"),
 ])
 def test_a_bad_override_is_one_line(override, message, sources, tmp_path):
-    run = run_kphi("convert", str(sources["llama"]), "--out", str(tmp_path / "out"), "--override", override, "--quiet")
+    run = run_cli("convert", str(sources["llama"]), "--out", str(tmp_path / "out"), "--override", override, "--quiet")
     assert run.returncode == 2 and run.stderr.startswith("kphi: error:") and message in run.stderr, run.stderr
     assert not (tmp_path / "out").exists()
 
@@ -395,7 +395,7 @@ def test_an_architecture_without_a_causal_lm_is_one_line(tmp_path):
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path / "vit")
-    run = run_kphi("convert", str(tmp_path / "vit"), "--out", str(tmp_path / "out"), "--fit", "none", "--quiet")
+    run = run_cli("convert", str(tmp_path / "vit"), "--out", str(tmp_path / "out"), "--fit", "none", "--quiet")
     assert run.returncode == 2 and run.stderr.startswith("kphi: error:") and "Traceback" not in run.stderr, run.stderr
     assert "no causal LM for model_type 'vit'" in run.stderr
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch.nn import functional as F
 
 from corpus import prepare_small
-from processes import kill_after_checkpoint, run_kphi
+from processes import kill_after_checkpoint, run_cli
 from processes import train_losses as losses
 from kphi.convert import convert_to_dir
 from kphi.distill import distillation_loss
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     prepared = prepare_small(root)
     teacher = root / "teacher"
-    run = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(teacher), "--max-steps", "6", "--learning-rate", "3e-3")
+    run = run_cli("train", *TINY, "--data", str(prepared), "--out", str(teacher), "--max-steps", "6", "--learning-rate", "3e-3")
     assert run.returncode == 0, run.stderr
     student = root / "student"
     convert_to_dir(teacher, student, kind={"kind": "grouped", "min_channels_per_group": 16}, progress=False)
@@ -64,7 +64,7 @@ def distill_args(prepared, teacher, student, out, steps=10):
 def full_distill_run(setup, tmp_path_factory):
     prepared, teacher, student = setup
     out = tmp_path_factory.mktemp("runs") / "full"
-    run = run_kphi(*distill_args(prepared, teacher, student, out))
+    run = run_cli(*distill_args(prepared, teacher, student, out))
     assert run.returncode == 0, run.stderr
     return out
 
@@ -83,7 +83,7 @@ def test_distillation_trains_the_student_into_a_normal_model_dir(setup, full_dis
     assert len(curve) == 10
     # the mixed loss differs from plain training from the same start: the teacher is in the loop
     plain = tmp_path / "plain"
-    run = run_kphi("train", *TINY, "--data", str(prepared), "--init-from", str(student), "--out", str(plain), "--max-steps", "10",
+    run = run_cli("train", *TINY, "--data", str(prepared), "--init-from", str(student), "--out", str(plain), "--max-steps", "10",
                "--save-steps", "2", "--eval-steps", "5")
     assert run.returncode == 0, run.stderr
     assert losses(plain)[1] != pytest.approx(curve[1], rel=1e-3)
@@ -93,7 +93,7 @@ def test_distillation_resumes_after_a_kill_to_the_same_losses(setup, full_distil
     prepared, teacher, student = setup
     out = tmp_path / "killed"
     kill_after_checkpoint(distill_args(prepared, teacher, student, out), out, step=4)
-    resumed = run_kphi(*distill_args(prepared, teacher, student, out), "--resume")
+    resumed = run_cli(*distill_args(prepared, teacher, student, out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     expected, got = losses(full_distill_run), losses(out)
     for step in range(5, 11):
@@ -108,7 +108,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", pairs=100, seed=3)
     small_vocab = prepare_dataset(PrepareSettings(source=str(corpus), tokenizer="bpe", vocab_size=280, context_length=32,
                                                   validation_rows=10), out_dir=tmp_path / "p280", cache_dir=tmp_path / "cache", progress=False)
-    run = run_kphi("train", *TINY, "--data", str(small_vocab), "--init-from", str(student), "--out", str(tmp_path / "x"), "--max-steps", "2")
+    run = run_cli("train", *TINY, "--data", str(small_vocab), "--init-from", str(student), "--out", str(tmp_path / "x"), "--max-steps", "2")
     assert run.returncode == 2 and "vocabulary" in run.stderr and "Traceback" not in run.stderr
-    run = run_kphi("train", *TINY, "--data", str(prepared), "--distill-from", str(tmp_path), "--out", str(tmp_path / "y"), "--max-steps", "2")
+    run = run_cli("train", *TINY, "--data", str(prepared), "--distill-from", str(tmp_path), "--out", str(tmp_path / "y"), "--max-steps", "2")
     assert run.returncode == 2 and "not a model directory" in run.stderr

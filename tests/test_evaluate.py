@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from processes import run_kphi
+from processes import run_cli
 import torch
 
 from kphi.evaluate import TextScore, read_documents, score_documents, window_plan
@@ -84,7 +84,7 @@ def test_eval_compares_a_kphi_run_and_a_gguf_model_on_the_same_text(trained_mode
     write_tiny_llama_gguf(gguf)
     text = tmp_path / "heldout.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    result = run_kphi("eval", str(trained_model_dir), str(gguf), "--text", str(text), "--context", "32", "--json",
+    result = run_cli("eval", str(trained_model_dir), str(gguf), "--text", str(text), "--context", "32", "--json",
                       cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     reports = json.loads(result.stdout)
@@ -94,12 +94,12 @@ def test_eval_compares_a_kphi_run_and_a_gguf_model_on_the_same_text(trained_mode
         assert score["bytes"] == len(text.read_bytes()) and score["context"] == 32 and score["stride"] == 16
         assert score["bits_per_byte"] == pytest.approx(score["nats"] / math.log(2) / score["bytes"])
         assert 0 < score["bits_per_byte"] < 40 and score["tokens"] > 30
-    table = run_kphi("eval", str(trained_model_dir), str(gguf), "--text", str(text), "--context", "32", "--quiet", cache=tmp_path / "cache")
+    table = run_cli("eval", str(trained_model_dir), str(gguf), "--text", str(text), "--context", "32", "--quiet", cache=tmp_path / "cache")
     assert table.returncode == 0 and table.stdout.count("| heldout.txt |") == 2
 
 
 def test_eval_defaults_to_the_shipped_heldout_text(trained_model_dir, tmp_path):
-    result = run_kphi("eval", str(trained_model_dir), "--context", "128", "--stride", "128", "--max-bytes", "12000",
+    result = run_cli("eval", str(trained_model_dir), "--context", "128", "--stride", "128", "--max-bytes", "12000",
                       "--json", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     (score,) = json.loads(result.stdout)[0]["texts"]
@@ -125,7 +125,7 @@ def test_first_bytes_keeps_whole_documents_then_cuts_at_a_line_end():
 def test_bad_eval_input_is_one_line(trained_model_dir, tmp_path, args, message):
     if args[0] == "--tasks":
         pytest.importorskip("lm_eval")
-    result = run_kphi("eval", str(trained_model_dir), *[str(tmp_path / a) if a.endswith(".txt") else a for a in args],
+    result = run_cli("eval", str(trained_model_dir), *[str(tmp_path / a) if a.endswith(".txt") else a for a in args],
                       cache=tmp_path / "cache")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
@@ -133,7 +133,7 @@ def test_bad_eval_input_is_one_line(trained_model_dir, tmp_path, args, message):
 
 def test_an_lm_eval_task_runs_offline_on_a_kphi_model(trained_model_dir, tmp_path):
     pytest.importorskip("lm_eval")
-    result = run_kphi("eval", str(trained_model_dir), "--tasks", "kphi_next_sentence", "--limit", "8", "--json",
+    result = run_cli("eval", str(trained_model_dir), "--tasks", "kphi_next_sentence", "--limit", "8", "--json",
                       cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout)[0]["tasks"]["kphi_next_sentence"]

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from processes import run_kphi, run_kphi_process
+from processes import run_cli, run_kphi_process
 import torch
 
 from kphi.errors import KphiError
@@ -92,7 +92,7 @@ NO_KPHI_SCRIPT = textwrap.dedent(
 
 def test_standalone_export_loads_without_kphi_and_gives_the_same_logits(model_dir, reference, tmp_path):
     out = tmp_path / "standalone"
-    result = run_kphi("export", str(model_dir), str(out), "--standalone")
+    result = run_cli("export", str(model_dir), str(out), "--standalone")
     assert result.returncode == 0, result.stderr
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", *CODE_FILES, EXPORT_MARKER):
         assert (out / name).is_file(), name
@@ -261,7 +261,7 @@ def test_export_refuses_an_occupied_directory_and_replaces_a_previous_export(mod
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
-    result = run_kphi("export", str(model_dir), str(occupied))
+    result = run_cli("export", str(model_dir), str(occupied))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "not empty and holds no kphi export" in result.stderr

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from processes import run_kphi
+from processes import run_cli
 import torch
 from torch import nn
 
@@ -160,7 +160,7 @@ def test_bad_settings_and_prompts_raise_generation_error(loaded):
 
 
 def test_generate_command_prints_only_the_reply(model_dir, loaded):
-    result = run_kphi("generate", str(model_dir), "--prompt", QUESTION, "--seed", "5", "--max-new-tokens", "16")
+    result = run_cli("generate", str(model_dir), "--prompt", QUESTION, "--seed", "5", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
     model, tokenizer = loaded
     expected = generate_reply(model, tokenizer, QUESTION, SamplingSettings(seed=5, max_new_tokens=16))
@@ -170,7 +170,7 @@ def test_generate_command_prints_only_the_reply(model_dir, loaded):
 
 def test_chat_command_reads_a_script_from_stdin(model_dir, loaded):
     script = "Hello there\n/reset\n\nWhat is the capital of Peru?\nAnd of Norway?\n/exit\nnever read\n"
-    result = run_kphi("chat", str(model_dir), "--temperature", "0", "--max-new-tokens", "10", input=script)
+    result = run_cli("chat", str(model_dir), "--temperature", "0", "--max-new-tokens", "10", input=script)
     assert result.returncode == 0, result.stderr
     model, tokenizer = loaded
     session = ChatSession(model, tokenizer, greedy(10))
@@ -197,7 +197,7 @@ def test_generate_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, case, me
             (target / name).write_bytes((model_dir / name).read_bytes())
     else:
         prompt = "  "
-    result = run_kphi("generate", str(target), "--prompt", prompt)
+    result = run_cli("generate", str(target), "--prompt", prompt)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("kphi: error:") and message in result.stderr

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from init_hashes import RECORDED, current_hashes, environment, initial_weights_hash
-from processes import run_kphi
+from processes import run_cli
 
 import kphi  # noqa: F401
 from kphi.fingerprint import weights_sha256
@@ -69,7 +69,7 @@ def test_a_run_records_the_hash_of_the_weights_it_started_from(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--preset", "tiny-phi3", "--context-length", "32", "--batch-size", "4", "--data", str(data),
             "--out", str(out), "--max-steps", "1", "--seed", "7", "--quiet"]
-    result = run_kphi(*args, cache=tmp_path / "cache", timeout=300)
+    result = run_cli(*args, cache=tmp_path / "cache", timeout=300)
     assert result.returncode == 0, result.stderr
     recorded = json.loads((out / "kphi-run.json").read_text())["initial_weights_sha256"]
     assert json.loads((out / "metrics.json").read_text())["initial_weights_sha256"] == recorded

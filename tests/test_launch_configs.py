@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from processes import run_kphi
+from processes import run_cli
 
 from kphi.launch_configs import LaunchConfigError, launch_config, launch_configs
 
@@ -28,10 +28,10 @@ def test_every_shipped_launch_file_parses_as_accelerate_reads_it():
 
 
 def test_kphi_configs_prints_a_path_or_one_line_for_an_unknown_name():
-    run = run_kphi("configs", "fsdp")
+    run = run_cli("configs", "fsdp")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(launch_config("fsdp")) and launch_config("fsdp.yaml") == launch_config("fsdp")
-    bad = run_kphi("configs", "fsdp3")
+    bad = run_cli("configs", "fsdp3")
     assert bad.returncode == 2 and bad.stderr.startswith("kphi: error: no launch file named 'fsdp3'")
     with pytest.raises(LaunchConfigError):
         launch_config("ddp")

@@ -10,7 +10,7 @@ from kphi.compare import CompareError, load_suite, parse_learning_rates, resolve
 from kphi.optim import grouped_lr_multipliers, scale_grouped_learning_rates
 
 from corpus import write_corpus
-from processes import finished_runs, run_kphi
+from processes import finished_runs, run_cli
 
 SUITE = """
 name: grid
@@ -139,9 +139,9 @@ def test_bad_learning_rates_are_refused(text):
 
 
 def test_bad_rate_flags_and_suites_are_one_line_errors(tmp_path):
-    result = run_kphi("compare", "--suite", "smoke", "--learning-rates", "1e-3,fast", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    result = run_cli("compare", "--suite", "smoke", "--learning-rates", "1e-3,fast", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "learning rates" in result.stderr and "Traceback" not in result.stderr
-    result = run_kphi("compare", "--suite", "scaling-smoke", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    result = run_cli("compare", "--suite", "scaling-smoke", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "kphi scale" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
 

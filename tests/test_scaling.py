@@ -15,7 +15,7 @@ from kphi.scaling import (
 )
 
 from corpus import write_corpus
-from processes import finished_runs, run_kphi
+from processes import finished_runs, run_cli
 
 N = [1e4, 3e4, 1e5, 3e5, 1e6]
 
@@ -106,7 +106,7 @@ def test_bad_scaling_suites_name_the_problem(tmp_path, text, message):
 def smoke_scaling(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     corpus = write_corpus(tmp / "pairs.jsonl", pairs=200)
-    result = run_kphi("scale", "--suite", "scaling-smoke", "--data", str(corpus), "--out", str(tmp / "out"), "--quiet", cache=tmp / "cache")
+    result = run_cli("scale", "--suite", "scaling-smoke", "--data", str(corpus), "--out", str(tmp / "out"), "--quiet", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp, corpus, result.stdout
 
@@ -145,5 +145,5 @@ def test_a_rerun_reuses_every_width(smoke_scaling, monkeypatch):
 
 
 def test_bad_widths_flag_is_one_line(tmp_path):
-    result = run_kphi("scale", "--suite", "scaling-smoke", "--widths", "16,x", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
+    result = run_cli("scale", "--suite", "scaling-smoke", "--widths", "16,x", "--out", str(tmp_path / "o"), cache=tmp_path / "c")
     assert result.returncode == 2 and "--widths" in result.stderr and "Traceback" not in result.stderr

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corpus import prepare_small
-from processes import free_port, kill_after_checkpoint, run_kphi
+from processes import free_port, kill_after_checkpoint, run_cli
 
 TINY = ["--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 
@@ -33,7 +33,7 @@ def prepared(tmp_path_factory):
 def full_run(prepared, tmp_path_factory):
     """12 uninterrupted steps, a checkpoint every 2, losses logged every step."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4")
     assert result.returncode == 0, result.stderr
     return out
 
@@ -63,9 +63,9 @@ def test_run_dir_is_a_self_contained_model_dir(full_run):
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(prepared, full_run, tmp_path):
     out = tmp_path / "resumed"
-    first = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "6", "--save-steps", "2", "--eval-steps", "4")
+    first = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "6", "--save-steps", "2", "--eval-steps", "4")
     assert first.returncode == 0, first.stderr
-    second = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
+    second = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
     assert second.returncode == 0, second.stderr
     expected, got = losses(full_run), losses(out)
     assert set(got) == set(expected)
@@ -77,7 +77,7 @@ def test_sigkill_mid_run_then_resume(prepared, full_run, tmp_path):
     out = tmp_path / "killed"
     kill_after_checkpoint(["train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2",
                            "--eval-steps", "4"], out, step=4)
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
     assert result.returncode == 0, result.stderr
     expected, got = losses(full_run), losses(out)
     for step in range(5, 13):
@@ -90,12 +90,12 @@ def test_grouped_lr_scale_trains_another_run_and_resumes_it_bit_for_bit(prepared
     optimizer's per-group rates are rebuilt, not lost, on resume)."""
     args = [*TINY, "--data", str(prepared), "--max-steps", "8", "--save-steps", "2", "--eval-steps", "4"]
     scaled, plain = tmp_path / "scaled", tmp_path / "plain"
-    assert run_kphi("train", *args, "--out", str(scaled), "--grouped-lr-scale", "groups").returncode == 0
-    assert run_kphi("train", *args, "--out", str(plain)).returncode == 0
+    assert run_cli("train", *args, "--out", str(scaled), "--grouped-lr-scale", "groups").returncode == 0
+    assert run_cli("train", *args, "--out", str(plain)).returncode == 0
     assert losses(scaled)[8] != pytest.approx(losses(plain)[8], rel=1e-4)  # the rule changed the run
     killed = tmp_path / "killed"
     kill_after_checkpoint(["train", *args, "--out", str(killed), "--grouped-lr-scale", "groups"], killed, step=4)
-    result = run_kphi("train", *args, "--out", str(killed), "--grouped-lr-scale", "groups", "--resume")
+    result = run_cli("train", *args, "--out", str(killed), "--grouped-lr-scale", "groups", "--resume")
     assert result.returncode == 0, result.stderr
     expected, got = losses(scaled), losses(killed)
     for step in range(5, 9):
@@ -104,13 +104,13 @@ def test_grouped_lr_scale_trains_another_run_and_resumes_it_bit_for_bit(prepared
 
 def test_incomplete_checkpoint_is_ignored_and_corrupt_one_refused(prepared, tmp_path):
     out = tmp_path / "run"
-    assert run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "4", "--save-steps", "2").returncode == 0
+    assert run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "4", "--save-steps", "2").returncode == 0
     # a save killed half-way: a directory without the completion marker, newer than the good ones
     (out / "checkpoint-6").mkdir()
     (out / "checkpoint-6" / "model.safetensors").write_bytes(b"partial")
     # the newest complete checkpoint is corrupt
     (out / "checkpoint-4" / "model.safetensors").write_bytes(b"\x00" * 16)
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "8", "--save-steps", "2", "--resume")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "8", "--save-steps", "2", "--resume")
     assert result.returncode == 2
     assert "checkpoint" in result.stderr and "corrupt" in result.stderr
     assert "Traceback" not in result.stderr
@@ -121,32 +121,32 @@ def test_a_checkpoint_trainer_cannot_load_is_one_line_whatever_the_error_says(pr
     """Weights and config intact (kphi's own check passes) but the optimizer state unreadable: Trainer fails
     while loading, before any step, and that is reported as the checkpoint's fault in one line."""
     out = tmp_path / "run"
-    assert run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "2", "--save-steps", "2").returncode == 0
+    assert run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "2", "--save-steps", "2").returncode == 0
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"not a torch file")
     (out / "metrics.json").unlink()
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "4", "--save-steps", "2", "--resume")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "4", "--save-steps", "2", "--resume")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.startswith(f"kphi: error: cannot resume from {out / 'checkpoint-2'}") and "Traceback" not in result.stderr
 
 
 def test_refuses_to_overwrite_a_run_or_a_foreign_directory(prepared, full_run, tmp_path):
     before = (full_run / "metrics.json").read_bytes()
-    again = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(full_run), "--max-steps", "3")
+    again = run_cli("train", *TINY, "--data", str(prepared), "--out", str(full_run), "--max-steps", "3")
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
-    other = run_kphi("train", "--preset", "tiny-phi3", "--context-length", "32", "--quiet", "--data", str(prepared), "--out", str(full_run), "--max-steps", "3", "--resume")
+    other = run_cli("train", "--preset", "tiny-phi3", "--context-length", "32", "--quiet", "--data", str(prepared), "--out", str(full_run), "--max-steps", "3", "--resume")
     assert other.returncode == 2 and "different run" in other.stderr
     assert (full_run / "metrics.json").read_bytes() == before
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(foreign), "--max-steps", "3")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(foreign), "--max-steps", "3")
     assert result.returncode == 2 and "not empty" in result.stderr
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
     out = tmp_path / "nan"
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "30", "--save-steps", "2", "--learning-rate", "1e30")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "30", "--save-steps", "2", "--learning-rate", "1e30")
     assert result.returncode == 2, result.stderr
     assert "loss became" in result.stderr and "Traceback" not in result.stderr
     assert not (out / "metrics.json").exists() and not (out / "model.safetensors").exists()
@@ -161,7 +161,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoin
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
-    result = run_kphi("train", *args, "--out", str(tmp_path / "x"), "--quiet")
+    result = run_cli("train", *args, "--out", str(tmp_path / "x"), "--quiet")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -171,7 +171,7 @@ def test_train_with_no_data_named_uses_the_offline_corpus(tmp_path):
     """A fresh machine with no data named trains on the offline corpus, prepared once and cached."""
     pytest.importorskip("chitchat_dataset")
     out = tmp_path / "fresh"
-    result = run_kphi("train", "--preset", "tiny-kphi3", "--max-steps", "5", "--max-rows", "2000", "--out", str(out), "--quiet",
+    result = run_cli("train", "--preset", "tiny-kphi3", "--max-steps", "5", "--max-rows", "2000", "--out", str(out), "--quiet",
                   env={"KPHI_CACHE": str(tmp_path / "cache")})  # the corpus's first 2,000 rows: the whole takes 40 s
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").is_file()
@@ -184,7 +184,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(prepared
     """Scale-out through torchrun (gloo): 2 x batch 2 gives the losses of 1 x batch 4."""
     common = ["train", "--preset", "tiny-kphi3", "--context-length", "32", "--logging-steps", "1", "--quiet",
               "--data", str(prepared), "--max-steps", "5", "--save-steps", "5"]
-    single = run_kphi(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
+    single = run_cli(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -199,7 +199,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(prepared
 
 def test_max_minutes_stops_with_a_checkpoint_and_a_model(prepared, tmp_path):
     out = tmp_path / "timed"
-    result = run_kphi("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-minutes", "0.05", "--save-steps", "1000")
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-minutes", "0.05", "--save-steps", "1000")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_by_time_limit"] is True and 1 <= metrics["steps"] < 1000  # the clock stopped it
@@ -290,7 +290,7 @@ def test_a_run_recorded_with_a_preset_is_the_same_run_as_one_given_its_config_ob
 def test_fewer_eval_rows_than_a_batch_still_evaluates_and_keeps_the_model(prepared, tmp_path):
     """--eval-rows below --batch-size used to end (after training) in an IndexError and no model."""
     out = tmp_path / "run"
-    result = run_kphi("train", "--preset", "tiny-kphi3", "--data", str(prepared), "--context-length", "32", "--batch-size", "4",
+    result = run_cli("train", "--preset", "tiny-kphi3", "--data", str(prepared), "--context-length", "32", "--batch-size", "4",
                   "--eval-rows", "2", "--max-steps", "2", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -10,8 +10,12 @@ to raise. Anything else that escapes is a bug in kphi.
 
 from __future__ import annotations
 
-__all__ = ["KphiError"]
+__all__ = ["KphiError", "EvalError"]
 
 
 class KphiError(Exception):
     """A failure caused by input; the message names what is wrong and where."""
+
+
+class EvalError(KphiError, ValueError):
+    """An evaluation that cannot run as asked (a missing file, a vocabulary mismatch, a bad setting)."""

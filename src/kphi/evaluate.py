@@ -32,18 +32,11 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import KphiError
+from .errors import EvalError
+from .harness import KPHI_TASKS, run_tasks
 
 __all__ = ["EvalError", "TextScore", "score_documents", "evaluate_text", "default_text_path", "read_documents",
            "run_eval", "format_eval_table", "KPHI_TASKS", "heldout_sample"]
-
-#: lm-evaluation-harness tasks kphi ships (offline): name -> JSON-lines file in ``kphi/data/heldout``.
-KPHI_TASKS = {"kphi_next_sentence": "python-reference-next-sentence.jsonl"}
-
-
-class EvalError(KphiError, ValueError):
-    """An evaluation that cannot run as asked (a missing file, a vocabulary mismatch, a bad setting)."""
-
 
 @dataclass
 class TextScore:
@@ -259,7 +252,6 @@ def run_eval(models: list[str], texts: list[str] | None = None, data: str | None
         if data is not None:
             report.texts.append(evaluate_prepared(model, data, context, stride, progress))
         if tasks:
-            from .harness import run_tasks
 
             report.tasks = run_tasks(spec, tasks, limit=limit)
         reports.append(report)

@@ -6,7 +6,7 @@
 classes in this process (``import kphi``), so ``kphi3`` and ``kphi convert``'s ``kphi_*`` models load without
 ``trust_remote_code``.
 
-kphi ships its own tasks (:data:`kphi.evaluate.KPHI_TASKS`) as local JSON-lines data: their task YAMLs are
+kphi ships its own tasks (:data:`KPHI_TASKS`) as local JSON-lines data: their task YAMLs are
 written at run time into a temporary folder that lm_eval's ``TaskManager`` includes, with the installed data
 file's absolute path (lm_eval's ``dataset_path: json`` + ``data_files``). Any other task name is lm_eval's own
 (which may need its dataset from the hub).
@@ -19,7 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .evaluate import KPHI_TASKS, EvalError
+from .errors import EvalError
+
+#: lm-evaluation-harness tasks kphi ships (offline): name -> JSON-lines file in ``kphi/data/heldout``.
+KPHI_TASKS = {"kphi_next_sentence": "python-reference-next-sentence.jsonl"}
 
 __all__ = ["run_tasks", "write_kphi_task_yamls"]
 
