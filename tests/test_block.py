@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kphi.block import GroupedLinear, GroupedPointwiseBlock, SingleGroupLinear, group_count, interleave
+from kphi.modeling.block import GroupedLinear, GroupedPointwiseBlock, SingleGroupLinear, group_count, interleave
 
 
 pytestmark = pytest.mark.fast
@@ -174,7 +174,7 @@ def test_fast_path_gradients_pass_gradcheck_in_float64():
         torch.nn.init.normal_(p)
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     w1, w2 = block.first_pointwise_conv.weight, block.second_pointwise_conv.weight
-    from kphi.block import _GroupedBlockFunction, grouped_block_forward
+    from kphi.modeling.block import _GroupedBlockFunction, grouped_block_forward
 
     assert torch.autograd.gradcheck(_GroupedBlockFunction.apply, (x, w1, w2))  # the hand-written backward
     assert torch.autograd.gradcheck(grouped_block_forward, (x, w1, w2))
@@ -200,7 +200,7 @@ def test_fast_path_under_autocast_matches_linear_behaviour(formulation):
     """Under bf16 autocast the block (``None``: its default on the CPU, the concatenated bmm) and every
     formulation behave as ``nn.Linear`` does: a bf16 output, float32 weight gradients, naive values to bf16's
     rounding."""
-    from kphi.block import FORMULATIONS
+    from kphi.modeling.block import FORMULATIONS
 
     block = _block(64, 128, 4)
     w1, w2 = block.first_pointwise_conv.weight, block.second_pointwise_conv.weight
@@ -218,7 +218,7 @@ def test_fast_path_under_autocast_matches_linear_behaviour(formulation):
 def test_every_formulation_equals_naive_values_and_grads(formulation, i, o, g):
     """Every formulation ``kphi bench`` times (the one-GEMM one is the default under torch.compile and off the
     CPU) against the naive loops, in values and in all three gradients."""
-    from kphi.block import FORMULATIONS
+    from kphi.modeling.block import FORMULATIONS
 
     block = _block(i, o, g)
     w1, w2 = block.first_pointwise_conv.weight, block.second_pointwise_conv.weight

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kphi.block import group_count
+from kphi.modeling.block import group_count
 from reference_kphi3 import reference_greedy, reference_logits
 
 HIDDEN, EMBED, INTER, LAYERS, HEADS, VOCAB = 64, 32, 128, 2, 4, 101

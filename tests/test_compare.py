@@ -9,7 +9,7 @@ import pytest
 from processes import run_cli
 
 from kphi.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
-from kphi.lowrank import LowRankLinear, rank_for_fraction
+from kphi.modeling.lowrank import LowRankLinear, rank_for_fraction
 from kphi.presets import load_preset
 
 from corpus import write_corpus

@@ -40,7 +40,7 @@ from corpus import prepare_small
 from kphi.convert import ConvertError, convert, convert_to_dir
 from kphi.data.prepare import load_prepared
 from kphi.export import code_files, export_model
-from kphi.projections import projection_kind
+from kphi.modeling.projections import projection_kind
 from kphi.train import TrainSettings, train
 
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -122,7 +122,7 @@ def naive_logits(arch, converted_model, input_ids):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_converted_model_matches_a_naive_forward_and_generates(arch, converted):
     model = AutoModelForCausalLM.from_pretrained(converted[arch])
-    assert type(model).__name__.startswith("Kphi") and type(model).__module__ == "kphi.modeling_structured"
+    assert type(model).__name__.startswith("Kphi") and type(model).__module__ == "kphi.modeling.modeling_structured"
     assert model.config.model_type == f"kphi_{arch}"
     names = replaced_names(model)
     assert len(names) >= 8
@@ -214,7 +214,7 @@ def test_import_kphi_makes_every_converted_architecture_loadable_through_the_aut
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     for path in paths:
-        assert report[str(path)]["class"].startswith("kphi.modeling_structured."), report
+        assert report[str(path)]["class"].startswith("kphi.modeling.modeling_structured."), report
         with torch.no_grad():
             expected = AutoModelForCausalLM.from_pretrained(path)(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
         assert report[str(path)]["sum"] == pytest.approx(float(expected.double().sum()), rel=1e-6, abs=1e-4)
@@ -298,7 +298,7 @@ def test_the_kind_flags_are_generated_from_the_registry(capsys):
     import dataclasses
 
     from kphi.cli import build_parser
-    from kphi.projections import PROJECTION_KINDS
+    from kphi.modeling.projections import PROJECTION_KINDS
 
     convert_parser = build_parser()._subparsers._group_actions[0].choices["convert"]
     actions = {a.dest: a for a in convert_parser._actions}
@@ -326,7 +326,7 @@ def test_an_architecture_beyond_the_five_gets_its_layer_projections_as_targets(a
 
 
 def test_overrides_keep_projections_dense_or_give_them_their_own_kind(sources, tmp_path):
-    from kphi.lowrank import LowRankLinear
+    from kphi.modeling.lowrank import LowRankLinear
 
     grouped = projection_kind(GROUPED)
     out = tmp_path / "mixed"
@@ -445,7 +445,7 @@ def test_an_activation_fit_never_ends_worse_than_frobenius_on_held_out_inputs(sp
     fit chase directions the held-out rows visit differently; the kept fit is never worse there than the
     Frobenius fit, and says which it is."""
     from kphi.convert import _activation_fit_or_fallback
-    from kphi.kinds import calibration_error
+    from kphi.modeling.kinds import calibration_error
 
     kind = projection_kind(spec)
     torch.manual_seed(0)
@@ -466,7 +466,7 @@ def test_an_activation_fit_wins_where_the_inputs_really_are_low_dimensional(spec
     """Inputs on an 6-dimensional subspace (fit and held-out rows alike): the activation fit, which spends the
     budget on those directions, beats the Frobenius fit on the held-out rows and is kept."""
     from kphi.convert import _activation_fit_or_fallback
-    from kphi.kinds import calibration_error
+    from kphi.modeling.kinds import calibration_error
 
     kind = projection_kind(spec)
     torch.manual_seed(1)

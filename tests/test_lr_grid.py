@@ -148,7 +148,7 @@ def test_bad_rate_flags_and_suites_are_one_line_errors(tmp_path):
 
 @pytest.mark.fast
 def test_grouped_learning_rates_scale_by_the_group_count():
-    from kphi.block import GroupedLinear
+    from kphi.modeling.block import GroupedLinear
     from kphi.presets import load_preset
     from kphi.model import KPhi3ForCausalLM
 

@@ -201,7 +201,7 @@ LEGACY_CASES = [
 def test_legacy_projection_fields_are_folded_into_projection_as_the_old_config_read_them(legacy, tmp_path):
     """Every report checkpoint and recorded run spells its projection with the old fields; they are read once
     and not kept (``projection`` is the only field), and save/load keeps the projection."""
-    from kphi.projections import projection_kind
+    from kphi.modeling.projections import projection_kind
 
     config = KPhi3Config(**legacy)
     assert config.projection == projection_kind(_old_config_rule(**legacy)).to_dict()  # every setting spelled out
@@ -217,7 +217,7 @@ def test_the_default_grouped_init_is_the_reports_but_configs_from_before_keep_th
     ``scaled_normal`` at 0.7M and 6.8M tokens); what was written before it became the default — legacy fields,
     a ``config.json`` holding both ``projection`` and legacy fields — keeps ``scaled_normal``, the init it
     was trained from."""
-    from kphi.block import DEFAULT_GROUPED_INIT
+    from kphi.modeling.block import DEFAULT_GROUPED_INIT
     from kphi.presets import load_preset
 
     assert DEFAULT_GROUPED_INIT == "kaiming_uniform"
@@ -277,7 +277,7 @@ def test_width_adapters_start_norm_preserving_whatever_the_grouped_init():
     grouped weights take the report's ``kaiming_uniform`` (``U(+-1/sqrt(s*o))``, std ``1/sqrt(3*s*o)``)."""
     import math
 
-    from kphi.block import group_count
+    from kphi.modeling.block import group_count
 
     dense = tiny_config(embed_size=32, projection={"kind": "dense"})
     torch.manual_seed(0)

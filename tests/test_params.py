@@ -2,7 +2,7 @@
 
 import pytest
 
-from kphi.block import GroupedPointwiseBlock
+from kphi.modeling.block import GroupedPointwiseBlock
 from kphi.model import KPhi3ForCausalLM
 from kphi.params import count_parameters, parameter_report
 from kphi.presets import PresetError, list_presets, load_preset, resolve_config

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from kphi.block import GroupedKind, GroupedPointwiseBlock
-from kphi.kinds import DenseKind, ProjectionKind, calibration_error, dense_matrix
-from kphi.lowrank import LowRankKind
-from kphi.monarch import MonarchKind, MonarchLinear
-from kphi.projections import PROJECTION_KINDS, projection_kind, replace_projections
+from kphi.modeling.block import GroupedKind, GroupedPointwiseBlock
+from kphi.modeling.kinds import DenseKind, ProjectionKind, calibration_error, dense_matrix
+from kphi.modeling.lowrank import LowRankKind
+from kphi.modeling.monarch import MonarchKind, MonarchLinear
+from kphi.modeling.projections import PROJECTION_KINDS, projection_kind, replace_projections
 
 pytestmark = pytest.mark.fast
 

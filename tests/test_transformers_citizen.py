@@ -34,7 +34,7 @@ def ids(batch=2, length=12):
 @pytest.mark.fast
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_projection_is_grouped(variant):
-    from kphi.block import GroupedPointwiseBlock
+    from kphi.modeling.block import GroupedPointwiseBlock
 
     model = make(**VARIANTS[variant])
     blocks = [m for m in model.modules() if isinstance(m, GroupedPointwiseBlock)]

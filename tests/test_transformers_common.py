@@ -15,7 +15,7 @@ import torch
 from transformers.models.auto import modeling_auto
 
 from kphi import KPhi3Config, KPhi3ForCausalLM, KPhi3Model
-from kphi.block import group_count
+from kphi.modeling.block import group_count
 from transformers_common import import_common_tests
 
 modeling_common, training_mixin = import_common_tests()

@@ -44,5 +44,5 @@ def __getattr__(name: str):
 
 
 if not _running_the_kphi_command():
-    from .block import GroupedLinear, GroupedPointwiseBlock, group_count, interleave  # noqa: E402
+    from .modeling.block import GroupedLinear, GroupedPointwiseBlock, group_count, interleave  # noqa: E402
     from .model import KPhi3Config, KPhi3ForCausalLM, KPhi3Model, make_projection, replace_projections  # noqa: E402

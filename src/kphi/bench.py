@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .block import GroupedPointwiseBlock, group_count
+from .modeling.block import GroupedPointwiseBlock, group_count
 
 __all__ = ["PHI3_SHAPES", "ShapeResult", "bench_shape", "bench_end_to_end", "run_bench", "format_report"]
 

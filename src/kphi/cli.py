@@ -262,7 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_to_dir
 
-    from .projections import PROJECTION_KINDS
+    from .modeling.projections import PROJECTION_KINDS
 
     settings = {f.name: getattr(args, f.name) for kind in PROJECTION_KINDS.values() for f in dataclasses.fields(kind)
                 if hasattr(args, f.name)}  # the kind flags typed (add_kind_arguments); the kind refuses another's
@@ -495,7 +495,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if command in (None, "convert"):  # flags whose choices and defaults are the model code's (imports torch)
         from .convert import CALIBRATION_TOKENS, FITS
-        from .projections import PROJECTION_KINDS
+        from .modeling.projections import PROJECTION_KINDS
 
         add_kind_arguments(p, PROJECTION_KINDS, default="grouped")
         p.add_argument("--fit", default="auto", choices=FITS,

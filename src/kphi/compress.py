@@ -121,7 +121,7 @@ class _Runner:
 def _fit(runner: _Runner, teacher_dir: Path, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from .convert import CONVERT_MARKER, convert_to_dir
 
-    from .projections import projection_kind
+    from .modeling.projections import projection_kind
 
     fit = spec.get("fit", "frobenius")
     marker = out / CONVERT_MARKER

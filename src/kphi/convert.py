@@ -29,8 +29,8 @@ import torch
 
 from .errors import KphiError
 from .files import refuse_foreign_dir, staged_dir
-from .kinds import DenseKind, FitResult
-from .projections import linear_weight, projection_kind
+from .modeling.kinds import DenseKind, FitResult
+from .modeling.projections import linear_weight, projection_kind
 
 __all__ = ["ConvertError", "ConvertResult", "FITS", "convert", "convert_to_dir", "non_embedding_parameters", "calibration_grams"]
 
@@ -112,12 +112,12 @@ def non_embedding_parameters(model) -> int:
 
 def _target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None = None):
     """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
-    from .configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
+    from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
     from .model import register_structured
 
     model_type = source_config.model_type
     if model_type == "kphi3":
-        from .modeling_kphi3 import PROJECTION_TARGETS
+        from .modeling.modeling_kphi3 import PROJECTION_TARGETS
 
         if overrides:
             raise ConvertError("a kphi-3 model has one projection kind; --override applies to other architectures")
@@ -190,7 +190,7 @@ def layer_projection_names(source_config) -> list[str]:
 
     from transformers import AutoModelForCausalLM
 
-    from .projections import is_dense_projection
+    from .modeling.projections import is_dense_projection
 
     try:
         with torch.device("meta"):
@@ -381,7 +381,7 @@ def _activation_fit_or_fallback(kind, module, weight, bias, fit_gram, check_gram
     """Fit ``module`` on ``fit_gram``'s calibration inputs, unless the Frobenius fit is better on held-out
     calibration inputs (``check_gram``, other rows): an activation fit that overfits its rows (few tokens,
     ill-conditioned ``X^T X``) must never leave the model worse than the plain fit. Returns the method kept."""
-    from .kinds import calibration_error
+    from .modeling.kinds import calibration_error
 
     kind.fit(module, weight, bias)
     frobenius_state = {k: v.clone() for k, v in module.state_dict().items()}

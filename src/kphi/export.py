@@ -14,8 +14,8 @@ Three ways out of a model directory (one written by ``kphi train`` or ``kphi con
   ``HfApi.create_repo`` and ``HfApi.upload_folder``.
 
 The modeling code is not a second copy of the model, and no source is rewritten: kphi's classes live in
-``configuration_kphi3.py`` and ``modeling_kphi3.py``, which import only each other, ``block.py`` and
-``lowrank.py`` (relatively). transformers' custom-code mechanism does the rest: with the classes registered
+:mod:`kphi.modeling`, whose modules import only each other (relatively), transformers and torch.
+transformers' custom-code mechanism does the rest: with the classes registered
 for their Auto classes (``register_for_auto_class``), ``save_pretrained`` copies those modules (and their
 relative imports) beside the weights and writes the ``auto_map`` into ``config.json``. The registration is
 scoped to the export, so ordinary ``kphi train`` outputs carry no code.
@@ -68,7 +68,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_kphi3.KPhi3Config",
     "AutoModelForCausalLM": "modeling_kphi3.KPhi3ForCausalLM",
 }
-#: The code files an export carries: the two modules and their relative imports.
+#: The code files a kphi-3 export carries: the two modules and their relative imports, all in kphi/modeling.
 CODE_FILES = (
     "configuration_kphi3.py", "modeling_kphi3.py", "projections.py", "kinds.py", "block.py", "lowrank.py", "monarch.py",
 )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .configuration_kphi3 import PHI3_PROJECTION_TARGETS
+from .modeling.configuration_kphi3 import PHI3_PROJECTION_TARGETS
 
 __all__ = ["StructuredLoraLayer", "lora_config", "add_lora", "load_lora", "DEFAULT_TARGETS"]
 
@@ -43,9 +43,9 @@ def _peft():
 
 
 def _structured_module_types() -> tuple[type, ...]:
-    from .block import GroupedPointwiseBlock
-    from .lowrank import LowRankLinear
-    from .monarch import MonarchLinear
+    from .modeling.block import GroupedPointwiseBlock
+    from .modeling.lowrank import LowRankLinear
+    from .modeling.monarch import MonarchLinear
 
     return (GroupedPointwiseBlock, LowRankLinear, MonarchLinear)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_kphi3 import BOOKKEEPING_KEYS, GROUPED_INIT_SCHEMES, KPhi3Config, config_fields, with_overrides
-from .modeling_kphi3 import (
+from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS, GROUPED_INIT_SCHEMES, KPhi3Config, config_fields, with_overrides
+from .modeling.modeling_kphi3 import (
     PROJECTION_TARGETS,
     KPhi3ForCausalLM,
     KPhi3Model,
@@ -18,9 +18,9 @@ from .modeling_kphi3 import (
     make_projection,
     make_width_adapter,
 )
-from .configuration_structured import structured_config_class
-from .modeling_structured import STRUCTURED_MODELS, structured_model_class
-from .projections import replace_projections
+from .modeling.configuration_structured import structured_config_class
+from .modeling.modeling_structured import STRUCTURED_MODELS, structured_model_class
+from .modeling.projections import replace_projections
 
 __all__ = [
     "BOOKKEEPING_KEYS",

@@ -91,7 +91,7 @@ def structured_report(config) -> ParamReport:
     with dense projections, both built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    from .configuration_kphi3 import BOOKKEEPING_KEYS
+    from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS
 
     dense_config = type(config)(**{**{k: v for k, v in config.to_dict().items() if k not in BOOKKEEPING_KEYS}, "projection": None})
     with torch.device("meta"):

@@ -203,7 +203,7 @@ def recorded_identity(identity: dict[str, Any], version: int | None = None) -> d
     predate ``kaiming_uniform`` as the default init, so a grouped projection they leave unspelled gets the init
     it had then (:data:`~kphi.configuration_kphi3.LEGACY_GROUPED_INIT`); version 3 spells every init.
     """
-    from .configuration_kphi3 import LEGACY_GROUPED_INIT, canonical_projection, fold_legacy_projection, pin_legacy_init
+    from .modeling.configuration_kphi3 import LEGACY_GROUPED_INIT, canonical_projection, fold_legacy_projection, pin_legacy_init
 
     if version is None:
         version = recorded_version({"identity": identity})
