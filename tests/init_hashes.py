@@ -29,11 +29,11 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
     """``(name, seed, config)`` for every model a bundled preset or suite starts a run from."""
     from transformers import AutoConfig
 
-    from kphi.compare import list_suites, load_suite, read_suite_yaml, resolve_arms
-    from kphi.compress import load_compress_suite
+    from kphi.experiments.compare import list_suites, load_suite, read_suite_yaml, resolve_arms
+    from kphi.experiments.compress import load_compress_suite
     from kphi.model import KPhi3Config, config_fields, with_overrides
     from kphi.presets import list_presets, load_preset
-    from kphi.scaling import load_scaling_suite
+    from kphi.experiments.scaling import load_scaling_suite
 
     for name in list_presets():
         yield f"preset:{name}", 42, load_preset(name).config

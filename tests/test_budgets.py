@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from kphi.budgets import run_budget_series
-from kphi.compare import CompareError, load_suite
+from kphi.experiments.budgets import run_budget_series
+from kphi.experiments.compare import CompareError, load_suite
 
 from corpus import write_corpus
 from processes import finished_runs, run_cli
@@ -35,7 +35,7 @@ def test_every_arm_trains_at_every_budget_and_the_table_reads_them(series):
     for picture in ("budgets.png", "compute.png", "differences.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "| 512 tokens | 1,024 tokens |" in stdout
-    from kphi.compare import resolve_arms
+    from kphi.experiments.compare import resolve_arms
     from kphi.flops import training_flops_per_token
 
     for arm in resolve_arms(load_suite("smoke")):
@@ -49,7 +49,7 @@ def test_every_arm_trains_at_every_budget_and_the_table_reads_them(series):
 
 
 def test_differences_and_the_crossover_by_hand():
-    from kphi.budgets import differences, format_differences
+    from kphi.experiments.budgets import differences, format_differences
 
     def arm(losses, spreads=(0.0, 0.0, 0.0)):
         return {"points": [{"budget": b, "val_loss": v, "val_loss_std": s} for b, v, s in zip((100, 1000, 10000), losses, spreads)]}
@@ -91,7 +91,7 @@ def test_the_largest_budget_runs_more_seeds_and_reruns_reuse_everything(series, 
 def test_a_series_is_a_plan_of_comparisons_one_per_budget(tmp_path):
     """``plan_budget_series`` is the series without training: one comparison per budget, smallest first, in
     ``OUT/tokens-N``, at ``max_tokens: N`` (the suite's ``max_steps`` dropped), more seeds at the largest."""
-    from kphi.budgets import budgets_per_parameter, plan_budget_series
+    from kphi.experiments.budgets import budgets_per_parameter, plan_budget_series
 
     suite = load_suite("cpu-tokens-per-param-w96")
     plan = plan_budget_series(suite, tmp_path / "out")
@@ -150,8 +150,8 @@ def test_a_series_needs_two_budgets_and_refuses_rate_flags(tmp_path):
 def test_budgets_per_parameter_become_whole_steps_of_the_baselines_size(tmp_path):
     import math
 
-    from kphi.budgets import budgets_per_parameter
-    from kphi.compare import non_embedding, resolve_arms
+    from kphi.experiments.budgets import budgets_per_parameter
+    from kphi.experiments.compare import non_embedding, resolve_arms
 
     suite_file = tmp_path / "per-param.yaml"
     suite_file.write_text(
@@ -191,7 +191,7 @@ def test_a_series_in_tokens_per_parameter_runs_and_flags_a_second_pass(tmp_path)
 
 
 def test_at_equal_flops_the_other_arm_is_interpolated_in_log_flops():
-    from kphi.budgets import differences
+    from kphi.experiments.budgets import differences
 
     def arm(losses, per_token):
         return {"points": [{"budget": b, "val_loss": v, "val_loss_std": 0.0, "train_flops": b * per_token}

@@ -8,7 +8,7 @@ import pytest
 
 from processes import run_cli
 
-from kphi.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
+from kphi.experiments.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
 from kphi.modeling.lowrank import LowRankLinear, rank_for_fraction
 from kphi.presets import load_preset
 
@@ -96,7 +96,7 @@ def test_a_misspelt_suite_or_arm_key_is_refused_by_name(tmp_path, text, message)
 def test_a_suites_training_section_is_partial_train_settings(tmp_path):
     """Unknown settings are refused when the suite loads (in every kind of suite); absent ones come from
     TrainSettings' defaults, the one place they are written."""
-    from kphi.compress import load_compress_suite
+    from kphi.experiments.compress import load_compress_suite
     from kphi.train_settings import TrainSettings, training_value
 
     bad = tmp_path / "typo.yaml"
@@ -205,7 +205,7 @@ def test_an_arm_that_narrows_the_model_narrows_its_embeddings_too(tmp_path):
     arm names ``embed_size`` itself."""
     import yaml
 
-    from kphi.compare import load_suite, resolve_arms
+    from kphi.experiments.compare import load_suite, resolve_arms
 
     spec = {"name": "narrow", "baseline": "narrow", "data": {"source": "default"}, "training": {"max_steps": 1},
             "arms": [{"label": "narrow", "preset": "cpu-phi3", "config": {"hidden_size": 64, "intermediate_size": 192}},

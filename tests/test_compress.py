@@ -6,8 +6,8 @@ import pytest
 
 from processes import finished_runs, run_cli
 
-from kphi.compare import CompareError, load_suite
-from kphi.compress import load_compress_suite
+from kphi.experiments.compare import CompareError, load_suite
+from kphi.experiments.compress import load_compress_suite
 
 
 
@@ -105,7 +105,7 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
 
 
 def test_a_structure_suite_heals_only_fits_it_names(tmp_path):
-    from kphi.structure import load_structure_suite
+    from kphi.experiments.structure import load_structure_suite
 
     suite = tmp_path / "s.yaml"
     suite.write_text("kind: structure\nname: s\nsource: x\nfits:\n  - {label: a, kind: {kind: low_rank}}\n"
@@ -135,7 +135,7 @@ class _GridRunner:
 
 
 def test_healing_reports_the_best_rate_that_converged_and_records_the_diverged_one(tmp_path):
-    from kphi.compress import _heal
+    from kphi.experiments.compress import _heal
 
     runner = _GridRunner(tmp_path, [0.5, 10.0, 0.25])
     healed = _heal(runner, "fit", tmp_path / "fit", tmp_path / "teacher", "tiny-kphi3")
@@ -146,7 +146,7 @@ def test_healing_reports_the_best_rate_that_converged_and_records_the_diverged_o
 
 
 def test_healing_that_diverges_at_every_rate_is_one_clear_error(tmp_path):
-    from kphi.compress import _heal
+    from kphi.experiments.compress import _heal
 
     with pytest.raises(CompareError, match=r"^fit: healing \(plain\) diverged at every rate of heal_learning_rates; lower them$"):
         _heal(_GridRunner(tmp_path, [1.0, 10.0]), "fit", tmp_path / "fit", tmp_path / "teacher", "tiny-kphi3")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kphi.runs import DIVERGED_FILE, ExperimentError, converged, get_or_train
+from kphi.experiments.runs import DIVERGED_FILE, ExperimentError, converged, get_or_train
 from kphi.train import resolve_settings
 
 from corpus import prepare_small
@@ -79,7 +79,7 @@ def test_a_run_recorded_with_the_legacy_projection_fields_is_the_same_run_today(
     """Version-2 records (``min_channels_per_group``, ``grouped_init``, ``low_rank_fraction`` and a
     ``projection`` as the suite spelled it) are migrated, not re-resolved: the arm that wrote each is the same
     run today, and another projection is still another run."""
-    from kphi.compare import load_suite, resolve_arms
+    from kphi.experiments.compare import load_suite, resolve_arms
     from kphi.model import KPhi3Config, config_fields
     from kphi.train import TrainSettings, identity_differences, recorded_version
 

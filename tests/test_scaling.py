@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kphi.compare import CompareError
-from kphi.scaling import (
+from kphi.experiments.compare import CompareError
+from kphi.experiments.scaling import (
     fit_power_law,
     inverse_power_law,
     load_scaling_suite,

@@ -82,10 +82,10 @@ def _single_process(command: str) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .budgets import format_budget_table, run_budget_series
+    from .experiments.budgets import format_budget_table, run_budget_series
 
     _single_process("compare")
-    from .compare import format_table, load_suite, parse_counts, parse_learning_rates, run_compare
+    from .experiments.compare import format_table, load_suite, parse_counts, parse_learning_rates, run_compare
 
     suite = load_suite(args.suite)
     options = dict(
@@ -97,8 +97,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     series = bool(args.budgets or suite.budgets or suite.budgets_per_parameter)
     budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
     if args.dry_run:
-        from .budgets import plan_budget_series
-        from .compare import Comparison, format_plan, training_at_budget
+        from .experiments.budgets import plan_budget_series
+        from .experiments.compare import Comparison, format_plan, training_at_budget
 
         if not series and args.max_tokens:
             suite = dataclasses.replace(suite, training=training_at_budget(suite.training, args.max_tokens))
@@ -116,8 +116,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from .compare import parse_counts, parse_learning_rates
-    from .scaling import format_dry_run, format_scaling_table, load_scaling_suite, run_scaling
+    from .experiments.compare import parse_counts, parse_learning_rates
+    from .experiments.scaling import format_dry_run, format_scaling_table, load_scaling_suite, run_scaling
 
     _single_process("scale")
     suite = load_scaling_suite(args.suite)
@@ -137,12 +137,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .compare import read_suite_yaml
-    from .compress import format_compress_table, load_compress_suite, run_compress
+    from .experiments.compare import read_suite_yaml
+    from .experiments.compress import format_compress_table, load_compress_suite, run_compress
 
     _single_process("compress")
     if (read_suite_yaml(args.suite)[1] or {}).get("kind") == "structure":  # a pretrained model, fitted, no training
-        from .structure import format_structure_table, load_structure_suite, run_structure
+        from .experiments.structure import format_structure_table, load_structure_suite, run_structure
 
         structure = load_structure_suite(args.suite)
         out = args.out or f"runs/{structure.name}"

@@ -41,8 +41,8 @@ from .compare import (
     ArmSpec, CompareError, Comparison, Suite, arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
     resolve_arms, run_plan, suite_training, training_at_budget, unknown_keys,
 )
-from .model import config_fields
-from .presets import load_preset
+from ..model import config_fields
+from ..presets import load_preset
 from .runs import write_results
 
 __all__ = ["ScalingSuite", "plan_scaling", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
@@ -63,7 +63,7 @@ class ScalingSuite:
 
     def tokens_at(self, width: int) -> int:
         """The budget at ``width``, rounded up to whole optimizer steps (gradient accumulation counted)."""
-        from .train_settings import whole_steps
+        from ..train_settings import whole_steps
 
         b = self.budget
         return whole_steps(b["reference_tokens"] * (width / b["reference_width"]) ** b.get("exponent", 1.0), self.training)
@@ -322,7 +322,7 @@ def format_scaling_table(results: dict[str, Any]) -> str:
 
 
 def write_scaling_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_scaling
+    from ..plots import plot_scaling
 
     curves = {}
     for label, family in results["families"].items():

@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import KphiError
-from .files import atomic_write_text
+from ..errors import KphiError
+from ..files import atomic_write_text
 
 __all__ = ["DIVERGED_FILE", "finished_metrics_file", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
            "write_results"]
@@ -40,7 +40,7 @@ class ExperimentError(KphiError, RuntimeError):
 
 def finished_metrics_file(run_dir: Path) -> Path | None:
     """The file that marks ``run_dir`` finished: its metrics, or the record of its divergence; ``None`` yet."""
-    from .train import METRICS_FILE
+    from ..train import METRICS_FILE
 
     return next((f for f in (Path(run_dir) / METRICS_FILE, Path(run_dir) / DIVERGED_FILE) if f.is_file()), None)
 
@@ -48,7 +48,7 @@ def finished_metrics_file(run_dir: Path) -> Path | None:
 def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished (or diverged) run of exactly these settings; ``None`` when it has yet to
     (finish) training. A run of other settings or other initial weights is refused, not reused."""
-    from .train import RUN_FILE, identity_differences, initial_weights_sha256, recorded_version
+    from ..train import RUN_FILE, identity_differences, initial_weights_sha256, recorded_version
 
     run_dir = Path(run_dir)
     metrics_file = finished_metrics_file(run_dir)
@@ -82,7 +82,7 @@ def get_or_train(settings, config=None, *, label: str, log: Callable[[str], None
     A diverged run comes back as ``{"seed", "diverged": message, "train_loss": None, "val_loss": None, ...}``
     (see the module docstring); any other training failure raises :class:`ExperimentError` naming ``label``.
     """
-    from .train import RUN_FILE, DivergedError, TrainError, train
+    from ..train import RUN_FILE, DivergedError, TrainError, train
 
     run_dir = Path(settings.out)
     metrics = finished_run(run_dir, settings, config)

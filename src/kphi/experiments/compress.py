@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from .compare import CompareError, command_line, read_suite_yaml, suite_training
-from .files import atomic_write_text, slug
+from ..files import atomic_write_text, slug
 from .runs import converged, get_or_train, write_results
-from .train_settings import training_value
+from ..train_settings import training_value
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
 
@@ -75,7 +75,7 @@ class _Runner:
         self.suite, self.out, self.prepared, self.progress, self.log = suite, out, prepared, progress, log
 
     def settings(self, run_dir: Path, preset: str, **overrides):
-        from .train import resolve_settings
+        from ..train import resolve_settings
 
         return resolve_settings(preset, **{**self.suite.training, "data": str(self.prepared), "out": str(run_dir),
                                            "progress": self.progress, **overrides})
@@ -99,9 +99,9 @@ class _Runner:
         import torch
         from transformers import Trainer, default_data_collator
 
-        from .data.prepare import load_prepared
-        from .model_dir import load_model
-        from .train import trainer_arguments
+        from ..data.prepare import load_prepared
+        from ..model_dir import load_model
+        from ..train import trainer_arguments
 
         settings = self.settings(model_dir / "eval", self.suite.teacher["preset"], max_steps=1)
         val = load_prepared(self.prepared)[1]
@@ -119,9 +119,9 @@ class _Runner:
 
 
 def _fit(runner: _Runner, teacher_dir: Path, spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    from .convert import CONVERT_MARKER, convert_to_dir
+    from ..convert import CONVERT_MARKER, convert_to_dir
 
-    from .modeling.projections import projection_kind
+    from ..modeling.projections import projection_kind
 
     fit = spec.get("fit", "frobenius")
     marker = out / CONVERT_MARKER
@@ -170,7 +170,7 @@ def _other_architecture_teacher(runner: _Runner, spec: dict[str, Any]) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .data.prepare import load_prepared
+    from ..data.prepare import load_prepared
 
     init_dir = runner.out / f"{spec['label']}-init"
     if not (init_dir / "model.safetensors").is_file():
@@ -191,7 +191,7 @@ def _other_architecture_teacher(runner: _Runner, spec: dict[str, Any]) -> Path:
 
 def run_compress(suite: CompressSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Run every step of the suite (see the module docstring); returns ``results.json``'s content."""
-    from .data.prepare import PrepareSettings, prepare_dataset
+    from ..data.prepare import PrepareSettings, prepare_dataset
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +277,7 @@ def format_compress_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_compress
+    from ..plots import plot_compress
 
     write_results(out, results, format_compress_table(results))
     plot_compress(results, out / "compress.png")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .compare import CompareError, command_line, read_suite_yaml, suite_training
-from .files import atomic_write_text, slug
+from ..files import atomic_write_text, slug
 from .runs import write_results
 
 __all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
@@ -84,7 +84,7 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
 
 def _prepared(suite: StructureSuite, progress: bool) -> Path:
     """The suite's ``data`` prepared with the source's own tokenizer and chat template (cached)."""
-    from .data.prepare import PrepareSettings, prepare_dataset
+    from ..data.prepare import PrepareSettings, prepare_dataset
 
     return Path(prepare_dataset(PrepareSettings(**_data_settings(suite)), progress=progress))
 
@@ -94,7 +94,7 @@ def _data_settings(suite: StructureSuite) -> dict[str, Any]:
 
 
 def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
-    from .data.prepare import load_prepared
+    from ..data.prepare import load_prepared
 
     train = load_prepared(_prepared(suite, progress))[0]
     rows = max(2, math.ceil(suite.calibration_tokens / len(train[0]["input_ids"])))
@@ -103,11 +103,11 @@ def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
 
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
-    from .convert import ConvertError, convert
-    from .evaluate import evaluate_text, heldout_sample
-    from .model_dir import load_model, load_tokenizer
-    from .plots import plot_structure
-    from .sources import describe_source
+    from ..convert import ConvertError, convert
+    from ..evaluate import evaluate_text, heldout_sample
+    from ..model_dir import load_model, load_tokenizer
+    from ..plots import plot_structure
+    from ..sources import describe_source
 
     out = Path(out)
     (out / "fits").mkdir(parents=True, exist_ok=True)
@@ -183,10 +183,10 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
 def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], out: Path, score, progress: bool,
           log) -> dict[str, Any]:
     """Write one fit as a model directory, train it with distillation from the source, score it again."""
-    from .convert import CONVERT_MARKER, ConvertError, convert_to_dir
-    from .model_dir import load_model
+    from ..convert import CONVERT_MARKER, ConvertError, convert_to_dir
+    from ..model_dir import load_model
     from .runs import converged, get_or_train
-    from .train import TrainError, resolve_settings
+    from ..train import TrainError, resolve_settings
 
     name = slug(spec["label"], "fit")
     cached = out / f"{name}.json"

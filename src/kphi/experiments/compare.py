@@ -45,12 +45,12 @@ from typing import Any
 import torch
 import yaml
 
-from .files import atomic_write_text, refuse_foreign_dir, slug
-from .model import KPhi3Config, config_fields, with_overrides
-from .params import count_parameters
-from .presets import load_preset
+from ..files import atomic_write_text, refuse_foreign_dir, slug
+from ..model import KPhi3Config, config_fields, with_overrides
+from ..params import count_parameters
+from ..presets import load_preset
 from .runs import ExperimentError, finished_metrics_file, get_or_train, write_results
-from .train_settings import training_value, unknown_training_keys
+from ..train_settings import training_value, unknown_training_keys
 
 __all__ = [
     "Arm", "ArmSpec", "Suite", "Comparison", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms",
@@ -410,8 +410,8 @@ def run_compare(
     ``only_arms`` (labels) trains and reports only those arms; the others still size the controls that
     match them and the baseline still sets the percentages (e.g. to re-run the arms a code change affected).
     """
-    from .data.prepare import PrepareSettings, prepare_dataset
-    from .train import TrainError, resolve_settings
+    from ..data.prepare import PrepareSettings, prepare_dataset
+    from ..train import TrainError, resolve_settings
 
     seeds = seeds or suite.seeds
     if seeds < 1:
@@ -516,7 +516,7 @@ def training_at_budget(training: dict[str, Any], tokens: int) -> dict[str, Any]:
 
 def planned_tokens(training: dict[str, Any]) -> str:
     """A suite's budget per run in words: its ``max_tokens``, else ``max_steps`` whole steps in tokens, else minutes."""
-    from .train_settings import tokens_per_step
+    from ..train_settings import tokens_per_step
 
     if training.get("max_tokens"):
         return f"{int(training['max_tokens']):,}"
@@ -670,7 +670,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:
-    from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
+    from ..plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 
     curves = {}
     for arm in results["arms"]:

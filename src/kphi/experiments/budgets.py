@@ -30,7 +30,7 @@ from typing import Any
 
 from .compare import CompareError, Comparison, Suite, command_line, format_loss, run_plan, training_at_budget
 from .runs import write_results
-from .train_settings import training_value
+from ..train_settings import training_value
 
 __all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
@@ -123,7 +123,7 @@ def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
 def budgets_per_parameter(suite: Suite) -> list[int]:
     """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
     from .compare import non_embedding, resolve_arms
-    from .train_settings import whole_steps
+    from ..train_settings import whole_steps
 
     if not suite.budgets_per_parameter:
         return []
@@ -137,7 +137,7 @@ def _add_compute(results: dict[str, Any], suite: Suite) -> None:
     from statistics import median
 
     from .compare import resolve_arms
-    from .flops import training_flops_per_token
+    from ..flops import training_flops_per_token
 
     context = int(training_value(suite.training, "context_length"))
     configs = {arm.label: arm.config for arm in resolve_arms(suite)}
@@ -263,7 +263,7 @@ def format_differences(results: dict[str, Any]) -> str:
 
 def _train_tokens(suite: Suite, data: str | None) -> int | None:
     """Tokens in the prepared training split the series trained on (prepared already: a cache hit)."""
-    from .data.prepare import PrepareSettings, prepare_dataset
+    from ..data.prepare import PrepareSettings, prepare_dataset
 
     settings = {**suite.data, **({"source": data} if data else {})}
     prepared = prepare_dataset(PrepareSettings(context_length=training_value(suite.training, "context_length"), **settings), progress=False)
@@ -321,7 +321,7 @@ def format_budget_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_budgets, plot_compute, plot_differences
+    from ..plots import plot_budgets, plot_compute, plot_differences
 
     series = {
         label: [(p["tokens"], p["val_loss"], p["val_loss_std"]) for p in arm["points"] if p["val_loss"] is not None]
