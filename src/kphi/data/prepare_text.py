@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -31,38 +31,47 @@ from .sources import DataError
 _BATCH_DOCUMENTS = 64  # documents encoded per call: the tokenizer's Rust batch encoder spreads them over threads
 
 
-def _row_dicts(rows: list[tuple[list[int], list[int]]], digest: Any) -> Iterator[dict[str, list[int]]]:
-    for ids, labels in rows:
-        digest.update(np.asarray(ids, dtype="<i4").tobytes())
-        yield {"input_ids": ids, "labels": labels}
-
-
-def _split_rows(corpus: TextCorpus, heldout: bool, tokenizer: Any, eos: int, context_length: int,
-                max_documents: int | None, counts: dict[str, Any], bar: Any) -> Iterator[dict[str, list[int]]]:
-    """Packed rows of one split; fills ``counts`` (documents, bytes, tokens, rows, dropped tokens, sha256)."""
+def pack_texts(texts: Iterable[str], tokenizer: Any, eos: int, context_length: int,
+               counts: dict[str, Any]) -> Iterator[dict[str, list[int]]]:
+    """Rows of ``context_length`` tokens from ``texts``: each text's tokens then ``eos``, concatenated and cut
+    (the last partial row dropped), labels equal to the ids. Texts are encoded ``_BATCH_DOCUMENTS`` at a time.
+    Fills ``counts``: documents, bytes, rows, tokens, dropped_tokens and sha256 (of the ids, int32 little-endian,
+    row after row)."""
     packer = recipe.TokenPacker(context_length)
     digest = hashlib.sha256()
+    counts.update(documents=0, bytes=0)
     batch: list[str] = []
 
     def flush() -> Iterator[dict[str, list[int]]]:
         encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        rows = [row for seq in encoded for row in packer.add([*seq, eos])]
         batch.clear()
-        yield from _row_dicts(rows, digest)
+        for seq in encoded:
+            for ids, labels in packer.add([*seq, eos]):
+                digest.update(np.asarray(ids, dtype="<i4").tobytes())
+                yield {"input_ids": ids, "labels": labels}
 
-    for doc in corpus.documents(max_documents):
-        bar.update(1)
-        if doc.heldout != heldout:
-            continue
-        batch.append(doc.text)
+    for text in texts:
+        batch.append(text)
         counts["documents"] += 1
-        counts["bytes"] += len(doc.text.encode("utf-8"))
+        counts["bytes"] += len(text.encode("utf-8"))
         if len(batch) >= _BATCH_DOCUMENTS:
             yield from flush()
     if batch:
         yield from flush()
     counts.update(rows=packer.rows, tokens=packer.rows * context_length, dropped_tokens=packer.dropped_tokens,
                   sha256=digest.hexdigest())
+
+
+def _split_rows(corpus: TextCorpus, heldout: bool, tokenizer: Any, eos: int, context_length: int,
+                max_documents: int | None, counts: dict[str, Any], bar: Any) -> Iterator[dict[str, list[int]]]:
+    """:func:`pack_texts` over one split of the corpus (the held-out documents or the others)."""
+    def texts() -> Iterator[str]:
+        for doc in corpus.documents(max_documents):
+            bar.update(1)
+            if doc.heldout == heldout:
+                yield doc.text
+
+    yield from pack_texts(texts(), tokenizer, eos, context_length, counts)
 
 
 def _train_tokenizer(corpus: TextCorpus, settings: Any, progress: bool) -> Any:
@@ -103,7 +112,7 @@ def build_text_corpus(settings: Any, corpus: TextCorpus, key: str, work: Path, p
     total = settings.max_rows or len(corpus.members())
     split_counts: dict[str, dict[str, Any]] = {}
     for name, heldout in (("train", False), ("validation", True)):
-        counts = split_counts[name] = {"documents": 0, "bytes": 0}
+        counts = split_counts[name] = {}
         bar = tqdm(total=total, desc=f"tokenizing and packing {name}", unit="file", disable=not progress)
         packed = datasets.Dataset.from_generator(
             _split_rows, features=packed_features(), cache_dir=str(work / ".cache"), keep_in_memory=False,
