@@ -1,6 +1,6 @@
 """``kphi bench`` produces the documented report (its numbers are measurements, not test assertions)."""
 
-from kphi.bench import PHI3_SHAPES, bench_shape, format_report
+from kphi.tools.bench import PHI3_SHAPES, bench_shape, format_report
 
 
 def test_shape_result_has_the_documented_json_keys():
@@ -35,7 +35,7 @@ def test_report_table_lists_every_shape():
 def test_every_formulation_is_timed_and_the_per_group_loop_is_reported_as_no_graph():
     """The formulations report: each timed eagerly; compiled with fullgraph=True, the one-GEMM, two-bmm and conv1d
     formulations are one graph, the per-group loop (GEMMs written into strided out= views) is not and says so."""
-    from kphi.bench_formulations import _fastest, bench_formulations, format_formulations
+    from kphi.tools.bench_formulations import _fastest, bench_formulations, format_formulations
 
     rows = bench_formulations(48, 96, 4, tokens=16, repeats=1, backend="aot_eager")
     by_key = {(r.formulation, r.compiled): r for r in rows}

@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import format_eval_table, run_eval
+    from .eval.evaluate import format_eval_table, run_eval
 
     _quiet_transformers()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -278,12 +278,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     progress = (lambda *a, **k: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
     if args.formulations:
-        from .bench_formulations import format_formulations, run_formulations
+        from .tools.bench_formulations import format_formulations, run_formulations
 
         report = run_formulations(quick=args.quick, device=args.device, compile=not args.no_compile, progress=progress)
         print(json.dumps(report, indent=2) if args.json else format_formulations(report))
         return 0
-    from .bench import format_report, run_bench
+    from .tools.bench import format_report, run_bench
 
     report = run_bench(quick=args.quick, dtype=args.dtype, device=args.device, progress=progress)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

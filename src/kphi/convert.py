@@ -427,7 +427,7 @@ def _copy_untouched_weights(dense, model, replaced: list[str]) -> None:
 def _heldout_score(model, tokenizer, size: int):
     """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.evaluate`; context up to
     256 tokens, stride 128)."""
-    from .evaluate import evaluate_text, heldout_sample
+    from .eval.evaluate import evaluate_text, heldout_sample
 
     return evaluate_text(model.eval(), tokenizer, [heldout_sample(size)], "heldout", context=256)
 

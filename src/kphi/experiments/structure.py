@@ -104,7 +104,7 @@ def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
     from ..convert import ConvertError, convert
-    from ..evaluate import evaluate_text, heldout_sample
+    from ..eval.evaluate import evaluate_text, heldout_sample
     from ..model_dir import load_model, load_tokenizer
     from ..plots import plot_structure
     from ..sources import describe_source

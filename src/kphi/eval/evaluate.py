@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import EvalError
+from ..errors import EvalError
 from .harness import KPHI_TASKS, run_tasks
 
 __all__ = ["EvalError", "TextScore", "score_documents", "evaluate_text", "default_text_path", "read_documents",
@@ -191,7 +191,7 @@ def evaluate_text(model, tokenizer, documents: list[str], name: str, context: in
 def evaluate_prepared(model, data: str | Path, context: int | None, stride: int | None, progress: bool) -> TextScore:
     """The validation split of a prepared corpus: each row scored as a document of its own token ids (the
     rows are the corpus tokenizer's ids, so that tokenizer must be the model's); bytes are the decoded rows'."""
-    from .data.prepare import DataError, load_prepared
+    from ..data.prepare import DataError, load_prepared
 
     try:
         _, validation, tokenizer, _ = load_prepared(data)
@@ -227,8 +227,8 @@ def run_eval(models: list[str], texts: list[str] | None = None, data: str | None
     """Evaluate every model (any source, :mod:`kphi.sources`) on the texts (default: kphi's held-out text),
     the prepared corpus and the lm-evaluation-harness tasks given. ``max_bytes`` scores only the first that
     many bytes of each text (:func:`first_bytes`)."""
-    from .model_dir import load_model, load_tokenizer
-    from .sources import describe_source
+    from ..model_dir import load_model, load_tokenizer
+    from ..sources import describe_source
 
     if not models:
         raise EvalError("give at least one model")

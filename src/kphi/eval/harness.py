@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import EvalError
+from ..errors import EvalError
 
 #: lm-evaluation-harness tasks kphi ships (offline): name -> JSON-lines file in ``kphi/data/heldout``.
 KPHI_TASKS = {"kphi_next_sentence": "python-reference-next-sentence.jsonl"}
@@ -68,8 +68,8 @@ def run_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size
         raise EvalError('--tasks needs lm-evaluation-harness: pip install "kphi[eval]"') from None
     import torch
 
-    from . import model as _registers_kphi_models  # noqa: F401
-    from .sources import resolve_model_dir
+    from .. import model as _registers_kphi_models  # noqa: F401
+    from ..sources import resolve_model_dir
 
     directory = resolve_model_dir(model)
     with tempfile.TemporaryDirectory() as folder:

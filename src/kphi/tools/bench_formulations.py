@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .bench import PHI3_SHAPES, alternating_medians
-from .modeling.block import FORMULATIONS
+from ..modeling.block import FORMULATIONS
 
 __all__ = ["FormulationResult", "bench_formulations", "run_formulations", "format_formulations"]
 
