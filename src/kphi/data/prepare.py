@@ -66,7 +66,7 @@ class CorpusSettings:
     context_length: int = setting(256, minimum=2)
     """Tokens per packed (training) row."""
     validation_rows: int = setting(5000, minimum=0)
-    """Instruction/response pairs held out for validation."""
+    """Instruction/response pairs held out for validation (a text corpus holds out its own files instead)."""
     max_rows: int | None = setting(None, minimum=1)
     """Read at most this many pairs from the source, before filtering (quick runs); ``None`` reads everything."""
 
