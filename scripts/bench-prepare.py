@@ -6,7 +6,7 @@ written as JSON with ``--json``):
 
 * ``tokenizers``: ``Tokenizer.encode_batch`` over the texts in batches (the Rust library alone: the ceiling);
 * ``kphi``: the whole packing path of ``kphi data prepare`` — encode, pack into rows, hash, and write the rows
-  to Arrow through ``datasets.Dataset.from_generator`` — on the same texts.
+  to an Arrow file opened as a ``datasets.Dataset`` — on the same texts.
 
     python scripts/bench-prepare.py --corpus python-source --tokenizer PREPARED/tokenizer --mb 20
 """
@@ -46,8 +46,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from kphi.data.corpora import open_corpus
-    from kphi.data.prepare_text import _BATCH_DOCUMENTS, pack_texts
-    from kphi.data.recipe import packed_features
+    from kphi.data.prepare_text import _BATCH_DOCUMENTS, pack_texts, write_rows
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -60,10 +59,8 @@ def main() -> None:
 
     def kphi_path() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            counts: dict = {}
-            datasets.Dataset.from_generator(pack_texts, features=packed_features(), cache_dir=tmp,
-                                            gen_kwargs=dict(texts=texts, tokenizer=tokenizer, eos=tokenizer.eos_token_id,
-                                                            context_length=256, counts=counts))
+            rows = pack_texts(texts, tokenizer, tokenizer.eos_token_id, 256, counts={})
+            write_rows(rows, Path(tmp) / "rows.arrow")
 
     timings: dict[str, list[float]] = {"tokenizers": [], "kphi": []}
     for _ in range(args.repeats):

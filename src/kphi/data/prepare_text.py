@@ -2,8 +2,8 @@
 
 Documents stream from the corpus twice: once to train the BPE tokenizer on the training documents (a
 ``tokenizers`` trainer fed by an iterator), once to tokenise and pack both splits. Each split is written by
-``datasets.Dataset.from_generator``, which flushes Arrow batches to disk as the generator yields, so peak
-memory is one batch of documents and the trainer's word counts, never the corpus.
+:func:`write_rows`, which turns every ``_ROWS_PER_BATCH`` rows into one Arrow record batch on disk, so peak
+memory is one batch of documents and of rows plus the trainer's word counts, never the corpus.
 
 Splits: ``validation`` is the corpus's held-out documents (fixed by file name, see
 :class:`~kphi.data.corpora.TextCorpus`), ``train`` the rest; ``validation_rows`` of the settings does not
@@ -16,6 +16,7 @@ says two preparations hold the same data.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ from .recipe import FORMAT_VERSION, packed_features
 from .sources import DataError
 
 _BATCH_DOCUMENTS = 64  # documents encoded per call: the tokenizer's Rust batch encoder spreads them over threads
+_ROWS_PER_BATCH = 1024  # rows per Arrow record batch
 
 
 def pack_texts(texts: Iterable[str], tokenizer: Any, eos: int, context_length: int,
-               counts: dict[str, Any]) -> Iterator[dict[str, list[int]]]:
-    """Rows of ``context_length`` tokens from ``texts``: each text's tokens then ``eos``, concatenated and cut
-    (the last partial row dropped), labels equal to the ids. Texts are encoded ``_BATCH_DOCUMENTS`` at a time.
+               counts: dict[str, Any]) -> Iterator[list[int]]:
+    """Rows of ``context_length`` token ids from ``texts``: each text's tokens then ``eos``, concatenated and cut
+    (the last partial row dropped); the labels of a row are its ids. Texts are encoded ``_BATCH_DOCUMENTS`` at a time.
     Fills ``counts``: documents, bytes, rows, tokens, dropped_tokens and sha256 (of the ids, int32 little-endian,
     row after row)."""
     packer = recipe.TokenPacker(context_length)
@@ -42,13 +44,14 @@ def pack_texts(texts: Iterable[str], tokenizer: Any, eos: int, context_length: i
     counts.update(documents=0, bytes=0)
     batch: list[str] = []
 
-    def flush() -> Iterator[dict[str, list[int]]]:
-        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    def flush() -> Iterator[list[int]]:
+        # the Rust encoder's own batch call: transformers' wrapper would only add a conversion of every id list
+        encoded = tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False)
         batch.clear()
-        for seq in encoded:
-            for ids, labels in packer.add([*seq, eos]):
+        for encoding in encoded:
+            for ids, _ in packer.add([*encoding.ids, eos]):
                 digest.update(np.asarray(ids, dtype="<i4").tobytes())
-                yield {"input_ids": ids, "labels": labels}
+                yield ids
 
     for text in texts:
         batch.append(text)
@@ -63,7 +66,7 @@ def pack_texts(texts: Iterable[str], tokenizer: Any, eos: int, context_length: i
 
 
 def _split_rows(corpus: TextCorpus, heldout: bool, tokenizer: Any, eos: int, context_length: int,
-                max_documents: int | None, counts: dict[str, Any], bar: Any) -> Iterator[dict[str, list[int]]]:
+                max_documents: int | None, counts: dict[str, Any], bar: Any) -> Iterator[list[int]]:
     """:func:`pack_texts` over one split of the corpus (the held-out documents or the others)."""
     def texts() -> Iterator[str]:
         for doc in corpus.documents(max_documents):
@@ -95,10 +98,35 @@ def _train_tokenizer(corpus: TextCorpus, settings: Any, progress: bool) -> Any:
     return tokenizer
 
 
+def write_rows(rows: Iterable[list[int]], path: Path) -> Any:
+    """Write rows of token ids as a packed split (``input_ids`` and equal ``labels``, int32 lists) to the Arrow
+    file ``path``, ``_ROWS_PER_BATCH`` rows per record batch, and open it as a ``datasets.Dataset``.
+
+    Written with pyarrow directly, in the stream format and schema (features in its metadata) that
+    ``datasets`` itself writes: ``Dataset.from_generator`` would encode every example through Python, which
+    costs more than tokenising.
+    """
+    import datasets
+    import pyarrow as pa
+
+    schema = packed_features().arrow_schema
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        block: list[list[int]] = []
+        for row in itertools.chain(rows, [None]):
+            if row is not None:
+                block.append(row)
+            if block and (row is None or len(block) == _ROWS_PER_BATCH):
+                ids = np.asarray(block, dtype=np.int32)
+                offsets = np.arange(0, ids.size + 1, ids.shape[1], dtype=np.int32)
+                column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids.ravel()))
+                writer.write_batch(pa.record_batch([column, column], schema=schema))
+                block = []
+    return datasets.Dataset.from_file(str(path))
+
+
 def build_text_corpus(settings: Any, corpus: TextCorpus, key: str, work: Path, progress: bool) -> dict[str, Any]:
     """Fill ``work`` with ``train/``, ``validation/``, ``tokenizer/``, ``settings.json`` and ``stats.json`` for
     ``corpus`` (``settings``: a :class:`kphi.data.prepare.PrepareSettings`); returns the stats."""
-    import datasets
     from tqdm import tqdm
 
     started = time.monotonic()
@@ -114,18 +142,16 @@ def build_text_corpus(settings: Any, corpus: TextCorpus, key: str, work: Path, p
     for name, heldout in (("train", False), ("validation", True)):
         counts = split_counts[name] = {}
         bar = tqdm(total=total, desc=f"tokenizing and packing {name}", unit="file", disable=not progress)
-        packed = datasets.Dataset.from_generator(
-            _split_rows, features=packed_features(), cache_dir=str(work / ".cache"), keep_in_memory=False,
-            gen_kwargs=dict(corpus=corpus, heldout=heldout, tokenizer=tokenizer, eos=eos,
-                            context_length=settings.context_length, max_documents=settings.max_rows,
-                            counts=counts, bar=bar))
+        rows = _split_rows(corpus, heldout, tokenizer, eos, settings.context_length, settings.max_rows, counts, bar)
+        packed = write_rows(rows, work / f".{name}.arrow")
         bar.close()
         if not len(packed):
             raise DataError(f"corpus {corpus.name!r}: the {name} split ({counts['documents']} documents) is too "
                             f"small for one row of context_length={settings.context_length}")
         packed.save_to_disk(str(work / name))
         del packed
-    _remove_tree(work / ".cache")
+    for scratch in work.glob(".*.arrow"):
+        scratch.unlink()
     tokenizer.save_pretrained(str(work / "tokenizer"))
     stats = _stats(settings, corpus, split_counts, len(tokenizer), time.monotonic() - started)
     meta = settings.to_dict()
@@ -163,7 +189,3 @@ def format_text_stats(stats: dict[str, Any]) -> str:
             f"{str(g('train_sha256'))[:12]} (train), {str(g('validation_sha256'))[:12]} (held out).")
 
 
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
