@@ -290,22 +290,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole command line (``command=None``). Given the ``command`` being run (``""``: none, as in ``kphi
-    --help``), the flags of other subcommands whose choices come from model code (``convert``'s kinds,
-    ``export``'s ONNX exporters) are left out, so that ``kphi configs`` or ``kphi --help`` answer without
-    importing torch."""
-    from . import __version__
-
-    parser = argparse.ArgumentParser(prog="kphi", description="Train and compare parameter-efficient phi-3 models.")
-    parser.add_argument("--version", action="version", version=f"kphi {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _params_command(sub, command: str | None) -> None:
     p = sub.add_parser("params", help="parameter counts of presets or model configs (no weights allocated)")
     p.add_argument("presets", nargs="*", metavar="PRESET_OR_CONFIG", help="preset name, preset YAML, config.json, or a model: directory, .gguf file, known model (smollm2-135m), hub id (default: all presets)")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one preset)")
     p.set_defaults(func=cmd_params)
 
+
+def _eval_command(sub, command: str | None) -> None:
     p = sub.add_parser("eval", help="bits per byte and perplexity on held-out text, lm-evaluation-harness tasks")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="model directory, .gguf file, known model (smollm2-135m) or hub id; several give one table")
@@ -322,6 +314,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _data_command(sub, command: str | None) -> None:
     p = sub.add_parser("data", help="prepare instruction corpora")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     d = data_sub.add_parser("prepare", help="format, filter, split, tokenize and pack a corpus")
@@ -333,6 +327,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_prepare)
 
+
+def _tokenizer_command(sub, command: str | None) -> None:
     p = sub.add_parser("tokenizer", help="build, train and inspect tokenizers")
     tok_sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     t = tok_sub.add_parser("phi3", help="write the exact phi-3 tokenizer (offline, from the GGUF vocabulary)")
@@ -352,6 +348,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("spec", help="phi3 | phi3-hub | PATH")
     t.set_defaults(func=cmd_tokenizer_info)
 
+
+def _train_command(sub, command: str | None) -> None:
     p = sub.add_parser(
         "train",
         help="train one model; the output directory becomes a model directory",
@@ -366,6 +364,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_train)
 
+
+def _bench_command(sub, command: str | None) -> None:
     p = sub.add_parser("bench", help="time the grouped block against dense layers (phi-3 shapes) and end to end")
     p.add_argument("--json", action="store_true", help="print one JSON object (with a 'shapes' list)")
     p.add_argument("--quick", action="store_true", help="512 tokens and 3 repeats instead of 2048 and 5")
@@ -377,6 +377,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="with --formulations: eager only")
     p.set_defaults(func=cmd_bench)
 
+
+def _compare_command(sub, command: str | None) -> None:
     p = sub.add_parser("compare", help="train the arms of a suite and print the report's table")
     p.add_argument("--suite", default="cpu", help="cpu (default, ~10 min on 2 cores) | smoke | paper | a suite YAML")
     p.add_argument("--seeds", type=int, help="repeat every arm with this many seeds (mean and spread)")
@@ -395,6 +397,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
+
+def _scale_command(sub, command: str | None) -> None:
     p = sub.add_parser("scale", help="scaling curves: model families at several widths, tuned, fitted, compared")
     p.add_argument("--suite", default="scaling-cpu", help="a scaling suite: scaling-cpu (default) | scaling-smoke | a YAML file")
     p.add_argument("--seeds", type=int, help="seeds per point (the first tunes the rate, the others run at the best)")
@@ -406,12 +410,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_scale)
 
+
+def _compress_command(sub, command: str | None) -> None:
     p = sub.add_parser("compress", help="compress a trained dense model into structured projections, heal it, compare")
     p.add_argument("--suite", default="compress-cpu", help="a compress suite: compress-cpu (default) | compress-smoke | a YAML file")
     p.add_argument("--out", help="output directory (default runs/SUITE); finished runs in it are reused")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compress)
 
+
+def _generate_command(sub, command: str | None) -> None:
     p = sub.add_parser(
         "generate",
         help="one reply from a model directory, streamed to the terminal",
@@ -428,6 +436,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _chat_command(sub, command: str | None) -> None:
     p = sub.add_parser(
         "chat",
         help="an interactive multi-turn chat with a model directory",
@@ -441,6 +451,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _configs_command(sub, command: str | None) -> None:
     p = sub.add_parser(
         "configs",
         help="the accelerate/DeepSpeed launch files kphi ships (ddp-gpus, fsdp, deepspeed)",
@@ -450,6 +462,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", nargs="?", help="ddp-gpus, fsdp, deepspeed or deepspeed-zero2")
     p.set_defaults(func=cmd_configs)
 
+
+def _export_command(sub, command: str | None) -> None:
     p = sub.add_parser(
         "export",
         help="write a model that loads without kphi (and/or ONNX), or upload it to the hub",
@@ -472,6 +486,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the hub repository as private")
     p.set_defaults(func=cmd_export)
 
+
+def _convert_command(sub, command: str | None) -> None:
     p = sub.add_parser(
         "convert",
         help="give a Llama, Mistral, Qwen2, Phi-3, GPT-2 or kphi-3 model structured projections",
@@ -504,6 +520,40 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
                        help=f"calibration tokens read (default {CALIBRATION_TOKENS})")
     p.set_defaults(func=cmd_convert)
+
+
+#: The command line as a table: each command's name -> the function that adds its parser (flags, help, handler).
+#: The handlers (``cmd_*``) import the library modules they dispatch to when they run.
+COMMANDS = {
+    "params": _params_command,
+    "eval": _eval_command,
+    "data": _data_command,
+    "tokenizer": _tokenizer_command,
+    "train": _train_command,
+    "bench": _bench_command,
+    "compare": _compare_command,
+    "scale": _scale_command,
+    "compress": _compress_command,
+    "generate": _generate_command,
+    "chat": _chat_command,
+    "configs": _configs_command,
+    "export": _export_command,
+    "convert": _convert_command,
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line (``command=None``). Given the ``command`` being run (``""``: none, as in ``kphi
+    --help``), the flags of other subcommands whose choices come from model code (``convert``'s kinds,
+    ``export``'s ONNX exporters) are left out, so that ``kphi configs`` or ``kphi --help`` answer without
+    importing torch."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="kphi", description="Train and compare parameter-efficient phi-3 models.")
+    parser.add_argument("--version", action="version", version=f"kphi {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in COMMANDS.values():
+        add_command(sub, command)
     return parser
 
 
