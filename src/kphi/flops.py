@@ -1,4 +1,4 @@
-"""Training compute per token, counted analytically (issue 18 D): what a comparison at equal tokens hides.
+"""Training compute per token, counted analytically: what a comparison at equal tokens hides.
 
 For a decoder with ``L`` layers, hidden size ``d``, context ``T`` and vocabulary ``V``, one token costs in a
 forward pass (multiply-adds counted as 2 FLOPs, as Kaplan et al. 2020 count them)::

@@ -63,7 +63,7 @@ def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
 
     if identity_differences(recorded, settings, config, recorded_version(record)):
         raise ExperimentError(f"{run_dir} was trained with other settings (the arm changed); choose another --out")
-    # runs recorded before the hash was (issue 16) cannot be told apart and are reused as they are
+    # runs recorded before records carried the hash cannot be told apart and are reused as they are
     started_from = record.get("initial_weights_sha256")
     if started_from is not None and started_from != initial_weights_sha256(settings, config):
         raise ExperimentError(

@@ -1,4 +1,4 @@
-"""The grouped pointwise block: the one idea of kphi-3, in one small file.
+"""The grouped pointwise block: the one idea of kphi-3, and its projection kind.
 
 A dense projection ``y = x @ W`` with ``W`` of shape ``[in, out]`` costs ``in * out`` parameters and
 multiply-adds per token. kphi-3 replaces it with two *grouped* pointwise convolutions (grouped linear
@@ -35,10 +35,8 @@ from .kinds import ProjectionKind, copy_bias, calibration_error, dense_matrix
 #: The initialisations of grouped weights (:func:`init_grouped_weight`).
 GROUPED_INIT_SCHEMES = ("scaled_normal", "kaiming_uniform")
 
-#: The init of a grouped projection that names none: the report's ``kaiming_uniform``, which beat
-#: ``scaled_normal`` tuned at 0.7M and 6.8M tokens (RESULTS.md section 9). Configurations that said nothing
-#: before it became the default (the legacy fields, run records of version 2 or older) keep ``scaled_normal``:
-#: :data:`kphi.configuration_kphi3.LEGACY_GROUPED_INIT`.
+#: The init of a grouped projection that names none: the report's ``kaiming_uniform``. Configurations written
+#: with the legacy fields keep ``scaled_normal`` (:data:`LEGACY_GROUPED_INIT` in ``configuration_kphi3``).
 DEFAULT_GROUPED_INIT = "kaiming_uniform"
 
 __all__ = [

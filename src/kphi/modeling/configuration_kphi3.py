@@ -1,9 +1,9 @@
 """The configuration of kphi-3 models (``model_type: kphi3``).
 
-This file and ``modeling_kphi3.py`` (with ``block.py`` and ``lowrank.py``, which it imports relatively) are
-what ``kphi export --standalone`` ships beside the weights, through transformers' own custom-code mechanism:
-they import nothing from kphi but each other, so the checkpoint loads with ``trust_remote_code=True`` where
-kphi is not installed.
+This file, ``modeling_kphi3.py`` and the sibling modules they import relatively (the projection kinds and their
+registry) are what ``kphi export --standalone`` ships beside the weights, through transformers' own custom-code
+mechanism: they import nothing from kphi but each other, so the checkpoint loads with
+``trust_remote_code=True`` where kphi is not installed.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def test_converged_returns_a_finished_runs_metrics_unchanged():
 
 # --------------------------------------------------------------------------- recorded runs of older kphi
 
-RECORDS_V2 = Path(__file__).parent / "fixtures" / "run-records-v2"
+RECORDS_V2 = Path(__file__).parents[1] / "fixtures" / "run-records-v2"
 
 #: Real ``kphi-run.json`` files written by kphi before ``projection`` became the only field (identity version 2,
 #: legacy fields in ``model``), each with the suite arm that wrote it: every committed result was recorded so.

@@ -114,4 +114,4 @@ def test_width_adapters_keep_the_gradient_scale_at_initialisation(scheme):
 
 
 # Overfitting one batch (loss and gradient norm down 90%) is transformers' own test_training_overfit, run
-# for both variants by tests/test_transformers_common.py.
+# for both variants by tests/modeling/test_transformers_common.py.
