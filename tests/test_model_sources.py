@@ -12,7 +12,7 @@ from processes import run_cli
 import torch
 
 from kphi.errors import KphiError
-from kphi.model_dir import load_model, load_tokenizer
+from kphi.sources.model_dir import load_model, load_tokenizer
 from kphi.sources import SourceError, known_models, resolve_model_dir
 from tiny_gguf import write_tiny_llama_gguf
 

@@ -308,7 +308,7 @@ def convert(
 
     dense = None
     if isinstance(source, (str, os.PathLike)):
-        from .model_dir import load_config, load_model, read_model_config
+        from .sources.model_dir import load_config, load_model, read_model_config
         from .sources import resolve_model_dir
 
         source = resolve_model_dir(source)  # a directory, a .gguf, a known model, a hub id
@@ -435,7 +435,7 @@ def _heldout_score(model, tokenizer, size: int):
 def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any]:
     """Bits per byte of the source model and of ``converted`` on the first ``size`` bytes of kphi's held-out
     text: whether the model survived."""
-    from .model_dir import load_model
+    from .sources.model_dir import load_model
 
     before = _heldout_score(load_model(src, dtype=torch.float32), tokenizer, size)
     after = _heldout_score(converted, tokenizer, size)
@@ -470,7 +470,7 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
     than the Frobenius one gives way to it (``fit`` says so; ``keep_better_on_heldout=False``, for experiments
     that measure each fit as asked, keeps it)."""
     from .export import registered_for_auto_classes
-    from .model_dir import has_tokenizer, load_tokenizer
+    from .sources.model_dir import has_tokenizer, load_tokenizer
 
     from .sources import resolve_model_dir
 

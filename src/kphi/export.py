@@ -42,7 +42,7 @@ from typing import Callable
 
 from .errors import KphiError
 from .files import refuse_foreign_dir, staged_dir
-from .model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
+from .sources.model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
 
 __all__ = [
     "export_or_push",

@@ -117,7 +117,7 @@ def report_for(spec: str) -> tuple[str, str, ParamReport]:
     projections), which is counted against the same architecture with dense projections."""
     from pathlib import Path
 
-    from .model_dir import load_config, read_model_config
+    from .sources.model_dir import load_config, read_model_config
     from .presets import list_presets, load_preset, resolve_config
     from .sources import HUB_ID, known_models, resolve_model_dir
 

@@ -191,7 +191,7 @@ def initial_weights_sha256(settings: TrainSettings, config: KPhi3Config | None =
 
 def _load_model_dir(path: str, flag: str, vocab_size: int):
     """A model directory's causal LM (float32, checked loading) whose vocabulary is the data's."""
-    from .model_dir import load_model
+    from .sources.model_dir import load_model
 
     model = load_model(path, dtype=torch.float32)
     if model.config.vocab_size != vocab_size:

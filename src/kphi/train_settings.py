@@ -118,7 +118,7 @@ class TrainSettings(CorpusSettings):
             raise TrainError(problem)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
-        from .model_dir import read_model_config
+        from .sources.model_dir import read_model_config
 
         for name in ("init_from", "distill_from"):
             value = getattr(self, name)

@@ -227,7 +227,7 @@ def run_eval(models: list[str], texts: list[str] | None = None, data: str | None
     """Evaluate every model (any source, :mod:`kphi.sources`) on the texts (default: kphi's held-out text),
     the prepared corpus and the lm-evaluation-harness tasks given. ``max_bytes`` scores only the first that
     many bytes of each text (:func:`first_bytes`)."""
-    from ..model_dir import load_model, load_tokenizer
+    from ..sources.model_dir import load_model, load_tokenizer
     from ..sources import describe_source
 
     if not models:

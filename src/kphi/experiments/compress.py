@@ -100,7 +100,7 @@ class _Runner:
         from transformers import Trainer, default_data_collator
 
         from ..data.prepare import load_prepared
-        from ..model_dir import load_model
+        from ..sources.model_dir import load_model
         from ..train import trainer_arguments
 
         settings = self.settings(model_dir / "eval", self.suite.teacher["preset"], max_steps=1)

@@ -105,7 +105,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
     from ..convert import ConvertError, convert
     from ..eval.evaluate import evaluate_text, heldout_sample
-    from ..model_dir import load_model, load_tokenizer
+    from ..sources.model_dir import load_model, load_tokenizer
     from ..plots import plot_structure
     from ..sources import describe_source
 
@@ -184,7 +184,7 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
           log) -> dict[str, Any]:
     """Write one fit as a model directory, train it with distillation from the source, score it again."""
     from ..convert import CONVERT_MARKER, ConvertError, convert_to_dir
-    from ..model_dir import load_model
+    from ..sources.model_dir import load_model
     from .runs import converged, get_or_train
     from ..train import TrainError, resolve_settings
 

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import KphiError
-from .sources import resolve_model_dir
+from ..errors import KphiError
+from . import resolve_model_dir
 
 __all__ = [
     "ModelDirError", "TOKENIZER_FILES", "has_tokenizer", "read_model_config", "load_config", "check_weights", "load_model", "load_tokenizer",
@@ -67,7 +67,7 @@ def load_config(model_dir: str | Path):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
+    from .. import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
     path = resolve_model_dir(model_dir)
     model_type = read_model_config(path).get("model_type")
@@ -119,7 +119,7 @@ def load_model(model_dir: str | Path, *, dtype: Any = None, trust_remote_code: b
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from . import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
+    from .. import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
     path = resolve_model_dir(model_dir)
     config = load_config(path)

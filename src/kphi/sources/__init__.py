@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from .errors import KphiError
-from .files import cache_root, pip_download, slug, staged_dir
+from ..errors import KphiError
+from ..files import cache_root, pip_download, slug, staged_dir
 
 __all__ = ["SourceError", "known_models", "resolve_model_dir", "gguf_to_model_dir", "describe_source"]
 
