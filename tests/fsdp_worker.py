@@ -3,7 +3,7 @@
 Each process builds the same tiny kphi-3, shards it the way accelerate's FSDP2 does on GPUs (``fully_shard``
 on every ``_no_split_modules`` layer, then on the root), trains three AdamW steps on its half of each batch,
 then hands the model to kphi's own end-of-run code: every process gathers the full state dict
-(:func:`kphi.sharding.full_state_dict`), the main one writes the model directory
+(:func:`kphi.training.sharding.full_state_dict`), the main one writes the model directory
 (:func:`kphi.train.write_model_dir`). It also writes a sharded checkpoint as accelerate's FSDP does
 (``checkpoint-3/pytorch_model_fsdp_0``, torch.distributed.checkpoint) for the resume check.
 
@@ -23,7 +23,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).parent))
 from sharding_setup import batches, build_model, tokenizer  # noqa: E402
 
-from kphi.sharding import SHARDED_MODEL_DIR, full_state_dict, is_sharded  # noqa: E402
+from kphi.training.sharding import SHARDED_MODEL_DIR, full_state_dict, is_sharded  # noqa: E402
 from kphi.train import write_model_dir  # noqa: E402
 
 out = Path(sys.argv[1])

@@ -83,7 +83,7 @@ def _stdin(text: str):
 def kill_after_checkpoint(args: list[str], out: Path, step: int, timeout: float = 300) -> None:
     """Run ``kphi ARGS`` and have it SIGKILL itself right after ``OUT/checkpoint-STEP`` is marked complete
     (``KPHI_TEST_KILL_AFTER_CHECKPOINT``): the kill lands at that step every time, never a step later."""
-    from kphi.callbacks import KILL_AFTER_CHECKPOINT_VARIABLE
+    from kphi.training.callbacks import KILL_AFTER_CHECKPOINT_VARIABLE
 
     proc = subprocess.run([sys.executable, "-m", "kphi", *args], capture_output=True, text=True, timeout=timeout,
                           env=kphi_env({KILL_AFTER_CHECKPOINT_VARIABLE: str(step)}))

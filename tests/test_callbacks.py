@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import TrainerControl
 
-from kphi.callbacks import TimeLimit
+from kphi.training.callbacks import TimeLimit
 from processes import free_port
 
 

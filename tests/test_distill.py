@@ -14,7 +14,7 @@ from corpus import prepare_small
 from processes import kill_after_checkpoint, run_cli
 from processes import train_losses as losses
 from kphi.convert import convert_to_dir
-from kphi.distill import distillation_loss
+from kphi.training.distill import distillation_loss
 
 TINY = ["--preset", "tiny-phi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from processes import run_cli
 
-from kphi.launch_configs import LaunchConfigError, launch_config, launch_configs
+from kphi.training.launch_configs import LaunchConfigError, launch_config, launch_configs
 
 
 def test_every_shipped_launch_file_parses_as_accelerate_reads_it():

@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from kphi import KPhi3ForCausalLM
-from kphi.lora import add_lora, load_lora
+from kphi.training.lora import add_lora, load_lora
 from tiny import tiny_config
 
 

@@ -113,7 +113,7 @@ def test_settings_resolve_as_defaults_then_the_preset_then_the_flags():
     """``resolve_settings``: TrainSettings' defaults <- the preset's ``training:`` <- what the caller gives
     (``None``: not given); an explicit budget replaces the preset's; two budgets or an unknown name are refused."""
     from kphi.presets import load_preset
-    from kphi.train_settings import TrainError, TrainSettings, resolve_settings
+    from kphi.training.train_settings import TrainError, TrainSettings, resolve_settings
 
     preset, defaults = load_preset("cpu-kphi3").training, TrainSettings()
     assert preset["learning_rate"] != defaults.learning_rate and "weight_decay" not in preset

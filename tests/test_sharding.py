@@ -58,8 +58,8 @@ def test_fsdp2_losses_and_the_saved_model_equal_one_process(sharded_run):
 def test_an_fsdp_sharded_checkpoint_is_resumable_and_a_half_written_one_is_not(sharded_run, tmp_path):
     import shutil
 
-    from kphi.callbacks import COMPLETE_MARKER
-    from kphi.sharding import SHARDED_MODEL_DIR
+    from kphi.training.callbacks import COMPLETE_MARKER
+    from kphi.training.sharding import SHARDED_MODEL_DIR
     from kphi.train import TrainError, _newest_complete_checkpoint, _validate_checkpoint
 
     run = tmp_path / "run"

@@ -229,7 +229,7 @@ def test_a_recorded_run_resumes_with_its_settings_and_refuses_another_model(tmp_
 def test_settings_added_later_do_not_change_a_recorded_runs_identity():
     """Runs recorded before init_from/distill_*/projection existed must stay resumable and reusable."""
     from kphi.train import TrainSettings, identity_differences
-    from kphi.train_settings import LATER_FIELDS
+    from kphi.training.train_settings import LATER_FIELDS
 
     current = TrainSettings(config_overrides={"hidden_size": 64}).identity()
     assert not set(LATER_FIELDS) & set(current)
@@ -242,7 +242,7 @@ def _old_style_identity(settings, preset, overrides):
     """A record as runs wrote it before identities held the whole model config: preset + overrides."""
     import dataclasses
 
-    from kphi.train_settings import LATER_FIELDS
+    from kphi.training.train_settings import LATER_FIELDS
 
     d = dataclasses.asdict(settings)
     for key in ("out", "max_steps", "max_tokens", "max_minutes", "progress", "save_total_limit", *LATER_FIELDS):

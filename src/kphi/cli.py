@@ -234,7 +234,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    from .launch_configs import describe_launch_config, launch_config, launch_configs
+    from .training.launch_configs import describe_launch_config, launch_config, launch_configs
 
     if args.name:
         print(launch_config(args.name))
@@ -357,7 +357,7 @@ def _train_command(sub, command: str | None) -> None:
         "value (its training: section), else the default shown. Give at most one budget: --max-steps, "
         "--max-tokens or --max-minutes (it replaces the preset's).",
     )
-    from .train_settings import TrainSettings
+    from .training.train_settings import TrainSettings
 
     add_settings_arguments(p, TrainSettings, skip=("progress",), required=("out",))
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .callbacks import (
+from .training.callbacks import (
     CheckpointMarker,
     CsvLogger,
     DivergenceGuard,
@@ -47,8 +47,8 @@ from .data.prepare import CorpusSettings
 from .files import atomic_write_text, refuse_foreign_dir
 from .fingerprint import weights_sha256
 from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
-from .optim import scale_grouped_learning_rates
-from .train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
+from .training.optim import scale_grouped_learning_rates
+from .training.train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
     IDENTITY_VERSION,
     DivergedError,
     TrainError,
@@ -116,7 +116,7 @@ def _validate_checkpoint(folder: Path, model) -> None:
     with its config, or FSDP's sharded model directory, whose shapes accelerate checks as it loads)."""
     from safetensors import safe_open
 
-    from .sharding import is_sharded_checkpoint
+    from .training.sharding import is_sharded_checkpoint
 
     if is_sharded_checkpoint(folder):
         try:
@@ -386,7 +386,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
         trainer.evaluate()
-    from .sharding import full_state_dict
+    from .training.sharding import full_state_dict
 
     state_dict = full_state_dict(trainer.model_wrapped, trainer.accelerator)  # every process: gathering is collective
     metrics: dict[str, Any] = {}
@@ -444,7 +444,7 @@ def _make_trainer(settings: TrainSettings, model, teacher, args, train_rows, eva
 
     trainer_class = _trainer_class(settings.grouped_lr_scale)
     if teacher is not None:
-        from .distill import distillation_trainer_class
+        from .training.distill import distillation_trainer_class
 
         trainer_class = distillation_trainer_class(trainer_class, teacher, settings.distill_alpha, settings.distill_temperature)
     trainer = trainer_class(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,

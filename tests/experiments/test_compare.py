@@ -97,7 +97,7 @@ def test_a_suites_training_section_is_partial_train_settings(tmp_path):
     """Unknown settings are refused when the suite loads (in every kind of suite); absent ones come from
     TrainSettings' defaults, the one place they are written."""
     from kphi.experiments.compress import load_compress_suite
-    from kphi.train_settings import TrainSettings, training_value
+    from kphi.training.train_settings import TrainSettings, training_value
 
     bad = tmp_path / "typo.yaml"
     bad.write_text("training: {batch_size: 4, learnig_rate: 0.01}\narms:\n  - {label: a, preset: tiny-phi3}\n")

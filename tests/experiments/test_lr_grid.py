@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kphi.experiments.compare import CompareError, load_suite, parse_learning_rates, resolve_arms, run_compare
-from kphi.optim import grouped_lr_multipliers, scale_grouped_learning_rates
+from kphi.training.optim import grouped_lr_multipliers, scale_grouped_learning_rates
 
 from corpus import write_corpus
 from processes import finished_runs, run_cli

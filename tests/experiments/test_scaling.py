@@ -70,7 +70,7 @@ def test_budgets_grow_with_width_in_whole_steps():
 def test_budgets_round_to_the_optimizer_steps_a_run_takes():
     """A step is batch x context x gradient accumulation x processes tokens, as train() counts it; a suite's
     budgets round up to whole such steps (the defaults of what a suite leaves out are TrainSettings')."""
-    from kphi.train_settings import TrainSettings, tokens_per_step, whole_steps
+    from kphi.training.train_settings import TrainSettings, tokens_per_step, whole_steps
 
     assert tokens_per_step({}) == TrainSettings().batch_size * TrainSettings().context_length
     training = {"batch_size": 4, "context_length": 100, "gradient_accumulation_steps": 3}

@@ -30,7 +30,7 @@ from typing import Any
 
 from .compare import CompareError, Comparison, Suite, command_line, format_loss, run_plan, training_at_budget
 from .runs import write_results
-from ..train_settings import training_value
+from ..training.train_settings import training_value
 
 __all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
@@ -123,7 +123,7 @@ def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
 def budgets_per_parameter(suite: Suite) -> list[int]:
     """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
     from .compare import non_embedding, resolve_arms
-    from ..train_settings import whole_steps
+    from ..training.train_settings import whole_steps
 
     if not suite.budgets_per_parameter:
         return []

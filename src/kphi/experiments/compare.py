@@ -50,7 +50,7 @@ from ..model import KPhi3Config, config_fields, with_overrides
 from ..params import count_parameters
 from ..presets import load_preset
 from .runs import ExperimentError, finished_metrics_file, get_or_train, write_results
-from ..train_settings import training_value, unknown_training_keys
+from ..training.train_settings import training_value, unknown_training_keys
 
 __all__ = [
     "Arm", "ArmSpec", "Suite", "Comparison", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms",
@@ -516,7 +516,7 @@ def training_at_budget(training: dict[str, Any], tokens: int) -> dict[str, Any]:
 
 def planned_tokens(training: dict[str, Any]) -> str:
     """A suite's budget per run in words: its ``max_tokens``, else ``max_steps`` whole steps in tokens, else minutes."""
-    from ..train_settings import tokens_per_step
+    from ..training.train_settings import tokens_per_step
 
     if training.get("max_tokens"):
         return f"{int(training['max_tokens']):,}"

@@ -28,7 +28,7 @@ from typing import Any
 from .compare import CompareError, command_line, read_suite_yaml, suite_training
 from ..files import atomic_write_text, slug
 from .runs import converged, get_or_train, write_results
-from ..train_settings import training_value
+from ..training.train_settings import training_value
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
 

@@ -63,7 +63,7 @@ class ScalingSuite:
 
     def tokens_at(self, width: int) -> int:
         """The budget at ``width``, rounded up to whole optimizer steps (gradient accumulation counted)."""
-        from ..train_settings import whole_steps
+        from ..training.train_settings import whole_steps
 
         b = self.budget
         return whole_steps(b["reference_tokens"] * (width / b["reference_width"]) ** b.get("exponent", 1.0), self.training)

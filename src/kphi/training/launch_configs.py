@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import KphiError
+from ..errors import KphiError
 
 __all__ = ["LaunchConfigError", "launch_configs", "launch_config", "describe_launch_config"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modeling.block import GroupedLinear
+from ..modeling.block import GroupedLinear
 from .train_settings import GROUPED_LR_SCALES  # the setting's choices live with the other settings
 
 __all__ = ["GROUPED_LR_SCALES", "grouped_lr_multipliers", "scale_grouped_learning_rates"]

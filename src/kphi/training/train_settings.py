@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .data.prepare import CorpusSettings
-from .errors import KphiError
-from .settings import invalid_setting, setting
+from ..data.prepare import CorpusSettings
+from ..errors import KphiError
+from ..settings import invalid_setting, setting
 
 if TYPE_CHECKING:
-    from .model import KPhi3Config
+    from ..model import KPhi3Config
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "GROUPED_LR_SCALES", "LATER_FIELDS", "resolve_settings",
            "model_config_fields", "model_fields", "IDENTITY_VERSION", "recorded_version", "recorded_identity",
@@ -118,7 +118,7 @@ class TrainSettings(CorpusSettings):
             raise TrainError(problem)
         if self.max_steps is None and self.max_tokens is None and self.max_minutes is None:
             raise TrainError("give one of max_steps, max_tokens or max_minutes (or set one in the preset)")
-        from .sources.model_dir import read_model_config
+        from ..sources.model_dir import read_model_config
 
         for name in ("init_from", "distill_from"):
             value = getattr(self, name)
@@ -157,10 +157,10 @@ def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = No
     if config is None:
         if settings.preset is None:
             raise TrainError("give a preset, or a model config to train()")
-        from .presets import resolve_config
+        from ..presets import resolve_config
 
         config = resolve_config(settings.preset).config
-    from .model import with_overrides
+    from ..model import with_overrides
 
     return with_overrides(config, settings.config_overrides)
 
@@ -168,7 +168,7 @@ def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = No
 def model_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> dict[str, Any]:
     """:func:`model_config_fields` rebuilt through ``KPhi3Config`` (every field, its defaults filled in) and
     stored as JSON stores it: equal models give equal dicts however they were spelled."""
-    from .model import KPhi3Config, config_fields
+    from ..model import KPhi3Config, config_fields
 
     fields = config_fields(KPhi3Config(**model_config_fields(settings, config)))
     return json.loads(json.dumps({k: v for k, v in fields.items() if k not in ("dtype", "torch_dtype")}))
@@ -203,7 +203,7 @@ def recorded_identity(identity: dict[str, Any], version: int | None = None) -> d
     predate ``kaiming_uniform`` as the default init, so a grouped projection they leave unspelled gets the init
     it had then (:data:`~kphi.configuration_kphi3.LEGACY_GROUPED_INIT`); version 3 spells every init.
     """
-    from .modeling.configuration_kphi3 import LEGACY_GROUPED_INIT, canonical_projection, fold_legacy_projection, pin_legacy_init
+    from ..modeling.configuration_kphi3 import LEGACY_GROUPED_INIT, canonical_projection, fold_legacy_projection, pin_legacy_init
 
     if version is None:
         version = recorded_version({"identity": identity})
@@ -246,7 +246,7 @@ def resolve_settings(preset: str | None, **overrides: Any) -> TrainSettings:
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     values: dict[str, Any] = {}
     if preset is not None:
-        from .presets import PresetError, resolve_config
+        from ..presets import PresetError, resolve_config
 
         spec = resolve_config(preset)
         for key, value in spec.training.items():

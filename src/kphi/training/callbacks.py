@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .files import atomic_write_text
+from ..files import atomic_write_text
 
 __all__ = [
     "COMPLETE_MARKER",
