@@ -49,7 +49,7 @@ def common_tests_package() -> Path:
     """The directory holding ``hf_common_tests`` for the installed transformers; downloaded on first use."""
     import transformers
 
-    from kphi.files import cache_root, pip_download_sdist, staged_dir
+    from kphi.files import cache_root, pip_download, staged_dir
 
     root = cache_root() / "transformers-tests" / transformers.__version__
     package = root / PACKAGE
@@ -58,7 +58,7 @@ def common_tests_package() -> Path:
     with staged_dir(root) as staging, tempfile.TemporaryDirectory(prefix="kphi-sdist-") as tmp:
         target = staging / PACKAGE
         target.mkdir()
-        sdist = pip_download_sdist(f"transformers=={transformers.__version__}", Path(tmp), RuntimeError)
+        sdist = pip_download(f"transformers=={transformers.__version__}", Path(tmp), RuntimeError)
         _extract(sdist, target)
         (target / "__init__.py").write_text("")
         for relative, text in STAND_INS.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import KphiError
 
 __all__ = [
-    "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download", "pip_download_sdist",
+    "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download",
 ]
 
 
@@ -136,11 +136,6 @@ def pip_download(requirement: str, dest: Path, error: type[Exception], wheel: bo
     if not found:
         raise error(f"pip download of {requirement} produced no {pattern} in {dest}")
     return found[0]
-
-
-def pip_download_sdist(requirement: str, dest: Path, error: type[Exception], timeout: float = 1800) -> Path:
-    """The source distribution of ``requirement`` (:func:`pip_download`)."""
-    return pip_download(requirement, dest, error, wheel=False, timeout=timeout)
 
 
 def stat_fingerprint(files) -> str:

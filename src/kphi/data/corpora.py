@@ -96,7 +96,7 @@ class TextCorpus:
         out = []
         for wheel in self.wheels():
             with zipfile.ZipFile(wheel) as archive:
-                out += [(wheel, m) for m in sorted(archive.namelist()) if m.endswith(self.suffixes)]
+                out += [(wheel, m) for m in self._member_names(archive)]
         return out
 
     def documents(self, max_documents: int | None = None) -> Iterator[Document]:
@@ -105,7 +105,7 @@ class TextCorpus:
         count = 0
         for wheel in self.wheels():
             with zipfile.ZipFile(wheel) as archive:
-                for member in sorted(m for m in archive.namelist() if m.endswith(self.suffixes)):
+                for member in self._member_names(archive):
                     raw = archive.read(member)
                     digest = hashlib.sha256(raw).digest()
                     if not raw.strip() or digest in seen:
@@ -116,6 +116,9 @@ class TextCorpus:
                     count += 1
                     if max_documents is not None and count >= max_documents:
                         return
+
+    def _member_names(self, archive: zipfile.ZipFile) -> list[str]:
+        return sorted(m for m in archive.namelist() if m.endswith(self.suffixes))
 
     def is_heldout(self, name: str) -> bool:
         return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % self.heldout_every == 0

