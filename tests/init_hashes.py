@@ -5,7 +5,7 @@ controls, each width of a scaling suite, a compress suite's trained models), the
 from: ``torch.manual_seed(seed)`` then ``AutoModelForCausalLM.from_config(config)`` — the path ``kphi train``
 takes, at the preset's vocabulary (a run's own, sized to its tokenizer, is recorded in its
 ``kphi-run.json``). ``tests/init_hashes.json`` holds the SHA-256 of each one's weights
-(:func:`kphi.fingerprint.weights_sha256`).
+(:func:`kphi.training.fingerprint.weights_sha256`).
 
 A change to any of them changes committed results. If the change is intended, re-run the affected
 experiments, update RESULTS.md, and only then record the new hashes::
@@ -31,7 +31,7 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
 
     from kphi.experiments.compare import list_suites, load_suite, read_suite_yaml, resolve_arms
     from kphi.experiments.compress import load_compress_suite
-    from kphi.model import KPhi3Config, config_fields, with_overrides
+    from kphi.sources.auto import KPhi3Config, config_fields, with_overrides
     from kphi.presets import list_presets, load_preset
     from kphi.experiments.scaling import load_scaling_suite
 
@@ -77,7 +77,7 @@ def initial_weights_hash(seed: int, config) -> str:
     from transformers import AutoModelForCausalLM
 
     import kphi  # noqa: F401  (registers kphi3)
-    from kphi.fingerprint import weights_sha256
+    from kphi.training.fingerprint import weights_sha256
 
     torch.manual_seed(seed)
     with torch.device("cpu"):

@@ -129,7 +129,7 @@ def test_the_exported_code_is_kphis_own_modules_copied_by_transformers(model_dir
     from pathlib import Path
 
     import kphi
-    from kphi.model import KPhi3Config, KPhi3ForCausalLM
+    from kphi.sources.auto import KPhi3Config, KPhi3ForCausalLM
 
     out = tmp_path / "standalone"
     export_model(model_dir, out, standalone=True)

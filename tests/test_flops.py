@@ -1,11 +1,11 @@
-"""Training FLOPs per token (``kphi.flops``) against torch's own FLOP counter on real forward/backward passes."""
+"""Training FLOPs per token (``kphi.params``) against torch's own FLOP counter on real forward/backward passes."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kphi.flops import forward_flops_per_token, training_flops_per_token
-from kphi.model import KPhi3ForCausalLM
+from kphi.params import forward_flops_per_token, training_flops_per_token
+from kphi.sources.auto import KPhi3ForCausalLM
 from kphi.presets import load_preset
 
 

@@ -17,7 +17,7 @@ from init_hashes import RECORDED, current_hashes, environment, initial_weights_h
 from processes import run_cli
 
 import kphi  # noqa: F401
-from kphi.fingerprint import weights_sha256
+from kphi.training.fingerprint import weights_sha256
 from kphi.presets import load_preset
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from kphi.modeling.block import GroupedPointwiseBlock
-from kphi.model import KPhi3ForCausalLM
+from kphi.sources.auto import KPhi3ForCausalLM
 from kphi.params import count_parameters, parameter_report
 from kphi.presets import PresetError, list_presets, load_preset, resolve_config
 
@@ -107,7 +107,7 @@ def test_the_dense_counterpart_and_the_dense_control_of_every_kind_are_dense(fie
     """Both once kept ``projection`` while clearing the report's fields, so a kind given as ``projection``
     stayed structured: ``kphi params`` reported 100% of dense and the control was not dense."""
     from kphi.experiments.compare import dense_control, non_embedding
-    from kphi.model import KPhi3Config, with_overrides
+    from kphi.sources.auto import KPhi3Config, with_overrides
     from kphi.params import dense_counterpart
 
     dense_preset = load_preset("tiny-phi3").config

@@ -260,7 +260,7 @@ def test_a_run_recorded_with_a_preset_is_the_same_run_as_one_given_its_config_ob
     """
     import yaml
 
-    from kphi.model import KPhi3Config, config_fields
+    from kphi.sources.auto import KPhi3Config, config_fields
     from kphi.presets import load_preset
     from kphi.train import TrainSettings, identity_differences
 

@@ -21,9 +21,10 @@ __all__ = [
     "replace_projections",
 ]
 
-_HOMES = {"GroupedLinear": "block", "GroupedPointwiseBlock": "block", "group_count": "block", "interleave": "block",
-          "KPhi3Config": "model", "KPhi3ForCausalLM": "model", "KPhi3Model": "model", "make_projection": "model",
-          "replace_projections": "model"}
+_BLOCK, _AUTO = "modeling.block", "sources.auto"
+_HOMES = {"GroupedLinear": _BLOCK, "GroupedPointwiseBlock": _BLOCK, "group_count": _BLOCK, "interleave": _BLOCK,
+          "KPhi3Config": _AUTO, "KPhi3ForCausalLM": _AUTO, "KPhi3Model": _AUTO, "make_projection": _AUTO,
+          "replace_projections": _AUTO}
 
 
 def _running_the_kphi_command() -> bool:
@@ -45,4 +46,4 @@ def __getattr__(name: str):
 
 if not _running_the_kphi_command():
     from .modeling.block import GroupedLinear, GroupedPointwiseBlock, group_count, interleave  # noqa: E402
-    from .model import KPhi3Config, KPhi3ForCausalLM, KPhi3Model, make_projection, replace_projections  # noqa: E402
+    from .sources.auto import KPhi3Config, KPhi3ForCausalLM, KPhi3Model, make_projection, replace_projections  # noqa: E402

@@ -113,7 +113,7 @@ def non_embedding_parameters(model) -> int:
 def _target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None = None):
     """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
     from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
-    from .model import register_structured
+    from .sources.auto import register_structured
 
     model_type = source_config.model_type
     if model_type == "kphi3":
@@ -290,7 +290,7 @@ def convert(
     """
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
-    from . import model as _registers  # noqa: F401  (kphi3 and the structured types with the Auto classes)
+    from .sources import auto as _registers  # noqa: F401  (kphi3 and the structured types with the Auto classes)
 
     if fit not in FITS:
         raise ConvertError(f"--fit must be one of {', '.join(FITS)}, got {fit!r}")

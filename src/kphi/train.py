@@ -45,8 +45,8 @@ from .training.callbacks import (
 )
 from .data.prepare import CorpusSettings
 from .files import atomic_write_text, refuse_foreign_dir
-from .fingerprint import weights_sha256
-from .model import KPhi3Config, KPhi3ForCausalLM, config_fields
+from .training.fingerprint import weights_sha256
+from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .training.optim import scale_grouped_learning_rates
 from .training.train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
     IDENTITY_VERSION,
@@ -181,7 +181,7 @@ def initial_model(settings: TrainSettings, tokenizer, config: KPhi3Config | None
 
 
 def initial_weights_sha256(settings: TrainSettings, config: KPhi3Config | None = None) -> str:
-    """:func:`kphi.fingerprint.weights_sha256` of :func:`initial_model` for ``settings`` (the prepared data in
+    """:func:`kphi.training.fingerprint.weights_sha256` of :func:`initial_model` for ``settings`` (the prepared data in
     ``settings.data`` supplies the tokenizer): what a recorded run's ``initial_weights_sha256`` is checked against."""
     from .data.prepare import load_prepared
 
@@ -466,7 +466,7 @@ def _write_run_outputs(trainer, settings: TrainSettings, tokenizer, out: Path, s
     metrics = _final_metrics(trainer, settings, model.config, data_stats, watch.csv_logger, step_tokens, wall)
     metrics["precision_effective"] = effective_precision(settings.precision)
     metrics["stopped_by_time_limit"] = watch.time_limit is not None and watch.time_limit.reached
-    from .plots import plot_loss_curve
+    from .training.plots import plot_loss_curve
 
     if (out / "log.csv").is_file():
         plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset or out).name}: loss vs tokens")

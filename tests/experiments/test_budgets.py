@@ -36,7 +36,7 @@ def test_every_arm_trains_at_every_budget_and_the_table_reads_them(series):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "| 512 tokens | 1,024 tokens |" in stdout
     from kphi.experiments.compare import resolve_arms
-    from kphi.flops import training_flops_per_token
+    from kphi.params import training_flops_per_token
 
     for arm in resolve_arms(load_suite("smoke")):
         entry = results["arms"][arm.label]

@@ -150,7 +150,7 @@ def test_bad_rate_flags_and_suites_are_one_line_errors(tmp_path):
 def test_grouped_learning_rates_scale_by_the_group_count():
     from kphi.modeling.block import GroupedLinear
     from kphi.presets import load_preset
-    from kphi.model import KPhi3ForCausalLM
+    from kphi.sources.auto import KPhi3ForCausalLM
 
     model = KPhi3ForCausalLM(load_preset("tiny-kphi3").config)
     multipliers = grouped_lr_multipliers(model, "groups")

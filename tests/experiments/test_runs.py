@@ -80,7 +80,7 @@ def test_a_run_recorded_with_the_legacy_projection_fields_is_the_same_run_today(
     ``projection`` as the suite spelled it) are migrated, not re-resolved: the arm that wrote each is the same
     run today, and another projection is still another run."""
     from kphi.experiments.compare import load_suite, resolve_arms
-    from kphi.model import KPhi3Config, config_fields
+    from kphi.sources.auto import KPhi3Config, config_fields
     from kphi.train import TrainSettings, identity_differences, recorded_version
 
     record = json.loads((RECORDS_V2 / record_file).read_text())
@@ -98,7 +98,7 @@ def test_records_from_before_the_init_default_changed_keep_the_init_they_trained
     """Version 1 and 2 records never spelled an init unless it was not the default of their day
     (``scaled_normal``); today's default (``kaiming_uniform``) must not be read into them, else a run of the
     report's init would reuse a run that never had it."""
-    from kphi.model import KPhi3Config, config_fields
+    from kphi.sources.auto import KPhi3Config, config_fields
     from kphi.presets import load_preset
     from kphi.train import TrainSettings, identity_differences
     from kphi.training.train_settings import recorded_identity

@@ -8,7 +8,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, Trainer, TrainingArguments
 
 from kphi import GroupedPointwiseBlock, KPhi3Config, KPhi3ForCausalLM
-from kphi.model import config_fields
+from kphi.sources.auto import config_fields
 from tiny import tiny_config
 
 
@@ -253,7 +253,7 @@ def test_the_default_grouped_init_is_the_reports_but_configs_from_before_keep_th
      {"kind": "grouped", "min_channels_per_group": 32, "init": "scaled_normal", "branches": 2}),
 ])
 def test_overrides_change_the_projection_of_a_config(base, overrides, expected):
-    from kphi.model import with_overrides
+    from kphi.sources.auto import with_overrides
 
     assert KPhi3Config(**with_overrides(tiny_config(**base), overrides)).projection == expected
 

@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import DynamicCache
 
-from kphi.model import KPhi3Config, KPhi3ForCausalLM, KPhi3Model
+from kphi.sources.auto import KPhi3Config, KPhi3ForCausalLM, KPhi3Model
 
 BASE = dict(
     vocab_size=99, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,

@@ -68,7 +68,7 @@ def run_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size
         raise EvalError('--tasks needs lm-evaluation-harness: pip install "kphi[eval]"') from None
     import torch
 
-    from .. import model as _registers_kphi_models  # noqa: F401
+    from ..sources import auto as _registers_kphi_models  # noqa: F401
     from ..sources import resolve_model_dir
 
     directory = resolve_model_dir(model)

@@ -132,12 +132,12 @@ def budgets_per_parameter(suite: Suite) -> list[int]:
 
 
 def _add_compute(results: dict[str, Any], suite: Suite) -> None:
-    """Per arm its analytic training FLOPs per token (:mod:`kphi.flops`); per point the training FLOPs
+    """Per arm its analytic training FLOPs per token (:mod:`kphi.params`); per point the training FLOPs
     (tokens x that) and the median measured tokens per second and wall seconds of its runs."""
     from statistics import median
 
     from .compare import resolve_arms
-    from ..flops import training_flops_per_token
+    from ..params import training_flops_per_token
 
     context = int(training_value(suite.training, "context_length"))
     configs = {arm.label: arm.config for arm in resolve_arms(suite)}
@@ -152,7 +152,7 @@ def _add_compute(results: dict[str, Any], suite: Suite) -> None:
             point["tokens_per_second"] = median(speeds) if speeds else None
             point["run_wall_seconds"] = median(walls) if walls else None
     results["flops_formula"] = ("training FLOPs per token = 3 x (2 x matmul weights incl. lm_head + "
-                                "4 x layers x context x attention width); kphi.flops")
+                                "4 x layers x context x attention width); kphi.params")
 
 
 def differences(results: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +321,7 @@ def format_budget_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from ..plots import plot_budgets, plot_compute, plot_differences
+    from .plots import plot_budgets, plot_compute, plot_differences
 
     series = {
         label: [(p["tokens"], p["val_loss"], p["val_loss_std"]) for p in arm["points"] if p["val_loss"] is not None]

@@ -46,7 +46,7 @@ import torch
 import yaml
 
 from ..files import atomic_write_text, refuse_foreign_dir, slug
-from ..model import KPhi3Config, config_fields, with_overrides
+from ..sources.auto import KPhi3Config, config_fields, with_overrides
 from ..params import count_parameters
 from ..presets import load_preset
 from .runs import ExperimentError, finished_metrics_file, get_or_train, write_results
@@ -670,7 +670,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:
-    from ..plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
+    from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 
     curves = {}
     for arm in results["arms"]:

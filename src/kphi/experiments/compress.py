@@ -277,7 +277,7 @@ def format_compress_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from ..plots import plot_compress
+    from .plots import plot_compress
 
     write_results(out, results, format_compress_table(results))
     plot_compress(results, out / "compress.png")

@@ -41,7 +41,7 @@ from .compare import (
     ArmSpec, CompareError, Comparison, Suite, arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
     resolve_arms, run_plan, suite_training, training_at_budget, unknown_keys,
 )
-from ..model import config_fields
+from ..sources.auto import config_fields
 from ..presets import load_preset
 from .runs import write_results
 
@@ -322,7 +322,7 @@ def format_scaling_table(results: dict[str, Any]) -> str:
 
 
 def write_scaling_outputs(results: dict[str, Any], out: Path) -> None:
-    from ..plots import plot_scaling
+    from .plots import plot_scaling
 
     curves = {}
     for label, family in results["families"].items():

@@ -106,7 +106,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     from ..convert import ConvertError, convert
     from ..eval.evaluate import evaluate_text, heldout_sample
     from ..sources.model_dir import load_model, load_tokenizer
-    from ..plots import plot_structure
+    from .plots import plot_structure
     from ..sources import describe_source
 
     out = Path(out)

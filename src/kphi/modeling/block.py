@@ -97,7 +97,7 @@ class GroupedLinear(nn.Module):
     """Grouped pointwise convolution ``in -> out`` with ``G`` groups; weight ``[G, in/G, out/G]``, no bias.
 
     Input ``[..., in]`` -> output ``[..., out]``. The weight is created empty: the owning
-    :class:`~transformers.PreTrainedModel` initialises it in ``_init_weights`` (see ``kphi.model``), or call
+    :class:`~transformers.PreTrainedModel` initialises it in ``_init_weights`` (see ``kphi.sources.auto``), or call
     :meth:`reset_parameters` when using the layer on its own.
     """
 

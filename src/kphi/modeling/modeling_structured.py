@@ -93,7 +93,7 @@ class KphiGPT2LMHeadModel(_StructuredCausalLM, GPT2LMHeadModel):
     config_class = KphiGPT2Config
 
 
-#: config class -> causal LM class, for the Auto registration in ``kphi.model``.
+#: config class -> causal LM class, for the Auto registration in ``kphi.sources.auto``.
 STRUCTURED_MODELS = {
     KphiLlamaConfig: KphiLlamaForCausalLM,
     KphiMistralConfig: KphiMistralForCausalLM,

@@ -67,7 +67,7 @@ def load_config(model_dir: str | Path):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    from .. import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
+    from . import auto as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
     path = resolve_model_dir(model_dir)
     model_type = read_model_config(path).get("model_type")
@@ -119,7 +119,7 @@ def load_model(model_dir: str | Path, *, dtype: Any = None, trust_remote_code: b
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from .. import model as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
+    from . import auto as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
     path = resolve_model_dir(model_dir)
     config = load_config(path)

@@ -121,7 +121,7 @@ def bench_shape(in_features: int, out_features: int, groups: int, tokens: int = 
 
 
 def _model(preset: str, device, dtype):
-    from ..model import KPhi3ForCausalLM
+    from ..sources.auto import KPhi3ForCausalLM
     from ..presets import load_preset
 
     torch.manual_seed(0)

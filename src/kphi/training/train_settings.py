@@ -19,7 +19,7 @@ from ..errors import KphiError
 from ..settings import invalid_setting, setting
 
 if TYPE_CHECKING:
-    from ..model import KPhi3Config
+    from ..sources.auto import KPhi3Config
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "GROUPED_LR_SCALES", "LATER_FIELDS", "resolve_settings",
            "model_config_fields", "model_fields", "IDENTITY_VERSION", "recorded_version", "recorded_identity",
@@ -160,7 +160,7 @@ def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = No
         from ..presets import resolve_config
 
         config = resolve_config(settings.preset).config
-    from ..model import with_overrides
+    from ..sources.auto import with_overrides
 
     return with_overrides(config, settings.config_overrides)
 
@@ -168,7 +168,7 @@ def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = No
 def model_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> dict[str, Any]:
     """:func:`model_config_fields` rebuilt through ``KPhi3Config`` (every field, its defaults filled in) and
     stored as JSON stores it: equal models give equal dicts however they were spelled."""
-    from ..model import KPhi3Config, config_fields
+    from ..sources.auto import KPhi3Config, config_fields
 
     fields = config_fields(KPhi3Config(**model_config_fields(settings, config)))
     return json.loads(json.dumps({k: v for k, v in fields.items() if k not in ("dtype", "torch_dtype")}))

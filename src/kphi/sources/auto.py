@@ -1,7 +1,6 @@
 """kphi-3 as a transformers model: the configuration and modeling modules, registered with the Auto classes.
 
-The classes live in :mod:`kphi.configuration_kphi3` and :mod:`kphi.modeling_kphi3` (the files a standalone
-export ships); this module re-exports them and registers ``model_type: kphi3`` with ``AutoConfig``,
+The classes live in :mod:`kphi.modeling` (the files a standalone export ships); this module re-exports them and registers ``model_type: kphi3`` with ``AutoConfig``,
 ``AutoModel`` and ``AutoModelForCausalLM``, so ``import kphi`` is all a user needs (no ``trust_remote_code``).
 """
 
@@ -9,8 +8,8 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS, GROUPED_INIT_SCHEMES, KPhi3Config, config_fields, with_overrides
-from .modeling.modeling_kphi3 import (
+from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, GROUPED_INIT_SCHEMES, KPhi3Config, config_fields, with_overrides
+from ..modeling.modeling_kphi3 import (
     PROJECTION_TARGETS,
     KPhi3ForCausalLM,
     KPhi3Model,
@@ -18,9 +17,9 @@ from .modeling.modeling_kphi3 import (
     make_projection,
     make_width_adapter,
 )
-from .modeling.configuration_structured import structured_config_class
-from .modeling.modeling_structured import STRUCTURED_MODELS, structured_model_class
-from .modeling.projections import replace_projections
+from ..modeling.configuration_structured import structured_config_class
+from ..modeling.modeling_structured import STRUCTURED_MODELS, structured_model_class
+from ..modeling.projections import replace_projections
 
 __all__ = [
     "BOOKKEEPING_KEYS",

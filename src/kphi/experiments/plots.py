@@ -1,87 +1,32 @@
-"""PNG plots of training runs and comparisons (matplotlib, headless)."""
+"""PNG figures of experiments (matplotlib, headless): comparisons, rate sweeps, budget series, scaling,
+compression and the structure study."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
+from ..training.plots import finish, pyplot, save_panels
+
 __all__ = [
-    "plot_loss_curve", "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "plot_compress",
-    "plot_structure",
-    "read_log",
+    "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "plot_compute",
+    "plot_differences", "plot_compress", "plot_structure",
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _finish(fig, ax, out_png: Path, title: str, xlabel: str, ylabel: str, log_x: bool = False, legend_size=None) -> Path:
-    """Labels, grid, legend; save as PNG and close the figure."""
-    if log_x:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both" if log_x else "major")
-    ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    _pyplot().close(fig)
-    return out_png
-
-
-def _save_panels(fig, out_png: Path, title: str) -> Path:
-    """A figure of several panels: one title above them all; save as PNG and close the figure."""
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    _pyplot().close(fig)
-    return out_png
-
-
-def read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``log.csv`` -> ``{"train_loss": [(tokens, loss), ...], "val_loss": [...]}``."""
-    series: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            for key in series:
-                if row.get(key):
-                    series[key].append((int(row["tokens"]), float(row[key])))
-    return series
-
-
-def plot_loss_curve(log_csv: Path, out_png: Path, title: str) -> Path:
-    """Train and validation loss against tokens seen, for one run."""
-    plt = _pyplot()
-    series = read_log(log_csv)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        if series[key]:
-            xs, ys = zip(*series[key])
-            ax.plot(xs, ys, style, label=key.replace("_", " "), markersize=3)
-    return _finish(fig, ax, out_png, title, "tokens", "cross-entropy loss")
 
 
 def plot_compare_curves(curves: dict[str, list[tuple[int, float]]], out_png: Path, title: str) -> Path:
     """Validation loss against tokens, one line per arm (``label -> [(tokens, loss)]``)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, points in curves.items():
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, "o-", label=label, markersize=3)
-    return _finish(fig, ax, out_png, title, "training tokens", "validation loss", legend_size=8)
+    return finish(fig, ax, out_png, title, "training tokens", "validation loss", legend_size=8)
 
 
 def plot_params_vs_loss(points: list[dict], out_png: Path, title: str) -> Path:
     """Non-embedding parameters (log x) against final validation loss; ``points`` have label, params, loss, spread."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for p in points:
         ax.errorbar(p["params"], p["loss"], yerr=p.get("spread") or 0.0, fmt="o", capsize=3, label=p["label"])
@@ -105,7 +50,7 @@ def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: 
     """
     import math
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, points in sweeps.items():
         points = sorted(p for p in points if p[1] is not None and math.isfinite(p[1]))
@@ -115,7 +60,7 @@ def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: 
         line = ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
         best = min(points, key=lambda p: p[1])
         ax.plot([best[0]], [best[1]], "o", markersize=11, markerfacecolor="none", color=line[0].get_color())
-    return _finish(fig, ax, out_png, title, "peak learning rate", "final validation loss", log_x=True, legend_size=8)
+    return finish(fig, ax, out_png, title, "peak learning rate", "final validation loss", log_x=True, legend_size=8)
 
 
 def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
@@ -125,7 +70,7 @@ def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
     """
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, c in curves.items():
         if not c["points"]:
@@ -135,26 +80,26 @@ def plot_scaling(curves: dict[str, dict], out_png: Path, title: str) -> Path:
         if c.get("curve") is not None:  # drawn over the family's measured range only: no extrapolation
             grid = np.geomspace(min(xs) / 1.15, max(xs) * 1.15, 100)
             ax.plot(grid, [c["curve"](n) for n in grid], "--", color=line[0].get_color(), alpha=0.8)
-    return _finish(fig, ax, out_png, title, "non-embedding parameters N", "final validation loss (dashed: fit a·N^-b + c)",
+    return finish(fig, ax, out_png, title, "non-embedding parameters N", "final validation loss (dashed: fit a·N^-b + c)",
                    log_x=True, legend_size=8)
 
 
 def plot_budgets(series: dict[str, list[tuple[int, float, float]]], out_png: Path, title: str) -> Path:
     """Final validation loss against the training budget in tokens (log x), one line per arm."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for label, points in series.items():
         if points:
             xs, ys, spread = zip(*sorted(points))
             ax.errorbar(xs, ys, yerr=[s or 0.0 for s in spread], fmt="o-", capsize=3, markersize=4, label=label)
-    return _finish(fig, ax, out_png, title, "training tokens (each point: a run planned for that budget)",
+    return finish(fig, ax, out_png, title, "training tokens (each point: a run planned for that budget)",
                    "final validation loss", log_x=True, legend_size=8)
 
 
 def plot_compute(results: dict, out_png: Path) -> Path:
     """Two panels: final validation loss against training FLOPs (analytic) and against the runs' wall-clock
     seconds (median over seeds), log x, one line per arm: the equal-compute view of a budget series."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for label, arm in results["arms"].items():
         points = [p for p in arm["points"] if p["val_loss"] is not None]
@@ -166,20 +111,20 @@ def plot_compute(results: dict, out_png: Path) -> Path:
             right.plot(*zip(*walls), "o-", markersize=4, label=label)
     from matplotlib.ticker import NullFormatter
 
-    for ax, xlabel in ((left, "training FLOPs (analytic, kphi.flops)"), (right, "wall-clock seconds per run (median over seeds)")):
+    for ax, xlabel in ((left, "training FLOPs (analytic, kphi.params)"), (right, "wall-clock seconds per run (median over seeds)")):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
         ax.set_xlabel(xlabel)
         ax.set_ylabel("final validation loss")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    return _save_panels(fig, out_png, f"{results['suite']}: loss against compute")
+    return save_panels(fig, out_png, f"{results['suite']}: loss against compute")
 
 
 def plot_differences(results: dict, out_png: Path) -> Path:
     """The subject arm minus every other arm (final validation loss) against the budget, with the combined
     seed spread as error bars and zero drawn: below the line the subject is better."""
-    plt = _pyplot()
+    plt = pyplot()
     diff = results["differences"]
     per_parameter = bool(results.get("tokens_per_parameter"))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -190,14 +135,14 @@ def plot_differences(results: dict, out_png: Path) -> Path:
                         markersize=4, label=f"{diff['subject']} minus {label}")
     ax.axhline(0.0, color="black", linewidth=1)
     xlabel = "training tokens per dense non-embedding parameter" if per_parameter else "training tokens"
-    return _finish(fig, ax, out_png, f"{results['suite']}: {diff['subject']}'s lead (below zero: lower loss)", xlabel,
+    return finish(fig, ax, out_png, f"{results['suite']}: {diff['subject']}'s lead (below zero: lower loss)", xlabel,
                    "difference in final validation loss", log_x=True, legend_size=8)
 
 
 def plot_compress(results: dict, out_png: Path) -> Path:
     """Two panels: validation loss right after each fit; after healing (plain and distilled), with the dense
     teacher and the from-scratch model as reference lines."""
-    plt = _pyplot()
+    plt = pyplot()
     arms = dict(results["arms"])
     arms.update(results.get("other_architecture") or {})
     labels = list(arms)
@@ -222,13 +167,13 @@ def plot_compress(results: dict, out_png: Path) -> Path:
     right.set_xticks(list(xs), labels, rotation=20, ha="right", fontsize=8)
     right.set_title(f"after healing ({results['heal_tokens']:,} tokens)")
     right.legend(fontsize=8)
-    return _save_panels(fig, out_png, f"{results['suite']}: compressing a trained dense model")
+    return save_panels(fig, out_png, f"{results['suite']}: compressing a trained dense model")
 
 
 def plot_structure(results: dict, out_png: Path) -> Path:
     """Bits per byte on held-out text against the share of non-embedding parameters kept (log y), one line per
     kind and fit (fits of every projection only), with the source model and a uniform guess as reference lines."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[tuple[float, float]]] = {}
     for r in results["fits"]:
@@ -240,5 +185,5 @@ def plot_structure(results: dict, out_png: Path) -> Path:
     ax.axhline(results["source"]["bits_per_byte"], color="black", linestyle="--", linewidth=1, label="source (dense)")
     ax.axhline(results["uniform_bits_per_byte"], color="grey", linestyle=":", linewidth=1.5, label="uniform guess")
     ax.set_yscale("log")
-    return _finish(fig, ax, out_png, f"{results['suite']}: structured projections fitted to a pretrained model",
+    return finish(fig, ax, out_png, f"{results['suite']}: structured projections fitted to a pretrained model",
                    "non-embedding parameters kept (%)", "bits per byte on held-out text", legend_size=8)
