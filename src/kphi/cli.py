@@ -269,7 +269,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     _quiet_transformers()
     result = convert_to_dir(
         args.src, args.out, kind=args.kind, targets=args.targets, overrides=args.override, fit=args.fit, calibration=args.calibration_data,
-        calibration_tokens=args.calibration_tokens, heldout_bytes=args.heldout_bytes, progress=not args.quiet, **settings,
+        calibration_tokens=args.calibration_tokens, heldout_bytes=args.heldout_bytes, progress=not args.quiet,
+        keep=args.keep, allocate=args.allocate, candidates=args.candidates, sensitivity_bytes=args.sensitivity_bytes,
+        reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr, **settings,
     )
     print(result.describe(args.src, args.out))
     return 0
@@ -508,6 +510,20 @@ def _convert_command(sub, command: str | None) -> None:
                    "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
     p.add_argument("--heldout-bytes", type=int, default=8192, metavar="N",
                    help="report bits per byte before and after on N bytes of held-out text (default 8192; 0: skip)")
+    p.add_argument("--keep", type=float, metavar="F", help="choose each projection's kind and size from --candidates so "
+                   "that OUT keeps at most this fraction of SRC's non-embedding parameters (instead of --kind)")
+    p.add_argument("--allocate", default="sensitivity", choices=("sensitivity", "uniform"),
+                   help="with --keep: sensitivity (default) spends the parameters where structuring costs most bits "
+                   "per byte on held-out text; uniform gives every projection the same candidate")
+    p.add_argument("--candidates", default="low-rank", metavar="NAME|FILE",
+                   help="with --keep: what a projection may become besides dense: low-rank (default), grouped, or a YAML list")
+    p.add_argument("--sensitivity-bytes", type=int, default=4096, metavar="N",
+                   help="with --keep: held-out bytes (after the --heldout-bytes the final score reads) that score each "
+                   "candidate (default 4096; scores are cached)")
+    p.add_argument("--reconstruct-steps", type=int, default=0, metavar="N",
+                   help="after the fit, train each decoder layer N steps to reproduce the source's outputs on "
+                   "--calibration-data (default 0: off)")
+    p.add_argument("--reconstruct-lr", type=float, default=1e-3, metavar="LR", help="Adam learning rate of the reconstruction (default 1e-3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if command in (None, "convert"):  # flags whose choices and defaults are the model code's (imports torch)
         from .convert import CALIBRATION_TOKENS, FITS

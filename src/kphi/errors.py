@@ -10,7 +10,7 @@ to raise. Anything else that escapes is a bug in kphi.
 
 from __future__ import annotations
 
-__all__ = ["KphiError", "EvalError"]
+__all__ = ["ConvertError", "EvalError", "KphiError"]
 
 
 class KphiError(Exception):
@@ -19,3 +19,7 @@ class KphiError(Exception):
 
 class EvalError(KphiError, ValueError):
     """An evaluation that cannot run as asked (a missing file, a vocabulary mismatch, a bad setting)."""
+
+
+class ConvertError(KphiError, ValueError):
+    """The source cannot be converted as asked (unsupported architecture, bad kind or settings, no data)."""

@@ -394,6 +394,23 @@ def _comparison_identity(suite: Suite, data: str | None, max_tokens: int | None)
     return {"data": {**suite.data, **({"source": data} if data else {})}, "training": training, "max_tokens": max_tokens}
 
 
+def _claim_out_dir(out: Path, identity: dict[str, Any]) -> None:
+    """Make ``out`` this comparison's directory (``kphi-compare.json`` records its identity): refuse a directory
+    that holds another comparison or anything else."""
+    marker = out / "kphi-compare.json"
+    if marker.is_file():
+        try:
+            previous = json.loads(marker.read_text()).get("identity")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            raise CompareError(f"{marker} is unreadable; choose another --out") from None
+        if previous != identity:
+            raise CompareError(f"{out} holds a different comparison (other data or training settings); choose another --out")
+    else:
+        refuse_foreign_dir(out, False, "kphi comparison", "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"identity": identity}, indent=2))
+
+
 def run_compare(
     suite: Suite,
     out: Path,
@@ -420,24 +437,9 @@ def run_compare(
     baseline_params = non_embedding(next(a.config for a in arms if a.label == suite.baseline))
     arms = select_arms(arms, only_arms, suite.name)
     out = Path(out)
-    marker = out / "kphi-compare.json"
-    identity = _comparison_identity(suite, data, max_tokens)
-    if marker.is_file():
-        try:
-            previous = json.loads(marker.read_text()).get("identity")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            raise CompareError(f"{marker} is unreadable; choose another --out") from None
-        if previous != identity:
-            raise CompareError(f"{out} holds a different comparison (other data or training settings); choose another --out")
-    else:
-        refuse_foreign_dir(out, False, "kphi comparison", "choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"identity": identity}, indent=2))
-
+    _claim_out_dir(out, _comparison_identity(suite, data, max_tokens))
     training = dict(suite.training) if max_tokens is None else training_at_budget(suite.training, max_tokens)
-    data_settings = {**suite.data}
-    if data is not None:
-        data_settings["source"] = data
+    data_settings = {**suite.data, **({"source": data} if data is not None else {})}
     context_length = training_value(training, "context_length")
     prepared = prepare_dataset(PrepareSettings(context_length=context_length, **data_settings), progress=progress)
 

@@ -12,14 +12,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import Phi3Config
 
 from .block import DEFAULT_GROUPED_INIT, GROUPED_INIT_SCHEMES
+from .projections import PHI3_PROJECTION_TARGETS
 
 __all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "PHI3_PROJECTION_TARGETS", "BOOKKEEPING_KEYS", "config_fields",
            "DEFAULT_PROJECTION", "LEGACY_PROJECTION_FIELDS", "apply_legacy_fields", "fold_legacy_projection",
            "canonical_projection", "with_overrides", "LEGACY_GROUPED_INIT", "LEGACY_DEFAULT_PROJECTION",
            "pin_legacy_init"]
 
-#: The projections of a phi-3 decoder layer that kphi-3 makes structured (and LoRA targets by default).
-PHI3_PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 #: The projection of a config that names none: the report's block with ``m = 256`` and the report's init.
 DEFAULT_PROJECTION = {"kind": "grouped", "min_channels_per_group": 256, "init": DEFAULT_GROUPED_INIT, "branches": 2}

@@ -27,7 +27,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from .configuration_kphi3 import PHI3_PROJECTION_TARGETS
+from .projections import PHI3_PROJECTION_TARGETS
 
 __all__ = [
     "KphiLlamaConfig",

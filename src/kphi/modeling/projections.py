@@ -24,6 +24,7 @@ from .lowrank import LowRankKind
 from .monarch import MonarchKind
 
 __all__ = [
+    "PHI3_PROJECTION_TARGETS",
     "PROJECTION_KINDS",
     "FitResult",
     "ProjectionKind",
@@ -33,6 +34,9 @@ __all__ = [
     "is_dense_projection",
     "matches_target",
 ]
+
+#: The projections of a phi-3 decoder layer that kphi-3 makes structured (and LoRA targets by default).
+PHI3_PROJECTION_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 #: Every projection kind by name. A new kind: its class beside its module, and one entry here.
 PROJECTION_KINDS: dict[str, type[ProjectionKind]] = {

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..modeling.block import GroupedLinear
-from .train_settings import GROUPED_LR_SCALES  # the setting's choices live with the other settings
 
 __all__ = ["GROUPED_LR_SCALES", "grouped_lr_multipliers", "scale_grouped_learning_rates"]
+
+#: ``grouped_lr_scale`` values: ``none`` (one rate for every weight) or ``groups`` (see :func:`grouped_lr_multipliers`).
+GROUPED_LR_SCALES = ("none", "groups")
 
 
 def grouped_lr_multipliers(model: nn.Module, rule: str) -> dict[int, float]:

@@ -368,8 +368,11 @@ def test_an_activation_fit_worse_on_heldout_text_gives_way_to_frobenius(activati
     from types import SimpleNamespace
 
     scores = iter([3.0, activation_after, frobenius_after])  # the source, the activation fit, the Frobenius fit
-    monkeypatch.setattr("kphi.convert._heldout_score",
-                        lambda *a, **k: SimpleNamespace(bytes=1, tokens=1, context=8, stride=4, bits_per_byte=next(scores)))
+    def score(*_args, **_kwargs):
+        return SimpleNamespace(bytes=1, tokens=1, context=8, stride=4, bits_per_byte=next(scores))
+
+    monkeypatch.setattr("kphi.convert.heldout.heldout_score", score)
+    monkeypatch.setattr("kphi.convert.to_dir.heldout_score", score)
     result = convert_to_dir(sources["llama"], tmp_path / "out", kind=GROUPED, fit="activations", calibration=str(prepared),
                             calibration_tokens=512, progress=False)
     report = json.loads((tmp_path / "out" / "kphi-convert.json").read_text())
@@ -444,7 +447,7 @@ def test_an_activation_fit_never_ends_worse_than_frobenius_on_held_out_inputs(sp
     """Few, ill-conditioned calibration rows (4 samples of 32 channels: X^T X of rank 4) let a least-squares
     fit chase directions the held-out rows visit differently; the kept fit is never worse there than the
     Frobenius fit, and says which it is."""
-    from kphi.convert import _activation_fit_or_fallback
+    from kphi.convert.calibration import activation_fit_or_fallback as _activation_fit_or_fallback
     from kphi.modeling.kinds import calibration_error
 
     kind = projection_kind(spec)
@@ -465,7 +468,7 @@ def test_an_activation_fit_never_ends_worse_than_frobenius_on_held_out_inputs(sp
 def test_an_activation_fit_wins_where_the_inputs_really_are_low_dimensional(spec):
     """Inputs on an 6-dimensional subspace (fit and held-out rows alike): the activation fit, which spends the
     budget on those directions, beats the Frobenius fit on the held-out rows and is kept."""
-    from kphi.convert import _activation_fit_or_fallback
+    from kphi.convert.calibration import activation_fit_or_fallback as _activation_fit_or_fallback
     from kphi.modeling.kinds import calibration_error
 
     kind = projection_kind(spec)

@@ -1,0 +1,29 @@
+"""A model scored on the first bytes of kphi's held-out English text, in bits per byte: whether a conversion
+survived, and what structuring one projection costs (the sensitivity of :mod:`kphi.convert.allocate`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["heldout_bits_per_byte", "heldout_score"]
+
+
+def heldout_score(model, tokenizer, size: int):
+    """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.evaluate`; context up to
+    256 tokens, stride 128)."""
+    from ..eval.evaluate import evaluate_text, heldout_sample
+
+    return evaluate_text(model.eval(), tokenizer, [heldout_sample(size)], "heldout", context=256)
+
+
+def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any]:
+    """Bits per byte of the source model and of ``converted`` on the first ``size`` bytes of kphi's held-out
+    text: whether the model survived."""
+    from ..sources.model_dir import load_model
+
+    before = heldout_score(load_model(src, dtype=torch.float32), tokenizer, size)
+    after = heldout_score(converted, tokenizer, size)
+    return {"bytes": before.bytes, "tokens": before.tokens, "context": before.context, "stride": before.stride,
+            "before": before.bits_per_byte, "after": after.bits_per_byte}
