@@ -279,6 +279,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     progress = (lambda *a, **k: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    if args.generate:
+        from .tools.bench_generate import format_generation_speed, time_generation
+
+        _quiet_transformers()
+        report = time_generation(args.generate, new_tokens=args.new_tokens, repeats=3 if args.quick else 5,
+                                 device=args.device, progress=progress)
+        print(json.dumps(report, indent=2) if args.json else format_generation_speed(report))
+        return 0
     if args.formulations:
         from .tools.bench_formulations import format_formulations, run_formulations
 
@@ -377,6 +385,10 @@ def _bench_command(sub, command: str | None) -> None:
                    help="time every formulation of the block (per-group GEMMs, two bmm, concatenated bmm, grouped "
                         "conv1d; eager and torch.compile'd; float32 and bf16 autocast) instead")
     p.add_argument("--no-compile", action="store_true", help="with --formulations: eager only")
+    p.add_argument("--generate", nargs="+", metavar="MODEL",
+                   help="instead: time greedy generation of these models (directories, .gguf, known models) in turns, "
+                   "e.g. a source and its conversion; the first is the reference")
+    p.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --generate: tokens generated (default 64)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -518,8 +530,8 @@ def _convert_command(sub, command: str | None) -> None:
     p.add_argument("--candidates", default="low-rank", metavar="NAME|FILE",
                    help="with --keep: what a projection may become besides dense: low-rank (default), grouped, or a YAML list")
     p.add_argument("--sensitivity-bytes", type=int, default=4096, metavar="N",
-                   help="with --keep: held-out bytes (after the --heldout-bytes the final score reads) that score each "
-                   "candidate (default 4096; scores are cached)")
+                   help="with --keep: the last N bytes of the held-out text score each candidate (default 4096; the "
+                   "scores after conversion read its first bytes; cached)")
     p.add_argument("--reconstruct-steps", type=int, default=0, metavar="N",
                    help="after the fit, train each decoder layer N steps to reproduce the source's outputs on "
                    "--calibration-data (default 0: off)")

@@ -104,6 +104,33 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     assert (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns == heal_stamp
 
 
+def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path):
+    """A fit with ``keep``: each projection's kind chosen by sensitivity, every layer reconstructed, then healed;
+    the healed model directory holds the same allocation (the sensitivity is measured once, cached)."""
+    from tiny_gguf import write_tiny_llama_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(gguf)
+    suite = tmp_path / "structure.yaml"
+    suite.write_text(
+        f"kind: structure\nname: tiny-allocated\nsource: {gguf}\nheldout_bytes: 2048\ncontext: 64\nstride: 32\n"
+        "calibration_tokens: 512\ndata: {source: default, max_rows: 120, validation_rows: 8, context_length: 128}\n"
+        "fits:\n"
+        "  - {label: allocated 70%, keep: 0.7, sensitivity_bytes: 1024, reconstruct_steps: 4, fit: activations}\n"
+        "heal: {fits: [allocated 70%], tokens: 512, learning_rate: 0.01,"
+        " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
+    done = run_cli("compress", "--suite", suite, "--out", tmp_path / "out", "--quiet", cache=tmp_path / "cache", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["fits"]
+    assert row["percent_kept"] <= 70 and row["allocation"]["keep"] == 0.7
+    assert len(row["reconstruction"]) == 2 and row["reconstruction_tokens_per_layer"] > 0
+    assert all(r["error_after"] <= r["error_before"] for r in row["reconstruction"])
+    assert row["bits_per_byte_fit"] > 0 and "sensitivity allocation" in (tmp_path / "out" / "results.md").read_text()
+    written = json.loads((tmp_path / "out" / "heal" / "allocated-70" / "fit" / "kphi-convert.json").read_text())
+    assert written["allocation"]["choices"] == row["allocation"]["choices"]
+    assert [r["error_after"] for r in written["reconstruction"]] == [r["error_after"] for r in row["reconstruction"]]
+
+
 def test_a_structure_suite_heals_only_fits_it_names(tmp_path):
     from kphi.experiments.structure import load_structure_suite
 

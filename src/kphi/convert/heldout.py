@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["heldout_bits_per_byte", "heldout_score"]
+__all__ = ["heldout_bits_per_byte", "heldout_score", "sensitivity_text"]
 
 
 def heldout_score(model, tokenizer, size: int):
@@ -27,3 +27,14 @@ def heldout_bits_per_byte(src, converted, tokenizer, size: int) -> dict[str, Any
     after = heldout_score(converted, tokenizer, size)
     return {"bytes": before.bytes, "tokens": before.tokens, "context": before.context, "stride": before.stride,
             "before": before.bits_per_byte, "after": after.bits_per_byte}
+
+
+def sensitivity_text(size: int) -> str:
+    """The *last* ``size`` bytes' worth of kphi's held-out text, from a line start: what scores each candidate of
+    an allocation, so that the scores of converted models on the text's first bytes (``--heldout-bytes``, the
+    structure suites' 32 KB) never read what chose their allocation."""
+    from ..eval.evaluate import default_text_path
+
+    text = default_text_path().read_text(encoding="utf-8")
+    tail = text[-size:] if size < len(text) else text
+    return tail[tail.find("\n") + 1 :] if size < len(text) and "\n" in tail else tail

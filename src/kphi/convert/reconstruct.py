@@ -35,6 +35,7 @@ class LayerReconstruction:
     error_before: float
     error_after: float
     improved: bool  # False: training did not lower the judged error, so the fitted weights stayed
+    tokens: int = 0  # calibration tokens the layer trained on (steps x tokens per batch)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +152,7 @@ def _reconstruct_layer(index: int, layer, names: list[str], inputs, targets, ste
     judging rows' error fell."""
     before = _relative_error(layer, inputs["judge"], targets["judge"])
     params = [p for name in names for p in layer.get_submodule(name).parameters()]
+    tokens = sum(inputs["train"][step % len(inputs["train"])][0].shape[:2].numel() for step in range(max(steps, 0)))
     if not params or steps <= 0:
         return LayerReconstruction(index, before, before, improved=False)
     saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
@@ -175,5 +177,5 @@ def _reconstruct_layer(index: int, layer, names: list[str], inputs, targets, ste
     after = _relative_error(layer, inputs["judge"], targets["judge"])
     if after >= before:
         layer.load_state_dict(saved)
-        return LayerReconstruction(index, before, before, improved=False)
-    return LayerReconstruction(index, before, after, improved=True)
+        return LayerReconstruction(index, before, before, improved=False, tokens=tokens)
+    return LayerReconstruction(index, before, after, improved=True, tokens=tokens)

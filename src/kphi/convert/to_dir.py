@@ -12,7 +12,7 @@ from ..errors import ConvertError
 from ..files import refuse_foreign_dir, staged_dir
 from .conversion import ConvertResult, convert
 from .calibration import CALIBRATION_TOKENS
-from .heldout import heldout_bits_per_byte, heldout_score
+from .heldout import heldout_bits_per_byte, heldout_score, sensitivity_text
 
 __all__ = ["CONVERT_MARKER", "convert_to_dir"]
 
@@ -50,7 +50,7 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
 
     ``keep``: choose each projection's kind from ``candidates`` (:mod:`kphi.convert.allocate`, by ``allocate``)
     so that the model keeps at most that fraction of its non-embedding parameters, each candidate scored on the
-    ``sensitivity_bytes`` of held-out text after the ones the final score reads. ``reconstruct_steps``: train
+    last ``sensitivity_bytes`` of the held-out text (the final score reads its first bytes). ``reconstruct_steps``: train
     each layer to reproduce the source's (:mod:`kphi.convert.reconstruct`) on the calibration data."""
     from ..export import registered_for_auto_classes
     from ..sources import resolve_model_dir
@@ -63,7 +63,7 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
     tokenizer = load_tokenizer(src) if has_tokenizer(src) else None
     allocation = None
     if keep is not None:
-        allocation = _allocation(src, tokenizer, keep, allocate, candidates, heldout_bytes, sensitivity_bytes, progress, kwargs)
+        allocation = _allocation(src, tokenizer, keep, allocate, candidates, sensitivity_bytes, progress, kwargs)
         kind, allocated = allocation.overrides()
         kwargs = {**kwargs, "kind": kind, "overrides": list(kwargs.get("overrides") or []) + allocated}
     result = convert(src, progress=progress, **kwargs)
@@ -81,9 +81,8 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
     return result
 
 
-def _allocation(src, tokenizer, keep, method, candidates, heldout_bytes, sensitivity_bytes, progress, kwargs):
-    """The allocation for ``--keep``: the source's projections scored on held-out text the final score skips."""
-    from ..eval.evaluate import heldout_sample
+def _allocation(src, tokenizer, keep, method, candidates, sensitivity_bytes, progress, kwargs):
+    """The allocation for ``--keep``: the source's projections scored on the held-out text's last bytes."""
     from ..files import stat_fingerprint
     from .allocate import allocate_for_source, cache_path
     from .calibration import calibration_ids
@@ -96,13 +95,12 @@ def _allocation(src, tokenizer, keep, method, candidates, heldout_bytes, sensiti
     dense, config = load_source(src)
     if dense is None:
         raise ConvertError("--keep measures what each projection costs: the source needs weights")
-    skip = len(heldout_sample(heldout_bytes)) if heldout_bytes else 0
-    text = heldout_sample(skip + sensitivity_bytes)[skip:]
+    text = sensitivity_text(sensitivity_bytes)
     fit, calibration = kwargs.get("fit", "auto"), kwargs.get("calibration")
     grams_from = (calibration_ids(calibration, kwargs.get("calibration_tokens", CALIBRATION_TOKENS), config.vocab_size)[0::2]
                   if fit == "activations" and calibration is not None else None)
     settings = {"candidates": candidates, "text": text, "fit": fit if grams_from is not None else "frobenius",
-                "calibration": str(calibration) if grams_from is not None else None}
+                "calibration": f"{calibration}|{kwargs.get('calibration_tokens', CALIBRATION_TOKENS)}" if grams_from is not None else None}
     cache = cache_path(src, stat_fingerprint(sorted(Path(src).glob("*.safetensors"))), settings)
     return allocate_for_source(dense, tokenizer, keep, method=method, candidates=candidates, targets=kwargs.get("targets"),
                                overrides=kwargs.get("overrides"), text=text, cache=cache, grams_from=grams_from,

@@ -68,8 +68,9 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
     if len(labels) != len(suite.fits) or not all(labels) or len(set(labels)) != len(labels):
         raise CompareError(f"structure suite {path}: every fit needs a unique label")
     for spec in suite.fits:
-        if spec.get("fit", "frobenius") not in ("frobenius", "activations") or "kind" not in spec:
-            raise CompareError(f"structure suite {path}: fit {spec['label']!r} needs a kind and fit frobenius|activations")
+        if spec.get("fit", "frobenius") not in ("frobenius", "activations") or ("kind" in spec) == ("keep" in spec):
+            raise CompareError(f"structure suite {path}: fit {spec['label']!r} needs a kind or a keep (not both) and fit "
+                               "frobenius|activations")
     if suite.heal:
         unknown = set(suite.heal) - {"fits", "tokens", "learning_rate", "training"}
         if unknown or not {"fits", "tokens", "learning_rate"} <= set(suite.heal):
@@ -103,7 +104,6 @@ def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
 
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
-    from ..convert import ConvertError, convert
     from ..eval.evaluate import evaluate_text, heldout_sample
     from ..sources.model_dir import load_model, load_tokenizer
     from .plots import plot_structure
@@ -127,7 +127,6 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         atomic_write_text(source_file, json.dumps(source, indent=2))
     log(f"source: {source['bits_per_byte']:.4f} bits per byte ({source['tokens']:,} tokens, {source['bytes']:,} bytes)")
     uniform = math.log2(dense.config.vocab_size) * source["tokens"] / source["bytes"]
-    calibration = None
     rows = []
     for n, spec in enumerate(suite.fits, start=1):
         cached = out / "fits" / f"{slug(spec['label'], 'fit')}.json"
@@ -135,32 +134,11 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
             rows.append(json.loads(cached.read_text()))
             log(f"[{n}/{len(suite.fits)}] {spec['label']}: measured already ({rows[-1]['bits_per_byte']:.4f})")
             continue
-        fit = spec.get("fit", "frobenius")
-        if fit == "activations" and calibration is None:
-            calibration = _calibration_ids(suite, progress)
-        fit_started = time.perf_counter()
-        try:
-            result = convert(dense, spec["kind"], targets=spec.get("targets"), overrides=spec.get("overrides"), fit=fit,
-                             calibration=calibration if fit == "activations" else None, progress=progress)
-        except ConvertError as err:
-            raise CompareError(f"fit {spec['label']!r}: {err}") from None
-        summary = result.summary()
-        scored = score(result.model.eval(), spec["label"])
-        fallbacks = sum(1 for f in result.fits.values() if f.method.startswith("frobenius ("))
-        row = {
-            "label": spec["label"], "kind": summary["kind"], "fit": fit, "targets": spec.get("targets"),
-            "overrides": spec.get("overrides"),
-            "replaced": summary["replaced"], "percent_kept": summary["percent_of_source"],
-            "mean_relative_error": summary["mean_relative_error"], "activation_fallbacks": fallbacks,
-            "bits_per_byte": scored["bits_per_byte"], "perplexity": scored["perplexity"],
-            "relative_bits_per_byte": scored["bits_per_byte"] / source["bits_per_byte"],
-            "seconds": round(time.perf_counter() - fit_started, 1),
-        }
-        atomic_write_text(cached, json.dumps(row, indent=2))
-        rows.append(row)
+        rows.append(_measure_fit(suite, spec, dense, tokenizer, score, source, progress))
+        atomic_write_text(cached, json.dumps(rows[-1], indent=2))
+        row = rows[-1]
         log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
             f"{row['mean_relative_error']:.3f}, {row['bits_per_byte']:.4f} bits per byte ({row['seconds']:.0f} s)")
-        del result
     del dense
     healed = []
     for n, label in enumerate(suite.heal.get("fits", []), start=1):
@@ -178,6 +156,75 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     write_results(out, results, format_structure_table(results))
     plot_structure(results, out / "structure.png")
     return results
+
+
+def _measure_fit(suite: StructureSuite, spec: dict[str, Any], dense, tokenizer, score, source: dict[str, Any],
+                 progress: bool) -> dict[str, Any]:
+    """Convert ``dense`` as ``spec`` says (allocated when it has ``keep``; reconstructed layer by layer when it
+    has ``reconstruct_steps``) and score it; the row of the results."""
+    from ..convert import ConvertError, convert
+    from ..convert.reconstruct import reconstruct_layers
+
+    started = time.perf_counter()
+    fit = spec.get("fit", "frobenius")
+    calibration = _calibration_ids(suite, progress) if fit == "activations" or spec.get("reconstruct_steps") else None
+    try:
+        kind, overrides, allocation = _allocated(suite, spec, dense, tokenizer, calibration, progress)
+        result = convert(dense, kind, targets=spec.get("targets"), overrides=overrides, fit=fit,
+                         calibration=calibration if fit == "activations" else None, progress=progress)
+    except ConvertError as err:
+        raise CompareError(f"fit {spec['label']!r}: {err}") from None
+    summary = result.summary()
+    scored = score(result.model.eval(), spec["label"])
+    row = {
+        "label": spec["label"], "kind": summary["kind"], "fit": fit, "targets": spec.get("targets"),
+        "overrides": spec.get("overrides"), "replaced": summary["replaced"], "percent_kept": summary["percent_of_source"],
+        "mean_relative_error": summary["mean_relative_error"],
+        "activation_fallbacks": sum(1 for f in result.fits.values() if f.method.startswith("frobenius (")),
+        "bits_per_byte": scored["bits_per_byte"], "perplexity": scored["perplexity"],
+        "relative_bits_per_byte": scored["bits_per_byte"] / source["bits_per_byte"], "allocation": allocation,
+    }
+    if spec.get("reconstruct_steps"):
+        reports = reconstruct_layers(result.model, dense, calibration, result.replaced, steps=spec["reconstruct_steps"],
+                                     learning_rate=spec.get("reconstruct_lr", 1e-3), progress=progress)
+        scored = score(result.model.eval(), f"{spec['label']}, reconstructed")
+        row.update({"bits_per_byte_fit": row["bits_per_byte"], "bits_per_byte": scored["bits_per_byte"],
+                    "perplexity": scored["perplexity"], "relative_bits_per_byte": scored["bits_per_byte"] / source["bits_per_byte"],
+                    "reconstruction": [r.to_dict() for r in reports],
+                    "reconstruction_tokens_per_layer": reports[0].tokens if reports else 0})
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _allocated(suite: StructureSuite, spec: dict[str, Any], dense, tokenizer, calibration, progress: bool):
+    """``(kind, overrides, allocation)`` of a fit: as written, or chosen under ``keep`` (:mod:`kphi.convert.allocate`)."""
+    if "keep" not in spec:
+        return spec["kind"], spec.get("overrides"), None
+    from ..convert.allocate import allocate_for_source, cache_path
+    from ..convert.heldout import sensitivity_text
+    from ..files import stat_fingerprint
+    from ..sources import resolve_model_dir
+
+    fit, candidates = spec.get("fit", "frobenius"), spec.get("candidates", "low-rank")
+    text = sensitivity_text(spec.get("sensitivity_bytes", 4096))
+    source_dir = resolve_model_dir(suite.source)
+    grams_from = calibration[0::2] if fit == "activations" else None
+    settings = {"candidates": candidates, "text": text, "fit": fit if grams_from is not None else "frobenius",
+                "calibration": f"{_prepared(suite, progress)}|{suite.calibration_tokens}" if grams_from is not None else None}
+    cache = cache_path(source_dir, stat_fingerprint(sorted(source_dir.glob("*.safetensors"))), settings)
+    allocation = allocate_for_source(dense, tokenizer, spec["keep"], method=spec.get("allocate", "sensitivity"),
+                                     candidates=candidates, targets=spec.get("targets"), overrides=spec.get("overrides"),
+                                     text=text, cache=cache, grams_from=grams_from, progress=progress)
+    kind, allocated = allocation.overrides()
+    return kind, list(spec.get("overrides") or []) + allocated, allocation.to_dict()
+
+
+#: The fit settings that allocate (``keep``) and reconstruct, passed on to :func:`kphi.convert.convert_to_dir`.
+STAGE_SETTINGS = ("keep", "allocate", "candidates", "sensitivity_bytes", "reconstruct_steps", "reconstruct_lr")
+
+
+def _stage_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k in STAGE_SETTINGS}
 
 
 def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], out: Path, score, progress: bool,
@@ -198,10 +245,11 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
     if not (fit_dir / CONVERT_MARKER).is_file():
         log(f"heal {spec['label']}: writing the fit to {fit_dir}")
         try:
-            convert_to_dir(suite.source, fit_dir, kind=spec["kind"], targets=spec.get("targets"),
-                           overrides=spec.get("overrides"), fit=fit, calibration=prepared if fit == "activations" else None,
+            needs_calibration = fit == "activations" or spec.get("reconstruct_steps")
+            convert_to_dir(suite.source, fit_dir, kind=spec.get("kind"), targets=spec.get("targets"),
+                           overrides=spec.get("overrides"), fit=fit, calibration=prepared if needs_calibration else None,
                            calibration_tokens=suite.calibration_tokens, heldout_bytes=0, keep_better_on_heldout=False,
-                           progress=progress)
+                           progress=progress, **_stage_settings(spec))
         except ConvertError as err:
             raise CompareError(f"heal {spec['label']!r}: {err}") from None
     try:
@@ -254,8 +302,12 @@ def format_structure_table(results: dict[str, Any]) -> str:
     ]
     for r in results["fits"]:
         kind = ", ".join(f"{k}={v}" for k, v in r["kind"].items() if k != "kind")
+        kind = f"{r['kind']['kind']} ({kind})"
         targets = (",".join(r["targets"]) if r["targets"] else "all") + "".join(f"; {o}" for o in r.get("overrides") or [])
-        lines.append(f"| {r['label']} | {r['kind']['kind']} ({kind}) | {r['fit']} | {targets} | {r['percent_kept']:.1f} | "
+        if r.get("allocation"):
+            kind = f"{r['allocation']['method']} allocation, mostly {kind}"
+        fit = r["fit"] + (f" + reconstruction (fit alone {r['bits_per_byte_fit']:.3f})" if "bits_per_byte_fit" in r else "")
+        lines.append(f"| {r['label']} | {kind} | {fit} | {targets} | {r['percent_kept']:.1f} | "
                      f"{r['mean_relative_error']:.3f} | {r['bits_per_byte']:.3f} | {r['relative_bits_per_byte']:.2f} | "
                      f"{r['perplexity']:,.1f} |")
     if results.get("healed"):

@@ -17,18 +17,16 @@ from torch import nn
 
 from ..modeling.block import GroupedLinear
 
-__all__ = ["GROUPED_LR_SCALES", "grouped_lr_multipliers", "scale_grouped_learning_rates"]
-
-#: ``grouped_lr_scale`` values: ``none`` (one rate for every weight) or ``groups`` (see :func:`grouped_lr_multipliers`).
-GROUPED_LR_SCALES = ("none", "groups")
+__all__ = ["grouped_lr_multipliers", "scale_grouped_learning_rates"]
 
 
 def grouped_lr_multipliers(model: nn.Module, rule: str) -> dict[int, float]:
-    """``id(parameter) -> multiplier`` for the parameters whose rate ``rule`` changes (others keep 1)."""
-    if rule not in GROUPED_LR_SCALES:
-        raise ValueError(f"grouped_lr_scale must be one of {GROUPED_LR_SCALES}, got {rule!r}")
+    """``id(parameter) -> multiplier`` for the parameters whose rate ``rule`` changes (others keep 1): none for
+    ``"none"``, ``G`` for each grouped weight of ``G > 1`` groups under ``"groups"``."""
     if rule == "none":
         return {}
+    if rule != "groups":
+        raise ValueError(f"grouped_lr_scale must be none or groups, got {rule!r}")
     return {id(m.weight): float(m.groups) for m in model.modules() if isinstance(m, GroupedLinear) and m.groups > 1}
 
 

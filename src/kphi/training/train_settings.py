@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from ..data.prepare import CorpusSettings
 from ..errors import KphiError
 from ..settings import invalid_setting, setting
-from .optim import GROUPED_LR_SCALES
 
 if TYPE_CHECKING:
     from ..sources.auto import KPhi3Config
@@ -26,6 +25,10 @@ __all__ = ["TrainError", "DivergedError", "TrainSettings", "GROUPED_LR_SCALES", 
            "model_config_fields", "model_fields", "IDENTITY_VERSION", "recorded_version", "recorded_identity",
            "identity_differences", "tokens_per_step", "whole_steps"]
 
+
+
+#: ``grouped_lr_scale`` values (:func:`kphi.training.optim.grouped_lr_multipliers`).
+GROUPED_LR_SCALES = ("none", "groups")
 
 
 class TrainError(KphiError, RuntimeError):
