@@ -48,14 +48,12 @@ from .files import atomic_write_text, refuse_foreign_dir
 from .training.fingerprint import weights_sha256
 from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .training.optim import scale_grouped_learning_rates
+from .training.run_records import IDENTITY_VERSION, identity_differences, recorded_version
 from .training.train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
-    IDENTITY_VERSION,
     DivergedError,
     TrainError,
     TrainSettings,
-    identity_differences,
     model_config_fields,
-    recorded_version,
     resolve_settings,
     tokens_per_step,
 )
@@ -549,7 +547,7 @@ def _final_metrics(trainer, settings, config, data_stats, csv_logger, step_token
 def write_model_dir(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
     """Model, tokenizer and generation config into ``out``, each file replaced atomically.
 
-    ``state_dict``: the full weights when the model is sharded (:func:`kphi.sharding.full_state_dict`, gathered
+    ``state_dict``: the full weights when the model is sharded (:func:`kphi.training.sharding.full_state_dict`, gathered
     by every process; only the main process calls this). Generation stops at ``<|end|>`` (end of an assistant
     turn) or end of text, and samples with the report's settings (top_p 0.5, repetition penalty 1.2).
     """

@@ -101,7 +101,7 @@ def test_records_from_before_the_init_default_changed_keep_the_init_they_trained
     from kphi.sources.auto import KPhi3Config, config_fields
     from kphi.presets import load_preset
     from kphi.train import TrainSettings, identity_differences
-    from kphi.training.train_settings import recorded_identity
+    from kphi.training.run_records import recorded_identity
 
     record = json.loads((RECORDS_V2 / "cpu-ablations-seeds--kphi-3-lr0.004-seed42.json").read_text())
     assert recorded_identity(record["identity"], 2)["model"]["projection"]["init"] == "scaled_normal"
@@ -124,7 +124,7 @@ def test_records_from_before_the_init_default_changed_keep_the_init_they_trained
 @pytest.mark.fast
 def test_the_identity_version_of_a_record():
     from kphi.train import IDENTITY_VERSION, recorded_version
-    from kphi.training.train_settings import recorded_identity
+    from kphi.training.run_records import recorded_identity
 
     assert recorded_version({"identity_version": IDENTITY_VERSION, "identity": {}}) == IDENTITY_VERSION == 3
     assert recorded_version({"identity": {"preset": "tiny-kphi3"}}) == 1

@@ -11,7 +11,7 @@ __all__ = ["heldout_bits_per_byte", "heldout_score", "sensitivity_text"]
 
 
 def heldout_score(model, tokenizer, size: int):
-    """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.evaluate`; context up to
+    """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.eval.evaluate`; context up to
     256 tokens, stride 128)."""
     from ..eval.evaluate import evaluate_text, heldout_sample
 

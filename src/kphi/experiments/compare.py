@@ -7,7 +7,7 @@ same prepared data, in the same order (same seed), for the same number of tokens
 * ``control: dense`` — the ``base`` preset with smaller widths (hidden and intermediate size scaled
   together, head count kept), sized to the non-embedding parameter count of the arm named in ``match``;
 * ``control: low_rank`` — the ``base`` preset with every projection factorised through a thin bottleneck
-  (:mod:`kphi.lowrank`), sized the same way.
+  (:mod:`kphi.modeling.lowrank`), sized the same way.
 
 Any arm may change its preset's config (``config: {...}``; for a control, the base's), and carry its own
 training settings (``training: {...}``), ``learning_rate`` or ``learning_rates``.
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 
-#: A comparison cannot run as asked: the experiment layer's one error (``kphi.runs.ExperimentError``), under
+#: A comparison cannot run as asked: the experiment layer's one error (``kphi.experiments.runs.ExperimentError``), under
 #: the name compare's callers have always caught.
 CompareError = ExperimentError
 
@@ -106,10 +106,10 @@ class Suite:
     training: dict[str, Any] = field(default_factory=dict)
     seeds: int = 1
     learning_rates: list[float] | None = None
-    budgets: list[int] | None = None  # a budget series (kphi.budgets): every arm at each of these token budgets
+    budgets: list[int] | None = None  # a budget series (kphi.experiments.budgets): every arm at each of these token budgets
     seeds_at_largest: int | None = None  # seeds at the largest budget(s) of a series (default: ``seeds``)
     seeded_budgets: int = 1  # how many of a series' largest budgets run ``seeds_at_largest`` seeds
-    # budgets stated as tokens per non-embedding parameter of the baseline arm (kphi.budgets turns them into
+    # budgets stated as tokens per non-embedding parameter of the baseline arm (kphi.experiments.budgets turns them into
     # token counts, whole optimizer steps): ``budgets_per_parameter: [2.5, 5, 10, 20, 40]``
     budgets_per_parameter: list[float] | None = None
 
@@ -489,7 +489,7 @@ def run_compare(
 class Comparison:
     """One comparison of a larger experiment (a budget of a series, a width of a scaling study): the suite
     to run, the directory its runs go to, and its seeds (``None``: the suite's). Budget series and scaling
-    studies are lists of these (:func:`kphi.budgets.plan_budget_series`, :func:`kphi.scaling.plan_scaling`),
+    studies are lists of these (:func:`kphi.experiments.budgets.plan_budget_series`, :func:`kphi.experiments.scaling.plan_scaling`),
     run by :func:`run_plan` and shown, untrained, by :func:`format_plan`."""
 
     label: str

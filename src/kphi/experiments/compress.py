@@ -7,7 +7,7 @@ One suite (``kind: compress``, e.g. ``suites/compress-cpu.yaml``) runs the whole
    and a fit: ``frobenius``, ``activations`` on ``calibration_tokens`` of training data, or ``none``), each
    evaluated right away on the validation rows;
 3. **healing** — every fit trained ``heal_tokens`` (B/4) more, plainly and with distillation from the teacher
-   (:mod:`kphi.distill`), at each of ``heal_learning_rates`` (the best rate is reported);
+   (:mod:`kphi.training.distill`), at each of ``heal_learning_rates`` (the best rate is reported);
 4. **scratch** — the same structured architecture trained from a fresh initialisation for B + B/4 tokens;
 5. **other_architecture** (optional) — a dense decoder of another family (e.g. Llama) built at random,
    trained for B tokens with ``kphi train --init-from``, converted and healed the same way: the path end to end.
@@ -81,7 +81,7 @@ class _Runner:
                                            "progress": self.progress, **overrides})
 
     def train(self, run_dir: Path, label: str, preset: str, **overrides) -> dict[str, Any]:
-        """The run's metrics (see :func:`kphi.runs.get_or_train`); a diverged run comes back with ``diverged`` set."""
+        """The run's metrics (see :func:`kphi.experiments.runs.get_or_train`); a diverged run comes back with ``diverged`` set."""
         settings = self.settings(run_dir, preset, **overrides)
         metrics, reused = get_or_train(settings, label=label, log=self.log,
                                        announce=f"{label}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g}")

@@ -12,7 +12,7 @@ A *scaling suite* (YAML with ``kind: scaling`` in ``kphi/suites/``) names
 * ``learning_rates`` (a grid, tuned at every width on the first seed) and ``seeds`` (the other seeds run at
   each family's best rate).
 
-Each width is an ordinary comparison (:func:`kphi.compare.run_compare`) in ``OUT/w{width}/``, so it resumes,
+Each width is an ordinary comparison (:func:`kphi.experiments.compare.run_compare`) in ``OUT/w{width}/``, so it resumes,
 reuses finished runs and can be extended like one. Then, per family, the final validation losses at the
 best rates are fitted by ``L(N) = a * N**(-b) + c`` on non-embedding parameters ``N``
 (:func:`fit_power_law`), and for every width of the reference family (dense phi-3) the *parameter savings

@@ -3,9 +3,9 @@
 A suite of ``kind: structure`` (``suites/compress-smollm2.yaml``; run with ``kphi compress --suite NAME``)
 names a pretrained ``source`` (any model source, :mod:`kphi.sources`) and a list of ``fits``, each a
 projection kind, a fit (``frobenius`` or ``activations``) and optionally ``targets`` (PEFT's rule,
-:func:`kphi.projections.matches_target`) and ``overrides`` (``kphi convert --override`` text, e.g.
+:func:`kphi.modeling.projections.matches_target`) and ``overrides`` (``kphi convert --override`` text, e.g.
 ``v_proj=dense``). For every fit the source is converted (:func:`kphi.convert.convert`)
-and scored on the first ``heldout_bytes`` bytes of kphi's held-out text (:mod:`kphi.evaluate`, windows of
+and scored on the first ``heldout_bytes`` bytes of kphi's held-out text (:mod:`kphi.eval.evaluate`, windows of
 ``context`` tokens every ``stride``), beside the source itself, a uniform guess over the vocabulary
 (``log2(V) * tokens / bytes`` bits per byte) and the fit's weight and calibration errors.
 
@@ -19,7 +19,7 @@ on a rerun, so an interrupted study resumes. Outputs: ``results.json``, ``result
 any other training settings under ``training``): each named fit is written as a model directory
 (``OUT/heal/LABEL/fit``), then trained for ``tokens`` more tokens of the same prepared data with
 distillation from the source (``kphi train --init-from FIT --distill-from SOURCE``; loss
-``(1 - a) CE + a T^2 KL(source || student)``, :mod:`kphi.distill`) in ``OUT/heal/LABEL/run`` — an ordinary
+``(1 - a) CE + a T^2 KL(source || student)``, :mod:`kphi.training.distill`) in ``OUT/heal/LABEL/run`` — an ordinary
 run, so a killed heal resumes — and scored again on the same held-out text. ``OUT/heal/LABEL.json`` records
 bits per byte before and after, tokens, steps, seconds per step and wall time.
 """

@@ -126,9 +126,9 @@ class KPhi3Config(Phi3Config):
         Width of the token embedding and of ``lm_head``'s input. ``None`` means ``hidden_size``. When it
         differs from ``hidden_size`` the model adds the blocks ``embed_to_hidden`` and ``hidden_to_embed``.
     projection (`dict`, defaults to the report's block with ``m = 256``):
-        The kind of every decoder projection (and width adapter) as data (:mod:`kphi.projections`):
+        The kind of every decoder projection (and width adapter) as data (:mod:`kphi.modeling.projections`):
         ``{"kind": "grouped", "min_channels_per_group": 32}`` (the report's block, ``G`` from
-        :func:`kphi.block.group_count`), ``{"kind": "dense"}`` (phi-3), ``{"kind": "low_rank", "fraction":
+        :func:`kphi.modeling.block.group_count`), ``{"kind": "dense"}`` (phi-3), ``{"kind": "low_rank", "fraction":
         0.24}``, ``{"kind": "monarch", "blocks": 4, "fraction": 0.24}``. Stored with every setting of its kind
         spelled out. The fields that said this before (``min_channels_per_group``, negative for dense;
         ``grouped_init``; ``low_rank_fraction``), which every report checkpoint carries, are still accepted as
@@ -177,7 +177,7 @@ class KPhi3Config(Phi3Config):
         return self.projection_kind().name == "grouped"
 
     def projection_kind(self):
-        """The :class:`~kphi.kinds.ProjectionKind` of the decoder's projections (see ``projection``)."""
+        """The :class:`~kphi.modeling.kinds.ProjectionKind` of the decoder's projections (see ``projection``)."""
         from .projections import projection_kind
 
         return projection_kind(self.projection)

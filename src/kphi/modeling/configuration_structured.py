@@ -8,7 +8,7 @@ architecture of transformers gets its class on first use (:func:`structured_conf
 Those classes have no default targets: ``kphi convert`` stores the projection names it replaced.
 
 projection (`dict`, *optional*):
-    The projection kind as data (:mod:`kphi.projections`), e.g. ``{"kind": "grouped",
+    The projection kind as data (:mod:`kphi.modeling.projections`), e.g. ``{"kind": "grouped",
     "min_channels_per_group": 64}``. ``None`` keeps the dense projections.
 target_modules (`list[str]`, *optional*):
     Names (suffixes of module names, as PEFT's ``target_modules``) of the projections to replace;

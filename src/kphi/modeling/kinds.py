@@ -12,7 +12,7 @@ for any shape ``in -> out`` (with or without a bias):
   (``min ||X W^T - module(X)||``, the activation-aware fit).
 
 The kinds themselves live beside their modules (``block.py``: grouped, ``lowrank.py``: low-rank,
-``monarch.py``: Monarch); :mod:`kphi.projections` is the one registry that names them. This file holds the
+``monarch.py``: Monarch); :mod:`kphi.modeling.projections` is the one registry that names them. This file holds the
 base class and the dense kind, and imports only torch, so it ships in standalone model directories.
 """
 

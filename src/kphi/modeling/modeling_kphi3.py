@@ -69,7 +69,7 @@ def make_width_adapter(in_features: int, out_features: int, config: KPhi3Config)
     these sit in series with the whole network: initialised at ``initializer_range`` they would shrink the
     signal (and every gradient through them) by ``0.02 * sqrt(in)`` each. They are therefore initialised
     as norm-preserving maps, with the dense-equivalent std ``1 / sqrt(in)`` (a grouped block scales it by
-    ``sqrt(G / 2)`` as usual, see :func:`kphi.block.init_grouped_weight`), whatever the grouped kind's ``init`` says:
+    ``sqrt(G / 2)`` as usual, see :func:`kphi.modeling.block.init_grouped_weight`), whatever the grouped kind's ``init`` says:
     the reference ``kaiming_uniform`` would give them a gain of ``sqrt(in / (3 * G * out))`` instead.
     """
     adapter = make_projection(in_features, out_features, config)

@@ -1,7 +1,7 @@
 """Causal LMs of transformers architectures with their projections replaced by any kphi projection kind.
 
 Each class is the architecture's own ``*ForCausalLM`` (attention, RoPE, cache, generation, loss: all
-transformers' code); after building it, :func:`kphi.projections.replace_projections` swaps the projections
+transformers' code); after building it, :func:`kphi.modeling.projections.replace_projections` swaps the projections
 named by ``config.projection_targets`` for ``config.projection_kind()``'s modules — the PEFT-style walk that
 also builds kphi-3. Parameter names of the untouched modules are the architecture's own, so a converted
 checkpoint differs from the dense one only in the replaced projections.

@@ -1,6 +1,6 @@
 """The registry of projection kinds, and the one function that puts them into a model.
 
-``PROJECTION_KINDS`` maps a name to the class of a kind (:class:`kphi.kinds.ProjectionKind`); a config names
+``PROJECTION_KINDS`` maps a name to the class of a kind (:class:`kphi.modeling.kinds.ProjectionKind`); a config names
 its kind as data, ``projection: {kind: grouped, min_channels_per_group: 64}``. Adding a kind is one class
 (beside its module) and one line here.
 

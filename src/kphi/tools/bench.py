@@ -169,10 +169,10 @@ def _peak_rss_mb() -> float:
 def _peak_memory_mb(preset: str, batch: int, context: int, dtype: str, device: str) -> float | None:
     """Peak memory of a child process doing 2 training steps (RSS on CPU, allocator peak on GPU)."""
     code = (
-        "import json, torch; from kphi.bench import _model, _train_step_fn;"
+        "import json, torch; from kphi.tools.bench import _model, _train_step_fn;"
         f"d=torch.device({device!r}); m=_model({preset!r}, d, getattr(torch, {dtype!r})); s=_train_step_fn(m, {batch}, {context}, d);"
         "s(); s();"
-        "from kphi.bench import _peak_rss_mb;"
+        "from kphi.tools.bench import _peak_rss_mb;"
         "peak = torch.cuda.max_memory_allocated()/2**20 if d.type=='cuda' else _peak_rss_mb();"
         "print(json.dumps(peak))"
     )

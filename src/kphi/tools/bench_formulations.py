@@ -1,7 +1,7 @@
 """``kphi bench --formulations``: which way of computing the grouped block is fastest on this device?
 
 The block ``y = GL_first(x) + GL_second(interleave(x))`` can be computed several ways
-(:data:`kphi.block.FORMULATIONS`): a loop of ``4 G`` GEMMs written into place (the CPU default), two
+(:data:`kphi.modeling.block.FORMULATIONS`): a loop of ``4 G`` GEMMs written into place (the CPU default), two
 ``bmm``, one ``bmm`` over the concatenation ``[x_g || interleave(x)_g] @ [W_first[g]; W_second[g]]`` (the
 default under ``torch.compile`` and off the CPU) and torch's grouped ``conv1d``. Each is timed forward +
 backward at ``tokens`` rows of every phi-3 projection shape, eagerly and under

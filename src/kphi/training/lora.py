@@ -13,7 +13,7 @@ approximating; keep the adapter unmerged (it costs ``r (in + out)`` multiply-add
 
 Usage::
 
-    from kphi.lora import add_lora, load_lora
+    from kphi.training.lora import add_lora, load_lora
     peft_model = add_lora(model, r=8, lora_alpha=16)          # targets: the decoder's projections
     ...train with Trainer..., peft_model.save_pretrained(DIR)
     peft_model = load_lora(fresh_model, DIR)
