@@ -98,7 +98,7 @@ class Allocation:
         structured = [label for label in self.choices.values() if label != "dense"]
         if not structured:
             raise ConvertError("the allocation keeps every projection dense: nothing to convert (lower --keep)")
-        main = max(set(structured), key=structured.count)
+        main = max(dict.fromkeys(structured), key=structured.count)  # ties: the first in model order
         overrides = [{"targets": [name], "projection": by_label[label].projection}
                      for name, label in self.choices.items() if label != main]
         return by_label[main].projection, overrides

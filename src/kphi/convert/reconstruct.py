@@ -9,9 +9,10 @@ For layer ``i`` with inputs ``X_i`` and the source's outputs ``T_i`` (the source
 by Adam on calibration rows; everything outside those projections stays frozen. ``X_i`` are the *converted*
 model's own hidden states (``X_{i+1} = f_i(X_i)`` after layer ``i`` is reconstructed), not the source's: each
 layer then learns to map what it will actually receive onto what the source's remaining layers expect, so it
-repairs the error the layers before it left instead of compounding it. Memory and time are those of one layer
-(the inputs and targets of every calibration row, ``rows x length x hidden`` floats each, are kept; nothing
-else). Even rows train, odd rows judge: a layer whose judged error does not fall keeps its fitted weights.
+repairs the error the layers before it left instead of compounding it. Both models are run one layer at a time,
+so memory and time are those of one layer: the converted and the source hidden states of every calibration row
+(``rows x length x hidden`` floats each) and the layer's targets are all that is kept. Even rows train, odd rows
+judge: a layer whose judged error does not fall keeps its fitted weights.
 """
 
 from __future__ import annotations
@@ -87,22 +88,6 @@ def _first_layer_inputs(model, batches: list[torch.Tensor]) -> list[tuple[torch.
     return captured
 
 
-def _source_layer_outputs(source, batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """``outputs[i][b]``: the source's hidden states after its layer ``i`` on batch ``b``."""
-    layers = decoder_layers(source)
-    outputs: list[list[torch.Tensor]] = [[] for _ in layers]
-    handles = [layer.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(_hidden(out).detach()))
-               for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                source(input_ids=ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
-
-
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -127,18 +112,21 @@ def reconstruct_layers(model, source, input_ids: torch.Tensor, structured: list[
     source.eval()
     train_batches = list(input_ids[0::2].split(batch_size))
     judge_batches = list(input_ids[1::2].split(batch_size))
-    inputs = {"train": _first_layer_inputs(model, train_batches), "judge": _first_layer_inputs(model, judge_batches)}
-    targets = {"train": _source_layer_outputs(source, train_batches), "judge": _source_layer_outputs(source, judge_batches)}
-    layers, prefix = decoder_layers(model), _layers_prefix(model)
+    batches = {"train": train_batches, "judge": judge_batches}
+    inputs = {split: _first_layer_inputs(model, b) for split, b in batches.items()}
+    source_inputs = {split: _first_layer_inputs(source, b) for split, b in batches.items()}
+    layers, source_layers, prefix = decoder_layers(model), decoder_layers(source), _layers_prefix(model)
     reports = []
     for i in tqdm(range(len(layers)), desc="reconstruct", unit="layer", disable=not progress, leave=False):
         layer = layers[i]
+        with torch.no_grad():  # the source's hidden states after its layer i: the targets, then its next inputs
+            targets = {split: [call(source_layers[i], x).detach() for x, call in source_inputs[split]] for split in batches}
         names = [n[len(f"{prefix}.{i}."):] for n in structured if n.startswith(f"{prefix}.{i}.")]
-        reports.append(_reconstruct_layer(i, layer, names, inputs, {k: v[i] for k, v in targets.items()}, steps,
-                                          learning_rate))
+        reports.append(_reconstruct_layer(i, layer, names, inputs, targets, steps, learning_rate))
         with torch.no_grad():
-            for split in inputs:
+            for split in batches:
                 inputs[split] = [(call(layer, x).detach(), call) for x, call in inputs[split]]
+                source_inputs[split] = [(t, call) for t, (_x, call) in zip(targets[split], source_inputs[split])]
     return reports
 
 
