@@ -50,8 +50,9 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
 
     ``keep``: choose each projection's kind from ``candidates`` (:mod:`kphi.convert.allocate`, by ``allocate``)
     so that the model keeps at most that fraction of its non-embedding parameters, each candidate scored on the
-    last ``sensitivity_bytes`` of the held-out text (the final score reads its first bytes). ``reconstruct_steps``: train
-    each layer to reproduce the source's (:mod:`kphi.convert.reconstruct`) on the calibration data."""
+    last ``sensitivity_bytes`` of the held-out text (the final score reads its first bytes).
+    ``reconstruct_steps``: train each layer to reproduce the source's (:mod:`kphi.convert.reconstruct`) on the
+    calibration data."""
     from ..export import registered_for_auto_classes
     from ..sources import resolve_model_dir
     from ..sources.model_dir import has_tokenizer, load_tokenizer
@@ -67,11 +68,11 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
         kind, allocated = allocation.overrides()
         kwargs = {**kwargs, "kind": kind, "overrides": list(kwargs.get("overrides") or []) + allocated}
     result = convert(src, progress=progress, **kwargs)
-    result.allocation = allocation.to_dict() if allocation is not None else None
     if tokenizer is not None and heldout_bytes and result.fit != "none":
         result.heldout = heldout_bits_per_byte(src, result.model, tokenizer, heldout_bytes)
         if result.fit == "activations" and keep_better_on_heldout:
             result = _better_on_heldout_text(src, result, tokenizer, heldout_bytes, progress, kwargs)
+    result.allocation = allocation.to_dict() if allocation is not None else None
     if reconstruct_steps:
         _reconstruct(src, result, kwargs, reconstruct_steps, reconstruct_lr, progress)
         if result.heldout:
