@@ -118,6 +118,7 @@ def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path):
         "fits:\n"
         "  - {label: allocated 70%, keep: 0.7, sensitivity_bytes: 1024, reconstruct_steps: 4, fit: activations}\n"
         "heal: {fits: [allocated 70%], tokens: 512, learning_rate: 0.01,"
+        " data: {source: default, max_rows: 100, validation_rows: 8, context_length: 64},"
         " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
     done = run_cli("compress", "--suite", suite, "--out", tmp_path / "out", "--quiet", cache=tmp_path / "cache", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,6 +130,8 @@ def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path):
     written = json.loads((tmp_path / "out" / "heal" / "allocated-70" / "fit" / "kphi-convert.json").read_text())
     assert written["allocation"]["choices"] == row["allocation"]["choices"]
     assert [r["error_after"] for r in written["reconstruction"]] == [r["error_after"] for r in row["reconstruction"]]
+    run = json.loads((tmp_path / "out" / "heal" / "allocated-70" / "run" / "kphi-run.json").read_text())
+    assert run["settings"]["context_length"] == 64 and "ctx64" in run["settings"]["data"]  # heal's own data
 
 
 def test_a_structure_suite_heals_only_fits_it_names(tmp_path):

@@ -72,9 +72,9 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
             raise CompareError(f"structure suite {path}: fit {spec['label']!r} needs a kind or a keep (not both) and fit "
                                "frobenius|activations")
     if suite.heal:
-        unknown = set(suite.heal) - {"fits", "tokens", "learning_rate", "training"}
+        unknown = set(suite.heal) - {"fits", "tokens", "learning_rate", "training", "data"}
         if unknown or not {"fits", "tokens", "learning_rate"} <= set(suite.heal):
-            raise CompareError(f"structure suite {path}: heal takes fits, tokens, learning_rate and training"
+            raise CompareError(f"structure suite {path}: heal takes fits, tokens, learning_rate, training and data"
                                f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}")
         suite_training(suite.heal.get("training"), f"structure suite {path}: heal")
         missing = [label for label in suite.heal["fits"] if label not in labels]
@@ -83,15 +83,15 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
     return suite
 
 
-def _prepared(suite: StructureSuite, progress: bool) -> Path:
-    """The suite's ``data`` prepared with the source's own tokenizer and chat template (cached)."""
+def _prepared(suite: StructureSuite, progress: bool, data: dict[str, Any] | None = None) -> Path:
+    """The suite's ``data`` (or ``data``) prepared with the source's own tokenizer and chat template (cached)."""
     from ..data.prepare import PrepareSettings, prepare_dataset
 
-    return Path(prepare_dataset(PrepareSettings(**_data_settings(suite)), progress=progress))
+    return Path(prepare_dataset(PrepareSettings(**_data_settings(suite, data)), progress=progress))
 
 
-def _data_settings(suite: StructureSuite) -> dict[str, Any]:
-    return {"context_length": 256, **suite.data, "tokenizer": suite.source}
+def _data_settings(suite: StructureSuite, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"context_length": 256, **(data or suite.data), "tokenizer": suite.source}
 
 
 def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
@@ -240,7 +240,8 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
     if cached.is_file():
         return json.loads(cached.read_text())
     fit_dir, run_dir = out / name / "fit", out / name / "run"
-    prepared = _prepared(suite, progress)
+    prepared = _prepared(suite, progress)  # the fits' calibration data
+    heal_data = _prepared(suite, progress, suite.heal.get("data"))  # what healing trains on (default: the same)
     fit = spec.get("fit", "frobenius")
     if not (fit_dir / CONVERT_MARKER).is_file():
         log(f"heal {spec['label']}: writing the fit to {fit_dir}")
@@ -253,8 +254,8 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
         except ConvertError as err:
             raise CompareError(f"heal {spec['label']!r}: {err}") from None
     try:
-        settings = resolve_settings(None, **{**suite.heal.get("training", {}), "data": str(prepared), "out": str(run_dir),
-                                             "context_length": _data_settings(suite)["context_length"],
+        settings = resolve_settings(None, **{**suite.heal.get("training", {}), "data": str(heal_data), "out": str(run_dir),
+                                             "context_length": _data_settings(suite, suite.heal.get("data"))["context_length"],
                                              "init_from": str(fit_dir.resolve()), "distill_from": suite.source,
                                              "max_tokens": suite.heal["tokens"],
                                              "learning_rate": suite.heal["learning_rate"], "progress": progress})
