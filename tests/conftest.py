@@ -16,7 +16,7 @@ import kphi  # noqa: F401, E402  (registers the kphi3 model type with the Auto c
 #: The modules that take longest, run first. Under ``pytest -n 2 --dist loadfile`` a module runs whole on one
 #: worker; collected alphabetically, the two heaviest (test_train, test_transformers_common) came last and left
 #: the other worker idle at the end. Longest first evens the two workers out. Order within a module is kept.
-HEAVY_FIRST = ["test_train.py", "test_transformers_common.py", "test_convert.py", "test_compress.py",
+HEAVY_FIRST = ["test_train.py", "test_transformers_common.py", "test_convert.py", "test_compress.py", "test_allocate.py",
                "test_model_sources.py", "test_distill.py", "test_budgets.py", "test_compare.py", "test_evaluate.py",
                "test_export.py", "test_scaling.py"]
 
