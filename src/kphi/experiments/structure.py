@@ -306,7 +306,9 @@ def format_structure_table(results: dict[str, Any]) -> str:
         kind = f"{r['kind']['kind']} ({kind})"
         targets = (",".join(r["targets"]) if r["targets"] else "all") + "".join(f"; {o}" for o in r.get("overrides") or [])
         if r.get("allocation"):
-            kind = f"{r['allocation']['method']} allocation, mostly {kind}"
+            dense = sum(label == "dense" for label in r["allocation"]["choices"].values())
+            kind = (f"{r['allocation']['method']} allocation: {dense} of {len(r['allocation']['choices'])} dense, "
+                    f"most common otherwise {kind}")
         fit = r["fit"] + (f" + reconstruction (fit alone {r['bits_per_byte_fit']:.3f})" if "bits_per_byte_fit" in r else "")
         lines.append(f"| {r['label']} | {kind} | {fit} | {targets} | {r['percent_kept']:.1f} | "
                      f"{r['mean_relative_error']:.3f} | {r['bits_per_byte']:.3f} | {r['relative_bits_per_byte']:.2f} | "
