@@ -34,19 +34,20 @@ def time_generation(models: list[str], *, prompt: str = PROMPT, new_tokens: int 
         ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model.device)
         loaded.append((name, model, tokenizer, ids))
 
-    def generate(model, ids):
+    def generate(model, tokenizer, ids):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
 
-    replies = {name: tokenizer.decode(generate(model, ids)[0, ids.shape[1]:], skip_special_tokens=True)
+    replies = {name: tokenizer.decode(generate(model, tokenizer, ids)[0, ids.shape[1]:], skip_special_tokens=True)
                for name, model, tokenizer, ids in loaded}  # the warm-up, and what each model says
     seconds: dict[str, list[float]] = {name: [] for name in models}
     for r in range(repeats):
         progress(f"round {r + 1}/{repeats}")
-        for name, model, _tokenizer, ids in loaded:
+        for name, model, tokenizer, ids in loaded:
             started = time.perf_counter()
-            generate(model, ids)
+            generate(model, tokenizer, ids)
             seconds[name].append(time.perf_counter() - started)
     rows = []
     for name, model, _tokenizer, _ids in loaded:
