@@ -114,7 +114,10 @@ def test_measuring_leaves_the_model_as_it_was_and_resumes_from_its_cache(tmp_pat
     def must_not_score(_model):
         raise AssertionError("a cached score was measured again")
 
-    assert measure_sensitivity(model, names, candidates, must_not_score, cache) == table
+    def must_not_compute():
+        raise AssertionError("calibration Gram matrices were computed although every score was cached")
+
+    assert measure_sensitivity(model, names, candidates, must_not_score, cache, grams=must_not_compute) == table
 
 
 def test_allocate_counts_the_whole_model_and_honours_pinned_projections():

@@ -127,6 +127,8 @@ def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path):
     assert len(row["reconstruction"]) == 2 and row["reconstruction_tokens_per_layer"] > 0
     assert all(r["error_after"] <= r["error_before"] for r in row["reconstruction"])
     assert row["bits_per_byte_fit"] > 0 and "sensitivity allocation" in (tmp_path / "out" / "results.md").read_text()
+    (scores,) = (tmp_path / "out" / "sensitivity").iterdir()  # kept in the suite's output; healing found the same file
+    assert len(json.loads(scores.read_text())["scores"]) > 0
     written = json.loads((tmp_path / "out" / "heal" / "allocated-70" / "fit" / "kphi-convert.json").read_text())
     assert written["allocation"]["choices"] == row["allocation"]["choices"]
     assert [r["error_after"] for r in written["reconstruction"]] == [r["error_after"] for r in row["reconstruction"]]

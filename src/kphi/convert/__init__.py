@@ -18,6 +18,8 @@ targets, the parameter counts and each projection's fit error.
 
 The package: :mod:`~kphi.convert.targets` (the converted config), :mod:`~kphi.convert.calibration` (Gram
 matrices of calibration inputs), :mod:`~kphi.convert.conversion` (:func:`convert`),
+:mod:`~kphi.convert.allocate` (which kind each projection gets under ``--keep``),
+:mod:`~kphi.convert.reconstruct` (layer-wise reconstruction), :mod:`~kphi.convert.heldout` (held-out scores),
 :mod:`~kphi.convert.to_dir` (:func:`convert_to_dir`).
 """
 

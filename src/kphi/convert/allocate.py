@@ -31,7 +31,7 @@ from ..modeling.kinds import DenseKind
 from ..modeling.projections import linear_weight, projection_kind
 
 __all__ = [
-    "ALLOCATIONS", "Allocation", "Candidate", "allocate", "allocate_for_source", "allocation_table", "choose_sensitivity", "choose_uniform", "load_candidates",
+    "ALLOCATIONS", "Allocation", "Candidate", "allocate", "allocate_for_source", "allocation_table", "sensitivity_cache", "choose_sensitivity", "choose_uniform", "load_candidates",
     "measure_sensitivity",
 ]
 
@@ -127,13 +127,15 @@ def allocation_table(choices: dict[str, str]) -> str:
 
 
 def measure_sensitivity(dense, names: list[str], candidates: list[Candidate], score: Callable[[Any], float],
-                        cache: Path | None = None, grams: dict | None = None, progress: bool = False) -> dict[str, Any]:
+                        cache: Path | None = None, grams: Callable[[], dict] | None = None,
+                        progress: bool = False) -> dict[str, Any]:
     """``{"source": score(dense), "damage": {name: {label: d}}, "parameters": {name: {label: p}}}``.
 
-    Each structured candidate replaces one projection of ``dense`` at a time (fitted to its weights: on
-    ``grams[name]``'s calibration inputs when given, else in Frobenius norm), ``dense`` is scored, and the
-    projection is put back. ``cache`` (a JSON file) keeps every measured score as it comes, so an interrupted
-    measurement resumes where it stopped."""
+    Each structured candidate replaces one projection of ``dense`` at a time (fitted to its weights: on the
+    calibration inputs' Gram matrix ``grams()[name]`` when ``grams`` is given, else in Frobenius norm),
+    ``dense`` is scored, and the projection is put back. ``cache`` (a JSON file) keeps every measured score as it
+    comes, so an interrupted measurement resumes where it stopped; ``grams`` is called only if a score is
+    missing."""
     from tqdm.auto import tqdm
 
     table = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
@@ -142,19 +144,23 @@ def measure_sensitivity(dense, names: list[str], candidates: list[Candidate], sc
         table["source"] = score(dense)
     damage: dict[str, dict[str, float]] = {}
     parameters: dict[str, dict[str, int]] = {}
-    pairs = [(name, c) for name in names for c in candidates]
-    for name, candidate in tqdm(pairs, desc="sensitivity", unit="fit", disable=not progress, leave=False):
-        original = dense.get_submodule(name)
-        weight, bias = linear_weight(original)
-        out_features, in_features = weight.shape
-        kind = candidate.kind
-        parameters.setdefault(name, {})[candidate.label] = kind.num_parameters(in_features, out_features, bias is not None)
-        key = f"{name}|{json.dumps(candidate.projection, sort_keys=True)}"
-        if not isinstance(kind, DenseKind) and key not in scores:
-            scores[key] = _score_replaced(dense, name, kind, weight, bias, score, (grams or {}).get(name))
-            if cache is not None:
-                atomic_write_text(cache, json.dumps(table, indent=1))
-        damage.setdefault(name, {})[candidate.label] = 0.0 if isinstance(kind, DenseKind) else scores[key] - table["source"]
+    gram_of: dict | None = None
+    with tqdm(total=len(names) * len(candidates), desc="sensitivity", unit="fit", disable=not progress, leave=False) as bar:
+        for name in names:
+            weight, bias = linear_weight(dense.get_submodule(name))
+            out_features, in_features = weight.shape
+            for candidate in candidates:
+                kind = candidate.kind
+                parameters.setdefault(name, {})[candidate.label] = kind.num_parameters(in_features, out_features, bias is not None)
+                key = f"{name}|{json.dumps(candidate.projection, sort_keys=True)}"
+                if not isinstance(kind, DenseKind) and key not in scores:
+                    if gram_of is None:
+                        gram_of = grams() if grams is not None else {}
+                    scores[key] = _score_replaced(dense, name, kind, weight, bias, score, gram_of.get(name))
+                    if cache is not None:
+                        atomic_write_text(cache, json.dumps(table, indent=1))
+                damage.setdefault(name, {})[candidate.label] = 0.0 if isinstance(kind, DenseKind) else scores[key] - table["source"]
+                bar.update(1)
     return {"source": table["source"], "damage": damage, "parameters": parameters}
 
 
@@ -251,7 +257,7 @@ def choose_uniform(damage: dict[str, dict[str, float]], parameters: dict[str, di
 
 def allocate(dense, names: list[str], keep: float, score: Callable[[Any], float], *, method: str = "sensitivity",
              candidates: list[Candidate] | None = None, pinned: dict[str, int] | None = None, cache: Path | None = None,
-             grams: dict | None = None, progress: bool = False) -> Allocation:
+             grams: Callable[[], dict] | None = None, progress: bool = False) -> Allocation:
     """Choose a candidate for each projection ``names`` of ``dense`` so that the model keeps at most ``keep`` of
     its non-embedding parameters. ``pinned``: projections whose kind is already decided (``--override``), with
     their parameters; they are counted, not allocated."""
@@ -267,8 +273,7 @@ def allocate(dense, names: list[str], keep: float, score: Callable[[Any], float]
     table = measure_sensitivity(dense, free, candidates, score, cache, grams, progress)
     everything, embedding = model_parameter_counts(dense)
     total = everything - embedding
-    dense_sizes = sum(DenseKind().num_parameters(*reversed(linear_weight(dense.get_submodule(name))[0].shape),
-                                                 dense.get_submodule(name).bias is not None) for name in names)
+    dense_sizes = sum(p.numel() for name in names for p in dense.get_submodule(name).parameters())
     budget = int(keep * total) - (total - dense_sizes) - sum(pinned.values())
     choose = choose_sensitivity if method == "sensitivity" else choose_uniform
     choices = choose(table["damage"], table["parameters"], budget)
@@ -279,27 +284,19 @@ def allocate(dense, names: list[str], keep: float, score: Callable[[Any], float]
     )
 
 
-def cache_path(source_dir: Path, fingerprint: str, settings: dict[str, Any]) -> Path:
-    """Where the sensitivity of one source, scored one way, is kept: ``$KPHI_CACHE/sensitivity/HASH.json``."""
-    from ..files import cache_root
-
-    key = hashlib.sha256(json.dumps({"source": str(Path(source_dir).resolve()), "files": fingerprint, **settings},
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_root() / "sensitivity" / f"{key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def allocate_for_source(dense, tokenizer, keep: float, *, method: str = "sensitivity", candidates: str = "low-rank",
-                        targets: list[str] | None = None, overrides: list | None = None, text: str = "",
-                        cache: Path | None = None, grams_from=None, progress: bool = False) -> Allocation:
+                        targets: list[str] | None = None, overrides: list | None = None, sensitivity_bytes: int = 4096,
+                        calibration_ids=None, cache_dir: Path | None = None, progress: bool = False) -> Allocation:
     """:func:`allocate` for a loaded source model: its targeted projections (``targets``, default the
-    architecture's), ``overrides`` pinned as the user asked, each candidate scored in bits per byte of ``text``
-    (held-out text the final evaluation does not read). ``grams_from``: calibration token ids, to fit each
-    candidate on activations (else in Frobenius norm)."""
+    architecture's), ``overrides`` pinned as the user asked, each candidate scored in bits per byte of the held-out
+    text's last ``sensitivity_bytes`` (:func:`~kphi.convert.heldout.sensitivity_text`). ``calibration_ids``: token
+    ids to fit each candidate on activations (else in Frobenius norm). The scores are kept in ``cache_dir``
+    (default ``$KPHI_CACHE/sensitivity``) under a key of everything they depend on: the source's weights, the
+    candidates, the text and the calibration ids."""
     from ..eval.evaluate import evaluate_text
     from ..modeling.projections import is_dense_projection, matches_target
     from .calibration import calibration_grams
+    from .heldout import sensitivity_text
     from .targets import override_dicts, target_config
 
     candidate_list = load_candidates(candidates)
@@ -313,10 +310,32 @@ def allocate_for_source(dense, tokenizer, keep: float, *, method: str = "sensiti
             if name not in pinned and any(matches_target(name, t) for t in override["targets"]):
                 weight, bias = linear_weight(dense.get_submodule(name))
                 pinned[name] = kind.num_parameters(weight.shape[1], weight.shape[0], bias is not None)
+    text = sensitivity_text(sensitivity_bytes)
 
     def score(model) -> float:
         return evaluate_text(model.eval(), tokenizer, [text], "sensitivity", context=256).bits_per_byte
 
-    grams = calibration_grams(dense, names, grams_from, progress=progress) if grams_from is not None else None
+    def grams() -> dict:
+        return calibration_grams(dense, names, calibration_ids, progress=progress)
+
+    cache = sensitivity_cache(cache_dir, dense, candidate_list, text, calibration_ids)
     return allocate(dense, names, keep, score, method=method, candidates=candidate_list, pinned=pinned, cache=cache,
-                    grams=grams, progress=progress)
+                    grams=grams if calibration_ids is not None else None, progress=progress)
+
+
+def sensitivity_cache(cache_dir: Path | None, dense, candidates: list[Candidate], text: str, calibration_ids) -> Path:
+    """``CACHE_DIR/KEY.json``: the key hashes the source's weights, the candidates, the scoring text and the
+    calibration ids, so the same scores are found again on any machine and never reused for other inputs."""
+    from ..files import cache_root
+    from ..training.fingerprint import weights_sha256
+
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    key = {"weights": weights_sha256(dense), "candidates": [c.projection for c in candidates],
+           "text": sha256(text.encode()), "context": 256,
+           "calibration": None if calibration_ids is None else
+           [list(calibration_ids.shape), sha256(calibration_ids.numpy().tobytes())]}
+    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "sensitivity"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{sha256(json.dumps(key, sort_keys=True).encode())[:20]}.json"

@@ -140,7 +140,6 @@ def _reconstruct_layer(index: int, layer, names: list[str], inputs, targets, ste
     judging rows' error fell."""
     before = _relative_error(layer, inputs["judge"], targets["judge"])
     params = [p for name in names for p in layer.get_submodule(name).parameters()]
-    tokens = sum(inputs["train"][step % len(inputs["train"])][0].shape[:2].numel() for step in range(max(steps, 0)))
     if not params or steps <= 0:
         return LayerReconstruction(index, before, before, improved=False)
     saved = {k: v.detach().clone() for k, v in layer.state_dict().items()}
@@ -151,10 +150,12 @@ def _reconstruct_layer(index: int, layer, names: list[str], inputs, targets, ste
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     scale = [float(t.pow(2).mean()) for t in targets["train"]]
+    tokens = 0
     try:
         for step in range(steps):
             b = step % len(inputs["train"])
             x, call = inputs["train"][b]
+            tokens += x.shape[0] * x.shape[1]
             loss = (call(layer, x) - targets["train"][b]).pow(2).mean() / max(scale[b], 1e-30)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,7 +12,7 @@ from ..errors import ConvertError
 from ..files import refuse_foreign_dir, staged_dir
 from .conversion import ConvertResult, convert
 from .calibration import CALIBRATION_TOKENS
-from .heldout import heldout_bits_per_byte, heldout_score, sensitivity_text
+from .heldout import heldout_bits_per_byte, heldout_score
 
 __all__ = ["CONVERT_MARKER", "convert_to_dir"]
 
@@ -39,8 +39,8 @@ def _better_on_heldout_text(src, result: ConvertResult, tokenizer, heldout_bytes
 
 def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True, heldout_bytes: int = 8192,
                    keep_better_on_heldout: bool = True, keep: float | None = None, allocate: str = "sensitivity",
-                   candidates: str = "low-rank", sensitivity_bytes: int = 4096, reconstruct_steps: int = 0,
-                   reconstruct_lr: float = 1e-3, **kwargs: Any) -> ConvertResult:
+                   candidates: str = "low-rank", sensitivity_bytes: int = 4096, sensitivity_cache: Path | None = None,
+                   reconstruct_steps: int = 0, reconstruct_lr: float = 1e-3, **kwargs: Any) -> ConvertResult:
     """:func:`convert` any model source (:mod:`kphi.sources`) and write the result to ``out`` (a model
     directory with its modeling code, tokenizer, generation config and ``kphi-convert.json``), written whole or
     not at all. With a tokenizer, the source's and the result's bits per byte on ``heldout_bytes`` bytes of
@@ -50,7 +50,8 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
 
     ``keep``: choose each projection's kind from ``candidates`` (:mod:`kphi.convert.allocate`, by ``allocate``)
     so that the model keeps at most that fraction of its non-embedding parameters, each candidate scored on the
-    last ``sensitivity_bytes`` of the held-out text (the final score reads its first bytes).
+    last ``sensitivity_bytes`` of the held-out text (the final score reads its first bytes), the scores kept in
+    ``sensitivity_cache`` (default ``$KPHI_CACHE/sensitivity``).
     ``reconstruct_steps``: train each layer to reproduce the source's (:mod:`kphi.convert.reconstruct`) on the
     calibration data."""
     from ..export import registered_for_auto_classes
@@ -64,7 +65,8 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
     tokenizer = load_tokenizer(src) if has_tokenizer(src) else None
     allocation = None
     if keep is not None:
-        allocation = _allocation(src, tokenizer, keep, allocate, candidates, sensitivity_bytes, progress, kwargs)
+        allocation = _allocation(src, tokenizer, keep, allocate, candidates, sensitivity_bytes, sensitivity_cache, progress,
+                                 kwargs)
         kind, allocated = allocation.overrides()
         kwargs = {**kwargs, "kind": kind, "overrides": list(kwargs.get("overrides") or []) + allocated}
     result = convert(src, progress=progress, **kwargs)
@@ -82,10 +84,10 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
     return result
 
 
-def _allocation(src, tokenizer, keep, method, candidates, sensitivity_bytes, progress, kwargs):
-    """The allocation for ``--keep``: the source's projections scored on the held-out text's last bytes."""
-    from ..files import stat_fingerprint
-    from .allocate import allocate_for_source, cache_path
+def _allocation(src, tokenizer, keep, method, candidates, sensitivity_bytes, sensitivity_cache, progress, kwargs):
+    """The allocation for ``--keep`` (:func:`~kphi.convert.allocate.allocate_for_source`), its candidates fitted
+    as ``kwargs["fit"]`` says."""
+    from .allocate import allocate_for_source
     from .calibration import calibration_ids
     from .conversion import load_source
 
@@ -96,16 +98,12 @@ def _allocation(src, tokenizer, keep, method, candidates, sensitivity_bytes, pro
     dense, config = load_source(src)
     if dense is None:
         raise ConvertError("--keep measures what each projection costs: the source needs weights")
-    text = sensitivity_text(sensitivity_bytes)
-    fit, calibration = kwargs.get("fit", "auto"), kwargs.get("calibration")
-    grams_from = (calibration_ids(calibration, kwargs.get("calibration_tokens", CALIBRATION_TOKENS), config.vocab_size)[0::2]
-                  if fit == "activations" and calibration is not None else None)
-    settings = {"candidates": candidates, "text": text, "fit": fit if grams_from is not None else "frobenius",
-                "calibration": f"{calibration}|{kwargs.get('calibration_tokens', CALIBRATION_TOKENS)}" if grams_from is not None else None}
-    cache = cache_path(src, stat_fingerprint(sorted(Path(src).glob("*.safetensors"))), settings)
+    calibration = kwargs.get("calibration")
+    ids = (calibration_ids(calibration, kwargs.get("calibration_tokens", CALIBRATION_TOKENS), config.vocab_size)[0::2]
+           if kwargs.get("fit") == "activations" and calibration is not None else None)
     return allocate_for_source(dense, tokenizer, keep, method=method, candidates=candidates, targets=kwargs.get("targets"),
-                               overrides=kwargs.get("overrides"), text=text, cache=cache, grams_from=grams_from,
-                               progress=progress)
+                               overrides=kwargs.get("overrides"), sensitivity_bytes=sensitivity_bytes, calibration_ids=ids,
+                               cache_dir=sensitivity_cache, progress=progress)
 
 
 def _reconstruct(src, result: ConvertResult, kwargs, steps: int, learning_rate: float, progress: bool) -> None:

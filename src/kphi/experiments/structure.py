@@ -26,6 +26,7 @@ bits per byte before and after, tokens, steps, seconds per step and wall time.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -127,6 +128,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         atomic_write_text(source_file, json.dumps(source, indent=2))
     log(f"source: {source['bits_per_byte']:.4f} bits per byte ({source['tokens']:,} tokens, {source['bytes']:,} bytes)")
     uniform = math.log2(dense.config.vocab_size) * source["tokens"] / source["bytes"]
+    calibration_ids = functools.cache(lambda: _calibration_ids(suite, progress))  # read once, when a fit needs it
     rows = []
     for n, spec in enumerate(suite.fits, start=1):
         cached = out / "fits" / f"{slug(spec['label'], 'fit')}.json"
@@ -134,7 +136,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
             rows.append(json.loads(cached.read_text()))
             log(f"[{n}/{len(suite.fits)}] {spec['label']}: measured already ({rows[-1]['bits_per_byte']:.4f})")
             continue
-        rows.append(_measure_fit(suite, spec, dense, tokenizer, score, source, progress))
+        rows.append(_measure_fit(spec, dense, tokenizer, score, source, calibration_ids, out, progress))
         atomic_write_text(cached, json.dumps(rows[-1], indent=2))
         row = rows[-1]
         log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
@@ -158,18 +160,19 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     return results
 
 
-def _measure_fit(suite: StructureSuite, spec: dict[str, Any], dense, tokenizer, score, source: dict[str, Any],
+def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str, Any], calibration_ids, out: Path,
                  progress: bool) -> dict[str, Any]:
     """Convert ``dense`` as ``spec`` says (allocated when it has ``keep``; reconstructed layer by layer when it
-    has ``reconstruct_steps``) and score it; the row of the results."""
+    has ``reconstruct_steps``) and score it; the row of the results. ``calibration_ids()``: the suite's
+    calibration token ids."""
     from ..convert import ConvertError, convert
     from ..convert.reconstruct import reconstruct_layers
 
     started = time.perf_counter()
     fit = spec.get("fit", "frobenius")
-    calibration = _calibration_ids(suite, progress) if fit == "activations" or spec.get("reconstruct_steps") else None
+    calibration = calibration_ids() if fit == "activations" or spec.get("reconstruct_steps") else None
     try:
-        kind, overrides, allocation = _allocated(suite, spec, dense, tokenizer, calibration, progress)
+        kind, overrides, allocation = _allocated(spec, dense, tokenizer, calibration, out / "sensitivity", progress)
         result = convert(dense, kind, targets=spec.get("targets"), overrides=overrides, fit=fit,
                          calibration=calibration if fit == "activations" else None, progress=progress)
     except ConvertError as err:
@@ -196,25 +199,19 @@ def _measure_fit(suite: StructureSuite, spec: dict[str, Any], dense, tokenizer, 
     return row
 
 
-def _allocated(suite: StructureSuite, spec: dict[str, Any], dense, tokenizer, calibration, progress: bool):
-    """``(kind, overrides, allocation)`` of a fit: as written, or chosen under ``keep`` (:mod:`kphi.convert.allocate`)."""
+def _allocated(spec: dict[str, Any], dense, tokenizer, calibration, cache_dir: Path, progress: bool):
+    """``(kind, overrides, allocation)`` of a fit: as written, or chosen under ``keep`` (:mod:`kphi.convert.allocate`;
+    the sensitivity scores kept in ``cache_dir``, inside the suite's output, so the suite resumes from it)."""
     if "keep" not in spec:
         return spec["kind"], spec.get("overrides"), None
-    from ..convert.allocate import allocate_for_source, cache_path
-    from ..convert.heldout import sensitivity_text
-    from ..files import stat_fingerprint
-    from ..sources import resolve_model_dir
+    from ..convert.allocate import allocate_for_source
 
-    fit, candidates = spec.get("fit", "frobenius"), spec.get("candidates", "low-rank")
-    text = sensitivity_text(spec.get("sensitivity_bytes", 4096))
-    source_dir = resolve_model_dir(suite.source)
-    grams_from = calibration[0::2] if fit == "activations" else None
-    settings = {"candidates": candidates, "text": text, "fit": fit if grams_from is not None else "frobenius",
-                "calibration": f"{_prepared(suite, progress)}|{suite.calibration_tokens}" if grams_from is not None else None}
-    cache = cache_path(source_dir, stat_fingerprint(sorted(source_dir.glob("*.safetensors"))), settings)
-    allocation = allocate_for_source(dense, tokenizer, spec["keep"], method=spec.get("allocate", "sensitivity"),
-                                     candidates=candidates, targets=spec.get("targets"), overrides=spec.get("overrides"),
-                                     text=text, cache=cache, grams_from=grams_from, progress=progress)
+    allocation = allocate_for_source(
+        dense, tokenizer, spec["keep"], method=spec.get("allocate", "sensitivity"),
+        candidates=spec.get("candidates", "low-rank"), targets=spec.get("targets"), overrides=spec.get("overrides"),
+        sensitivity_bytes=spec.get("sensitivity_bytes", 4096),
+        calibration_ids=calibration[0::2] if spec.get("fit", "frobenius") == "activations" else None,
+        cache_dir=cache_dir, progress=progress)
     kind, allocated = allocation.overrides()
     return kind, list(spec.get("overrides") or []) + allocated, allocation.to_dict()
 
@@ -250,7 +247,7 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
             convert_to_dir(suite.source, fit_dir, kind=spec.get("kind"), targets=spec.get("targets"),
                            overrides=spec.get("overrides"), fit=fit, calibration=prepared if needs_calibration else None,
                            calibration_tokens=suite.calibration_tokens, heldout_bytes=0, keep_better_on_heldout=False,
-                           progress=progress, **_stage_settings(spec))
+                           sensitivity_cache=out.parent / "sensitivity", progress=progress, **_stage_settings(spec))
         except ConvertError as err:
             raise CompareError(f"heal {spec['label']!r}: {err}") from None
     try:
