@@ -6,6 +6,12 @@ import os
 # huggingface_hub reads HF_HUB_OFFLINE when it is imported, so this comes before any import of it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under ``pytest -n N`` every worker (and every process a test starts) computes on one thread: N workers with
+# torch's default of one thread per core oversubscribe the cores, and the tiny models' many small kernels then
+# wait on each other (measured: the converted-models fixture of tests/convert took 222 s with 2 threads per
+# worker beside another busy process, 33 s with one).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
