@@ -29,7 +29,8 @@ def initial_models() -> Iterator[tuple[str, int, object]]:
     """``(name, seed, config)`` for every model a bundled preset or suite starts a run from."""
     from transformers import AutoConfig
 
-    from kphi.experiments.compare import list_suites, load_suite, read_suite_yaml, resolve_arms
+    from kphi.experiments.arms import resolve_arms
+    from kphi.experiments.suites import list_suites, load_suite, read_suite_yaml
     from kphi.experiments.compress import load_compress_suite
     from kphi.sources.auto import KPhi3Config, config_fields, with_overrides
     from kphi.presets import list_presets, load_preset

@@ -27,7 +27,7 @@ def test_the_analytic_count_equals_torchs_flop_counter_forward_and_backward(pres
 
 def test_kphi3_costs_less_per_token_than_phi3_by_its_projection_saving():
     dense, grouped = (load_preset(name).config for name in ("cpu-phi3", "cpu-kphi3"))
-    from kphi.experiments.compare import non_embedding
+    from kphi.experiments.arms import non_embedding
 
     saving = training_flops_per_token(dense, 256) - training_flops_per_token(grouped, 256)
     # both have the same norms, so the non-embedding difference is all projection weights

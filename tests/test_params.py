@@ -106,7 +106,7 @@ def test_unknown_preset_and_bad_yaml_name_the_problem(tmp_path):
 def test_the_dense_counterpart_and_the_dense_control_of_every_kind_are_dense(fields):
     """Both once kept ``projection`` while clearing the report's fields, so a kind given as ``projection``
     stayed structured: ``kphi params`` reported 100% of dense and the control was not dense."""
-    from kphi.experiments.compare import dense_control, non_embedding
+    from kphi.experiments.arms import dense_control, non_embedding
     from kphi.sources.auto import KPhi3Config, with_overrides
     from kphi.params import dense_counterpart
 

@@ -85,7 +85,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.budgets import format_budget_table, run_budget_series
 
     _single_process("compare")
-    from .experiments.compare import format_table, load_suite, parse_counts, parse_learning_rates, run_compare
+    from .experiments.compare import format_table, run_compare
+    from .experiments.suites import load_suite, parse_counts, parse_learning_rates
 
     suite = load_suite(args.suite)
     options = dict(
@@ -116,7 +117,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from .experiments.compare import parse_counts, parse_learning_rates
+    from .experiments.suites import parse_counts, parse_learning_rates
     from .experiments.scaling import format_dry_run, format_scaling_table, load_scaling_suite, run_scaling
 
     _single_process("scale")
@@ -137,7 +138,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .experiments.compare import read_suite_yaml
+    from .experiments.suites import read_suite_yaml
     from .experiments.compress import format_compress_table, load_compress_suite, run_compress
 
     _single_process("compress")

@@ -10,7 +10,7 @@ to raise. Anything else that escapes is a bug in kphi.
 
 from __future__ import annotations
 
-__all__ = ["ConvertError", "EvalError", "KphiError"]
+__all__ = ["ConvertError", "EvalError", "ExperimentError", "KphiError"]
 
 
 class KphiError(Exception):
@@ -23,3 +23,7 @@ class EvalError(KphiError, ValueError):
 
 class ConvertError(KphiError, ValueError):
     """The source cannot be converted as asked (unsupported architecture, bad kind or settings, no data)."""
+
+
+class ExperimentError(KphiError, RuntimeError):
+    """An experiment (compare, budgets, scaling, compress) cannot run as asked; the message says why."""

@@ -9,7 +9,7 @@ import pytest
 from processes import run_cli
 import torch
 
-from kphi.eval.evaluate import TextScore, read_documents, score_documents, window_plan
+from kphi.eval.bits import TextScore, read_documents, score_documents, window_plan
 from kphi.presets import load_preset
 from tiny_gguf import write_tiny_llama_gguf
 
@@ -107,7 +107,7 @@ def test_eval_defaults_to_the_shipped_heldout_text(trained_model_dir, tmp_path):
 
 
 def test_first_bytes_keeps_whole_documents_then_cuts_at_a_line_end():
-    from kphi.eval.evaluate import first_bytes
+    from kphi.eval.bits import first_bytes
 
     documents = ["ab\ncd\n", "éé\nfg\nhi\n", "never"]  # 6 bytes, then 10 bytes (é is 2 bytes)
     assert first_bytes(documents, 6) == ["ab\ncd\n"]

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from kphi.experiments.budgets import run_budget_series
-from kphi.experiments.compare import CompareError, load_suite
+from kphi.experiments.compare import CompareError
+from kphi.experiments.suites import load_suite
 
 from corpus import write_corpus
 from processes import finished_runs, run_cli
@@ -35,7 +36,7 @@ def test_every_arm_trains_at_every_budget_and_the_table_reads_them(series):
     for picture in ("budgets.png", "compute.png", "differences.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
     assert "| 512 tokens | 1,024 tokens |" in stdout
-    from kphi.experiments.compare import resolve_arms
+    from kphi.experiments.arms import resolve_arms
     from kphi.params import training_flops_per_token
 
     for arm in resolve_arms(load_suite("smoke")):
@@ -151,7 +152,7 @@ def test_budgets_per_parameter_become_whole_steps_of_the_baselines_size(tmp_path
     import math
 
     from kphi.experiments.budgets import budgets_per_parameter
-    from kphi.experiments.compare import non_embedding, resolve_arms
+    from kphi.experiments.arms import non_embedding, resolve_arms
 
     suite_file = tmp_path / "per-param.yaml"
     suite_file.write_text(

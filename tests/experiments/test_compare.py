@@ -8,7 +8,9 @@ import pytest
 
 from processes import run_cli
 
-from kphi.experiments.compare import CompareError, dense_control, load_suite, low_rank_control, non_embedding, resolve_arms
+from kphi.experiments.compare import CompareError
+from kphi.experiments.arms import dense_control, low_rank_control, non_embedding, resolve_arms
+from kphi.experiments.suites import load_suite
 from kphi.modeling.lowrank import LowRankLinear, rank_for_fraction
 from kphi.presets import load_preset
 
@@ -205,7 +207,8 @@ def test_an_arm_that_narrows_the_model_narrows_its_embeddings_too(tmp_path):
     arm names ``embed_size`` itself."""
     import yaml
 
-    from kphi.experiments.compare import load_suite, resolve_arms
+    from kphi.experiments.arms import resolve_arms
+    from kphi.experiments.suites import load_suite
 
     spec = {"name": "narrow", "baseline": "narrow", "data": {"source": "default"}, "training": {"max_steps": 1},
             "arms": [{"label": "narrow", "preset": "cpu-phi3", "config": {"hidden_size": 64, "intermediate_size": 192}},

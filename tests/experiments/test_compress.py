@@ -6,7 +6,8 @@ import pytest
 
 from processes import finished_runs, run_cli
 
-from kphi.experiments.compare import CompareError, load_suite
+from kphi.experiments.compare import CompareError
+from kphi.experiments.suites import load_suite
 from kphi.experiments.compress import load_compress_suite
 
 

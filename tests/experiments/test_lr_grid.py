@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from kphi.experiments.compare import CompareError, load_suite, parse_learning_rates, resolve_arms, run_compare
+from kphi.experiments.compare import CompareError, run_compare
+from kphi.experiments.arms import resolve_arms
+from kphi.experiments.suites import load_suite, parse_learning_rates
 from kphi.training.optim import grouped_lr_multipliers, scale_grouped_learning_rates
 
 from corpus import write_corpus
@@ -123,7 +125,7 @@ def test_arm_rates_come_from_the_arm_then_the_suite(tmp_path):
         SUITE.replace("{label: phi-3, preset: tiny-phi3}", "{label: phi-3, preset: tiny-phi3, learning_rate: 5.0e-3}")
         .replace("{label: kphi-3, preset: tiny-kphi3}", "{label: kphi-3, preset: tiny-kphi3, learning_rates: [1.0e-3, 2.0e-3]}")
     )
-    from kphi.experiments.compare import arm_rates
+    from kphi.experiments.arms import arm_rates
 
     suite = load_suite(str(tmp_path / "s.yaml"))
     phi, kphi_arm = resolve_arms(suite)
@@ -175,7 +177,7 @@ def test_grouped_learning_rates_scale_by_the_group_count():
 @pytest.mark.fast
 @pytest.mark.parametrize("text", ["", "x", "512,-1", "1.5", "0"])
 def test_bad_counts_are_refused(text):
-    from kphi.experiments.compare import parse_counts
+    from kphi.experiments.suites import parse_counts
 
     with pytest.raises(CompareError, match="--budgets must be positive whole numbers"):
         parse_counts(text, "--budgets")
@@ -183,6 +185,6 @@ def test_bad_counts_are_refused(text):
 
 @pytest.mark.fast
 def test_counts_accept_scientific_notation_and_sort():
-    from kphi.experiments.compare import parse_counts
+    from kphi.experiments.suites import parse_counts
 
     assert parse_counts("3e6, 716800", "--budgets") == [716800, 3000000]

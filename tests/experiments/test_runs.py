@@ -79,7 +79,8 @@ def test_a_run_recorded_with_the_legacy_projection_fields_is_the_same_run_today(
     """Version-2 records (``min_channels_per_group``, ``grouped_init``, ``low_rank_fraction`` and a
     ``projection`` as the suite spelled it) are migrated, not re-resolved: the arm that wrote each is the same
     run today, and another projection is still another run."""
-    from kphi.experiments.compare import load_suite, resolve_arms
+    from kphi.experiments.arms import resolve_arms
+    from kphi.experiments.suites import load_suite
     from kphi.sources.auto import KPhi3Config, config_fields
     from kphi.train import TrainSettings, identity_differences, recorded_version
 

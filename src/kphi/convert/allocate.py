@@ -29,6 +29,7 @@ from ..errors import ConvertError
 from ..files import atomic_write_text
 from ..modeling.kinds import DenseKind
 from ..modeling.projections import linear_weight, projection_kind
+from .targets import allocation_table
 
 __all__ = [
     "ALLOCATIONS", "Allocation", "Candidate", "allocate", "allocate_for_source", "allocation_table", "sensitivity_cache", "choose_sensitivity", "choose_uniform", "load_candidates",
@@ -109,21 +110,6 @@ class Allocation:
 
     def table(self) -> str:
         return allocation_table(self.choices)
-
-
-def allocation_table(choices: dict[str, str]) -> str:
-    """One row per layer, one column per projection name: the candidate each projection got."""
-    rows: dict[str, dict[str, str]] = {}
-    for name, label in choices.items():
-        prefix, _, leaf = name.rpartition(".")
-        layer = next((part for part in reversed(prefix.split(".")) if part.isdigit()), prefix)
-        rows.setdefault(layer, {})[leaf] = label
-    leaves = list(dict.fromkeys(leaf for row in rows.values() for leaf in row))
-    widths = [max(len(leaf), *(len(row.get(leaf, "")) for row in rows.values())) for leaf in leaves]
-    lines = ["layer  " + "  ".join(leaf.ljust(w) for leaf, w in zip(leaves, widths))]
-    lines += [f"{layer:<5}  " + "  ".join(row.get(leaf, "-").ljust(w) for leaf, w in zip(leaves, widths)).rstrip()
-              for layer, row in rows.items()]
-    return "\n".join(lines)
 
 
 def measure_sensitivity(dense, names: list[str], candidates: list[Candidate], score: Callable[[Any], float],
@@ -293,7 +279,7 @@ def allocate_for_source(dense, tokenizer, keep: float, *, method: str = "sensiti
     ids to fit each candidate on activations (else in Frobenius norm). The scores are kept in ``cache_dir``
     (default ``$KPHI_CACHE/sensitivity``) under a key of everything they depend on: the source's weights, the
     candidates, the text and the calibration ids."""
-    from ..eval.evaluate import evaluate_text
+    from ..eval.bits import evaluate_text
     from ..modeling.projections import is_dense_projection, matches_target
     from .calibration import calibration_grams
     from .heldout import sensitivity_text

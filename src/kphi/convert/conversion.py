@@ -12,9 +12,8 @@ import torch
 from ..errors import ConvertError
 from ..modeling.kinds import DenseKind, FitResult
 from ..modeling.projections import linear_weight, projection_kind
-from .allocate import allocation_table
 from .calibration import CALIBRATION_TOKENS, activation_fit_or_fallback, calibration_grams, calibration_ids
-from .targets import target_config
+from .targets import allocation_table, target_config
 
 __all__ = ["FITS", "ConvertResult", "convert", "load_source", "non_embedding_parameters"]
 

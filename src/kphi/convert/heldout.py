@@ -11,9 +11,9 @@ __all__ = ["heldout_bits_per_byte", "heldout_score", "sensitivity_text"]
 
 
 def heldout_score(model, tokenizer, size: int):
-    """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.eval.evaluate`; context up to
+    """``model`` scored on the first ``size`` bytes of kphi's held-out text (:mod:`kphi.eval.bits`; context up to
     256 tokens, stride 128)."""
-    from ..eval.evaluate import evaluate_text, heldout_sample
+    from ..eval.bits import evaluate_text, heldout_sample
 
     return evaluate_text(model.eval(), tokenizer, [heldout_sample(size)], "heldout", context=256)
 
@@ -33,7 +33,7 @@ def sensitivity_text(size: int) -> str:
     """The *last* ``size`` bytes' worth of kphi's held-out text, from a line start: what scores each candidate of
     an allocation, so that the scores of converted models on the text's first bytes (``--heldout-bytes``, the
     structure suites' 32 KB) never read what chose their allocation."""
-    from ..eval.evaluate import default_text_path
+    from ..eval.bits import default_text_path
 
     text = default_text_path().read_text(encoding="utf-8")
     tail = text[-size:] if size < len(text) else text

@@ -109,3 +109,18 @@ def layer_projection_names(source_config) -> list[str]:
             "blocks; kphi convert has nothing to replace (name the modules with --targets)"
         )
     return names
+
+
+def allocation_table(choices: dict[str, str]) -> str:
+    """One row per layer, one column per projection name: the candidate each projection got."""
+    rows: dict[str, dict[str, str]] = {}
+    for name, label in choices.items():
+        prefix, _, leaf = name.rpartition(".")
+        layer = next((part for part in reversed(prefix.split(".")) if part.isdigit()), prefix)
+        rows.setdefault(layer, {})[leaf] = label
+    leaves = list(dict.fromkeys(leaf for row in rows.values() for leaf in row))
+    widths = [max(len(leaf), *(len(row.get(leaf, "")) for row in rows.values())) for leaf in leaves]
+    lines = ["layer  " + "  ".join(leaf.ljust(w) for leaf, w in zip(leaves, widths))]
+    lines += [f"{layer:<5}  " + "  ".join(row.get(leaf, "-").ljust(w) for leaf, w in zip(leaves, widths)).rstrip()
+              for layer, row in rows.items()]
+    return "\n".join(lines)

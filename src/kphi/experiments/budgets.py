@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, Comparison, Suite, command_line, format_loss, run_plan, training_at_budget
+from .compare import CompareError, Comparison, format_loss, run_plan, training_at_budget
+from .runs import command_line
+from .suites import Suite
 from .runs import write_results
 from ..training.train_settings import training_value
 
@@ -122,7 +124,7 @@ def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
 
 def budgets_per_parameter(suite: Suite) -> list[int]:
     """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
-    from .compare import non_embedding, resolve_arms
+    from .arms import non_embedding, resolve_arms
     from ..training.train_settings import whole_steps
 
     if not suite.budgets_per_parameter:
@@ -136,7 +138,7 @@ def _add_compute(results: dict[str, Any], suite: Suite) -> None:
     (tokens x that) and the median measured tokens per second and wall seconds of its runs."""
     from statistics import median
 
-    from .compare import resolve_arms
+    from .arms import resolve_arms
     from ..params import training_flops_per_token
 
     context = int(training_value(suite.training, "context_length"))

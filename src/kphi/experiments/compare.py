@@ -2,12 +2,8 @@
 
 A *suite* (YAML in ``kphi/suites/``) lists arms and one set of training settings. Every arm trains on the
 same prepared data, in the same order (same seed), for the same number of tokens. Arms are presets, or
-*controls* derived from them so a reader can tell whether grouping beats simply having fewer parameters:
-
-* ``control: dense`` — the ``base`` preset with smaller widths (hidden and intermediate size scaled
-  together, head count kept), sized to the non-embedding parameter count of the arm named in ``match``;
-* ``control: low_rank`` — the ``base`` preset with every projection factorised through a thin bottleneck
-  (:mod:`kphi.modeling.lowrank`), sized the same way.
+*controls* derived from them (:mod:`kphi.experiments.arms`) so a reader can tell whether grouping beats simply
+having fewer parameters; the suite file's every key is :mod:`kphi.experiments.suites`'.
 
 Any arm may change its preset's config (``config: {...}``; for a control, the base's), and carry its own
 training settings (``training: {...}``), ``learning_rate`` or ``learning_rates``.
@@ -29,313 +25,32 @@ list can be extended in the same ``--out`` and only the new runs train.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import platform
 import statistics
-import sys
 import time
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from ..errors import ExperimentError
 from ..files import atomic_write_text, refuse_foreign_dir, slug
-from ..sources.auto import KPhi3Config, config_fields, with_overrides
-from ..params import count_parameters
-from ..presets import load_preset
-from .runs import ExperimentError, finished_metrics_file, get_or_train, write_results
-from ..training.train_settings import training_value, unknown_training_keys
+from ..sources.auto import config_fields
+from ..training.train_settings import training_value
+from .arms import Arm, arm_rates, non_embedding, resolve_arms, run_dir_name
+from .runs import command_line, finished_metrics_file, get_or_train, write_results
+from .suites import Suite
 
-__all__ = [
-    "Arm", "ArmSpec", "Suite", "Comparison", "CompareError", "list_suites", "load_suite", "parse_learning_rates", "resolve_arms",
-    "run_compare", "run_plan", "format_plan", "format_table", "best_rate",
-]
+__all__ = ["Comparison", "CompareError", "best_rate", "format_plan", "format_table", "run_compare", "run_plan"]
 
 
-#: A comparison cannot run as asked: the experiment layer's one error (``kphi.experiments.runs.ExperimentError``), under
+#: A comparison cannot run as asked: the experiment layer's one error (:class:`kphi.errors.ExperimentError`), under
 #: the name compare's callers have always caught.
 CompareError = ExperimentError
-
-
-@dataclass
-class Arm:
-    """One row of the table: a label and the model configuration it trains."""
-
-    label: str
-    config: KPhi3Config
-    model: str
-    kind: str = "preset"  # preset | dense control | low-rank control
-    source: str = ""  # the preset, or how the control was derived
-    learning_rate: float | None = None  # the arm's own rate (e.g. from a sweep); None: the suite's
-    learning_rates: list[float] | None = None  # the arm's own grid; None: the suite's grid, if any
-    training: dict[str, Any] = field(default_factory=dict)  # training settings of this arm only
-
-
-@dataclass(frozen=True)
-class ArmSpec:
-    """One arm as a suite states it: a preset arm (``preset``, with optional ``config`` overrides of its model)
-    or a control sized to another arm (``control: dense|low_rank``, ``base``: the preset it shrinks or
-    factorises, ``match``: the label of the arm whose non-embedding parameters it matches); each with its own
-    ``learning_rate`` or grid ``learning_rates``, ``training`` settings and a ``model`` name for the table."""
-
-    label: str
-    preset: str | None = None
-    model: str | None = None
-    config: dict[str, Any] | None = None
-    training: dict[str, Any] = field(default_factory=dict)
-    learning_rate: float | None = None
-    learning_rates: list[float] | None = None
-    control: str | None = None
-    base: str | None = None
-    match: str | None = None
-
-
-@dataclass
-class Suite:
-    name: str
-    description: str
-    arms: list[ArmSpec]
-    baseline: str
-    data: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    seeds: int = 1
-    learning_rates: list[float] | None = None
-    budgets: list[int] | None = None  # a budget series (kphi.experiments.budgets): every arm at each of these token budgets
-    seeds_at_largest: int | None = None  # seeds at the largest budget(s) of a series (default: ``seeds``)
-    seeded_budgets: int = 1  # how many of a series' largest budgets run ``seeds_at_largest`` seeds
-    # budgets stated as tokens per non-embedding parameter of the baseline arm (kphi.experiments.budgets turns them into
-    # token counts, whole optimizer steps): ``budgets_per_parameter: [2.5, 5, 10, 20, 40]``
-    budgets_per_parameter: list[float] | None = None
-
-
-def positive_rates(rates, where: str, what: str = "learning rates") -> list[float] | None:
-    if rates is None:
-        return None
-    try:
-        values = [float(r) for r in rates]
-    except (TypeError, ValueError):
-        raise CompareError(f"{where}: {what} must be numbers, got {rates!r}") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise CompareError(f"{where}: {what} must be a non-empty list of positive numbers, got {rates!r}")
-    return sorted(set(values))
-
-
-def parse_counts(text: str, flag: str) -> list[int]:
-    """``"716800,3e6"`` -> ``[716800, 3000000]``: positive whole numbers for flags like ``--budgets``."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v <= 0 or v != int(v) for v in values):
-        raise CompareError(f"{flag} must be positive whole numbers separated by commas, got {text!r}")
-    return sorted({int(v) for v in values})
-
-
-def parse_learning_rates(text: str) -> list[float]:
-    """``"1e-3,2e-3,4e-3"`` -> ``[0.001, 0.002, 0.004]`` (the ``--learning-rates`` flag)."""
-    return positive_rates([t for t in text.split(",") if t.strip()], "--learning-rates")
-
-
-def _suite_dir() -> Path:
-    return Path(str(resources.files("kphi") / "suites"))
-
-
-def list_suites() -> list[str]:
-    return sorted(p.stem for p in _suite_dir().glob("*.yaml"))
-
-
-def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
-    """``(path, parsed YAML)`` of a bundled suite name or a suite file; ``CompareError`` when neither."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = _suite_dir() / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise CompareError(f"unknown suite {name_or_path!r}; available: {', '.join(list_suites())}")
-    elif not path.is_file():
-        raise CompareError(f"suite file not found: {path}")
-    try:
-        return path, yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise CompareError(f"cannot read suite {path}: {err}") from None
-
-
-#: The keys a compare suite's YAML may hold (the fields of :class:`Suite`); anything else is refused by name.
-SUITE_KEYS = frozenset(f.name for f in dataclasses.fields(Suite))
-#: The keys of one arm: a preset arm (``preset``, optional ``config`` overrides) or a control (``control:
-#: dense|low_rank``, ``base``, ``match``), each with its own rates and training settings.
-ARM_KEYS = frozenset(f.name for f in dataclasses.fields(ArmSpec))
-
-
-def load_suite(name_or_path: str) -> Suite:
-    """A bundled suite (``cpu``, ``smoke``, ``paper``, ...) or a suite YAML file."""
-    path, data = read_suite_yaml(name_or_path)
-    if isinstance(data, dict) and data.get("kind") in ("scaling", "compress", "structure"):
-        command = "scale" if data["kind"] == "scaling" else "compress"
-        raise CompareError(f"{path} is a {data['kind']} suite; run it with kphi {command} --suite {name_or_path}")
-    if not isinstance(data, dict) or not isinstance(data.get("arms"), list) or not data["arms"]:
-        raise CompareError(f"suite {path} needs a non-empty 'arms' list")
-    unknown_keys(data, SUITE_KEYS, f"suite {path}", "a suite")
-    if not all(isinstance(a, dict) for a in data["arms"]):
-        raise CompareError(f"suite {path}: every arm is a mapping (label, preset or control, ...)")
-    labels = [a.get("label") for a in data["arms"]]
-    if len(set(labels)) != len(labels) or not all(labels):
-        raise CompareError(f"suite {path}: every arm needs a unique label")
-    baseline = data.get("baseline", labels[0])
-    if baseline not in labels:
-        raise CompareError(f"suite {path}: baseline {baseline!r} is not an arm label")
-    return Suite(
-        name=str(data.get("name", path.stem)),
-        description=str(data.get("description", "")),
-        arms=arm_specs(data["arms"], f"suite {path}"),
-        baseline=baseline,
-        data=dict(data.get("data") or {}),
-        training=suite_training(data.get("training"), f"suite {path}"),
-        seeds=int(data.get("seeds", 1)),
-        learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
-        budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
-        seeds_at_largest=data.get("seeds_at_largest"),
-        seeded_budgets=int(data.get("seeded_budgets", 1)),
-        budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
-    )
-
-
-def unknown_keys(mapping: dict, known: frozenset[str], where: str, what: str) -> None:
-    """Refuse the keys of ``mapping`` (a suite, an arm) that nothing reads: a misspelt one would be ignored."""
-    unknown = sorted(set(map(str, mapping)) - known)
-    if unknown:
-        raise CompareError(f"{where}: no setting {', '.join(map(repr, unknown))} ({what} has {', '.join(sorted(known))})")
-
-
-def arm_specs(arms: list[dict[str, Any]], where: str) -> list[ArmSpec]:
-    """A suite's arms (or a scaling suite's families) as :class:`ArmSpec`; a key no arm has, or a training
-    setting that does not exist, is refused by name."""
-    specs = []
-    for arm in arms:
-        unknown_keys(arm, ARM_KEYS, f"{where}, arm {arm['label']!r}", "an arm")
-        training = suite_training(arm.get("training"), f"{where}, arm {arm['label']!r}")
-        specs.append(ArmSpec(**{**arm, "label": str(arm["label"]), "training": training}))
-    return specs
-
-
-def suite_training(section: Any, where: str) -> dict[str, Any]:
-    """A suite's ``training:`` section: a partial :class:`kphi.train_settings.TrainSettings` (defaults come
-    from there, never restated); a key that names no setting is an error before anything trains."""
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise CompareError(f"{where}: training must be a mapping of training settings, got {section!r}")
-    unknown = unknown_training_keys(section)
-    if unknown:
-        raise CompareError(f"{where}: training has no setting {', '.join(map(repr, unknown))} (see kphi train --help)")
-    return dict(section)
-
-
-def _positive_budgets(budgets, where: str) -> list[int] | None:
-    if budgets is None:
-        return None
-    if not isinstance(budgets, list) or not budgets or not all(isinstance(b, int) and b > 0 for b in budgets):
-        raise CompareError(f"{where}: budgets must be a non-empty list of positive token counts, got {budgets!r}")
-    return sorted(set(budgets))
-
-
-# --------------------------------------------------------------------------- controls of equal size
-
-
-def non_embedding(config: KPhi3Config) -> int:
-    total, embedding = count_parameters(config)
-    return total - embedding
-
-
-def dense_control(base: KPhi3Config, target: int) -> KPhi3Config:
-    """The dense ``base`` shrunk in width to the non-embedding count closest to ``target``.
-
-    The hidden size runs over multiples of ``2 * heads`` (even head dimension for RoPE) up to the base
-    width, with the intermediate size at the base ratio; the closest one is then fine-tuned by moving the
-    intermediate size alone (multiples of 8), since a hidden-size step is coarse.
-    """
-    fields = config_fields(base)
-    fields.update(projection={"kind": "dense"}, embed_size=None)
-    heads, ratio = base.num_attention_heads, base.intermediate_size / base.hidden_size
-
-    def closest(candidates):
-        scored = [(abs(non_embedding(c) - target), c) for c in candidates]
-        return min(scored, key=lambda pair: pair[0])[1]
-
-    def make(hidden, inter):
-        return KPhi3Config(**{**fields, "hidden_size": hidden, "intermediate_size": inter})
-
-    coarse = closest(
-        make(h, max(8, round(h * ratio / 8) * 8)) for h in range(2 * heads, base.hidden_size + 1, 2 * heads)
-    )
-    h = coarse.hidden_size
-    # non-embedding count is linear in the intermediate size: 3 * h * layers per unit
-    per_unit = 3 * h * coarse.num_hidden_layers
-    guess = coarse.intermediate_size + round((target - non_embedding(coarse)) / per_unit / 8) * 8
-    return closest(make(h, max(8, i)) for i in (guess - 8, guess, guess + 8))
-
-
-def low_rank_control(base: KPhi3Config, target: int) -> KPhi3Config:
-    """``base`` with every projection factorised to rank ``round(f * in * out / (in + out))``; ``f`` by bisection."""
-    fields = config_fields(base)
-    lo, hi = 1e-4, 1.0
-    best = None
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        candidate = KPhi3Config(**{**fields, "projection": {"kind": "low_rank", "fraction": mid}})
-        count = non_embedding(candidate)
-        if best is None or abs(count - target) < best[0]:
-            best = (abs(count - target), candidate)
-        if count < target:
-            lo = mid
-        else:
-            hi = mid
-    return best[1]
-
-
-def resolve_arms(suite: Suite) -> list[Arm]:
-    """Presets first, then controls sized to the arms they ``match``."""
-    arms: dict[str, Arm] = {}
-    for spec in suite.arms:
-        if spec.preset is not None:
-            preset = load_preset(spec.preset)
-            config = KPhi3Config(**with_overrides(preset.config, spec.config))
-            arms[spec.label] = Arm(spec.label, config, spec.model or preset.model, "preset", preset.name, **_arm_training(spec))
-    for spec in suite.arms:
-        if spec.preset is not None:
-            continue
-        if spec.control not in ("dense", "low_rank") or not spec.base or spec.match not in arms:
-            raise CompareError(
-                f"arm {spec.label!r}: a control needs control: dense|low_rank, base: PRESET and match: LABEL of a preset arm"
-            )
-        base = KPhi3Config(**with_overrides(load_preset(spec.base).config, spec.config))
-        target = non_embedding(arms[spec.match].config)
-        if spec.control == "dense":
-            config = dense_control(base, target)
-            source = f"{spec.base} shrunk to width {config.hidden_size}/{config.intermediate_size} to match {spec.match}"
-            model = "phi-3 (smaller)"
-        else:
-            config = low_rank_control(base, target)
-            source = f"{spec.base} factorised, low-rank fraction {config.projection['fraction']:.4f}, to match {spec.match}"
-            model = "low-rank phi-3"
-        arms[spec.label] = Arm(spec.label, config, spec.model or model, f"{spec.control} control", source, **_arm_training(spec))
-    return [arms[spec.label] for spec in suite.arms]
-
-
-def _arm_training(spec: ArmSpec) -> dict[str, Any]:
-    where = f"arm {spec.label!r}"
-    rate = positive_rates([spec.learning_rate], where)[0] if spec.learning_rate is not None else None
-    if "learning_rate" in spec.training:
-        raise CompareError(f"{where}: give its rate as learning_rate on the arm, not under training")
-    return {"learning_rate": rate, "learning_rates": positive_rates(spec.learning_rates, where), "training": dict(spec.training)}
-
-
-# --------------------------------------------------------------------------- running
 
 
 def _machine() -> dict[str, Any]:
@@ -370,19 +85,6 @@ def _mean_spread(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def arm_rates(arm: Arm, suite: Suite, learning_rates: list[float] | None = None) -> list[float]:
-    """The rates ``arm`` trains at: the first of ``--learning-rates``, the arm's grid, the suite's grid, the arm's
-    own rate and the suite's rate that is given."""
-    grid = learning_rates or arm.learning_rates or suite.learning_rates
-    if grid:
-        return list(grid)
-    return [arm.learning_rate or float(training_value(suite.training, "learning_rate"))]
-
-
-def run_dir_name(arm: Arm, learning_rate: float, seed: int) -> str:
-    return f"{slug(arm.label, 'arm')}-lr{learning_rate:g}-seed{seed}"
 
 
 def _comparison_identity(suite: Suite, data: str | None, max_tokens: int | None) -> dict[str, Any]:
@@ -563,13 +265,6 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
                          f"{', '.join(f'{r:g}' for r in rates)} | {seeds} | {len(done)} | {finished} |")
     lines.append(f"\n{planned_total} runs, {finished_total} of them finished (reused); nothing was trained.")
     return "\n".join(lines)
-
-
-def command_line() -> str | None:
-    """The ``kphi ...`` command this process runs (recorded in results files), or ``None`` from Python."""
-    if sys.argv and Path(sys.argv[0]).name in ("kphi", "__main__.py"):
-        return "kphi " + " ".join(sys.argv[1:])
-    return None
 
 
 def _summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:

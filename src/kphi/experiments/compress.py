@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, command_line, read_suite_yaml, suite_training
+from ..errors import ExperimentError
+from .runs import command_line
+from .suites import read_suite_yaml, suite_training
 from ..files import atomic_write_text, slug
 from .runs import converged, get_or_train, write_results
 from ..training.train_settings import training_value
@@ -54,17 +56,17 @@ class CompressSuite:
 def load_compress_suite(name_or_path: str) -> CompressSuite:
     path, data = read_suite_yaml(name_or_path)
     if not isinstance(data, dict) or data.get("kind") != "compress":
-        raise CompareError(f"{path} is not a compress suite (it needs kind: compress)")
+        raise ExperimentError(f"{path} is not a compress suite (it needs kind: compress)")
     fields = {k: v for k, v in data.items() if k != "kind"}
     try:
         suite = CompressSuite(**fields)
     except TypeError as err:
-        raise CompareError(f"compress suite {path}: {err}") from None
+        raise ExperimentError(f"compress suite {path}: {err}") from None
     suite.training = suite_training(suite.training, f"compress suite {path}")
     if not suite.compressions or not all(isinstance(c, dict) and c.get("label") and c.get("kind") for c in suite.compressions):
-        raise CompareError(f"compress suite {path}: every compression needs a label and a kind")
+        raise ExperimentError(f"compress suite {path}: every compression needs a label and a kind")
     if not {"preset", "tokens", "learning_rate"} <= set(suite.teacher):
-        raise CompareError(f"compress suite {path}: teacher needs preset, tokens and learning_rate")
+        raise ExperimentError(f"compress suite {path}: teacher needs preset, tokens and learning_rate")
     return suite
 
 
@@ -128,7 +130,7 @@ def _fit(runner: _Runner, teacher_dir: Path, spec: dict[str, Any], out: Path) ->
     summary = json.loads(marker.read_text()) if marker.is_file() and (out / "model.safetensors").is_file() else None
     if summary is None or summary.get("kind") != projection_kind(dict(spec["kind"])).to_dict() or summary.get("fit") != fit:
         if summary is not None:
-            raise CompareError(f"{out} holds another fit ({summary.get('kind')}, {summary.get('fit')}); choose another --out")
+            raise ExperimentError(f"{out} holds another fit ({summary.get('kind')}, {summary.get('fit')}); choose another --out")
         # calibration data with every fit, so that the calibration error is reported for each
         result = convert_to_dir(teacher_dir, out, kind=dict(spec["kind"]), fit=fit, calibration=runner.prepared,
                                 calibration_tokens=runner.suite.calibration_tokens, progress=runner.progress,
@@ -159,7 +161,7 @@ def _heal(runner: _Runner, label: str, fit_dir: Path, teacher_dir: Path, preset:
             grid[rate] = metrics["val_loss"]  # None where that rate diverged: a result of the grid
         finite = [rate for rate, loss in grid.items() if loss is not None]
         if not finite:
-            raise CompareError(f"{label}: healing ({mode}) diverged at every rate of heal_learning_rates; lower them")
+            raise ExperimentError(f"{label}: healing ({mode}) diverged at every rate of heal_learning_rates; lower them")
         best = min(finite, key=grid.get)
         healed[mode] = {"val_loss": grid[best], "learning_rate": best, "grid": {f"{r:g}": v for r, v in grid.items()}}
     return healed

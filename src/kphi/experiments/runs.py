@@ -20,22 +20,19 @@ Every failure a user can cause is an :class:`ExperimentError` whose message name
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import KphiError
+from ..errors import ExperimentError
 from ..files import atomic_write_text
 
 __all__ = ["DIVERGED_FILE", "finished_metrics_file", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
-           "write_results"]
+           "write_results", "command_line"]
 
 DIVERGED_FILE = "diverged.json"
 #: Every experiment's results: the numbers, and the table a reader looks at.
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
-
-
-class ExperimentError(KphiError, RuntimeError):
-    """An experiment (compare, budgets, scaling, compress) cannot run as asked; the message says why."""
 
 
 def finished_metrics_file(run_dir: Path) -> Path | None:
@@ -115,3 +112,10 @@ def write_results(out: Path, results: dict[str, Any], table: str) -> None:
     out = Path(out)
     atomic_write_text(out / RESULTS_JSON, json.dumps(results, indent=2))
     atomic_write_text(out / RESULTS_MD, table + "\n")
+
+
+def command_line() -> str | None:
+    """The ``kphi ...`` command this process runs (recorded in results files), or ``None`` from Python."""
+    if sys.argv and Path(sys.argv[0]).name in ("kphi", "__main__.py"):
+        return "kphi " + " ".join(sys.argv[1:])
+    return None

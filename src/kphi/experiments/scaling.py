@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
-from .compare import (
-    ArmSpec, CompareError, Comparison, Suite, arm_specs, positive_rates, command_line, non_embedding, read_suite_yaml,
-    resolve_arms, run_plan, suite_training, training_at_budget, unknown_keys,
-)
+from .compare import CompareError, Comparison, run_plan, training_at_budget
+from .arms import non_embedding, resolve_arms
+from .runs import command_line
+from .suites import ArmSpec, Suite, arm_specs, positive_rates, read_suite_yaml, suite_training, unknown_keys
 from ..sources.auto import config_fields
 from ..presets import load_preset
 from .runs import write_results

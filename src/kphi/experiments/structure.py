@@ -5,7 +5,7 @@ names a pretrained ``source`` (any model source, :mod:`kphi.sources`) and a list
 projection kind, a fit (``frobenius`` or ``activations``) and optionally ``targets`` (PEFT's rule,
 :func:`kphi.modeling.projections.matches_target`) and ``overrides`` (``kphi convert --override`` text, e.g.
 ``v_proj=dense``). For every fit the source is converted (:func:`kphi.convert.convert`)
-and scored on the first ``heldout_bytes`` bytes of kphi's held-out text (:mod:`kphi.eval.evaluate`, windows of
+and scored on the first ``heldout_bytes`` bytes of kphi's held-out text (:mod:`kphi.eval.bits`, windows of
 ``context`` tokens every ``stride``), beside the source itself, a uniform guess over the vocabulary
 (``log2(V) * tokens / bytes`` bits per byte) and the fit's weight and calibration errors.
 
@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 
-from .compare import CompareError, command_line, read_suite_yaml, suite_training
+from ..errors import ExperimentError
+from .runs import command_line
+from .suites import read_suite_yaml, suite_training
 from ..files import atomic_write_text, slug
 from .runs import write_results
 
@@ -60,27 +62,27 @@ class StructureSuite:
 def load_structure_suite(name_or_path: str) -> StructureSuite:
     path, data = read_suite_yaml(name_or_path)
     if not isinstance(data, dict) or data.get("kind") != "structure":
-        raise CompareError(f"{path} is not a structure suite (it needs kind: structure)")
+        raise ExperimentError(f"{path} is not a structure suite (it needs kind: structure)")
     try:
         suite = StructureSuite(**{k: v for k, v in data.items() if k != "kind"})
     except TypeError as err:
-        raise CompareError(f"structure suite {path}: {err}") from None
+        raise ExperimentError(f"structure suite {path}: {err}") from None
     labels = [f.get("label") for f in suite.fits if isinstance(f, dict)]
     if len(labels) != len(suite.fits) or not all(labels) or len(set(labels)) != len(labels):
-        raise CompareError(f"structure suite {path}: every fit needs a unique label")
+        raise ExperimentError(f"structure suite {path}: every fit needs a unique label")
     for spec in suite.fits:
         if spec.get("fit", "frobenius") not in ("frobenius", "activations") or ("kind" in spec) == ("keep" in spec):
-            raise CompareError(f"structure suite {path}: fit {spec['label']!r} needs a kind or a keep (not both) and fit "
+            raise ExperimentError(f"structure suite {path}: fit {spec['label']!r} needs a kind or a keep (not both) and fit "
                                "frobenius|activations")
     if suite.heal:
         unknown = set(suite.heal) - {"fits", "tokens", "learning_rate", "training", "data"}
         if unknown or not {"fits", "tokens", "learning_rate"} <= set(suite.heal):
-            raise CompareError(f"structure suite {path}: heal takes fits, tokens, learning_rate, training and data"
+            raise ExperimentError(f"structure suite {path}: heal takes fits, tokens, learning_rate, training and data"
                                f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}")
         suite_training(suite.heal.get("training"), f"structure suite {path}: heal")
         missing = [label for label in suite.heal["fits"] if label not in labels]
         if missing:
-            raise CompareError(f"structure suite {path}: heal names fits that are not in fits: {', '.join(missing)}")
+            raise ExperimentError(f"structure suite {path}: heal names fits that are not in fits: {', '.join(missing)}")
     return suite
 
 
@@ -105,7 +107,7 @@ def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
 
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
-    from ..eval.evaluate import evaluate_text, heldout_sample
+    from ..eval.bits import evaluate_text, heldout_sample
     from ..sources.model_dir import load_model, load_tokenizer
     from .plots import plot_structure
     from ..sources import describe_source
@@ -176,7 +178,7 @@ def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str
         result = convert(dense, kind, targets=spec.get("targets"), overrides=overrides, fit=fit,
                          calibration=calibration if fit == "activations" else None, progress=progress)
     except ConvertError as err:
-        raise CompareError(f"fit {spec['label']!r}: {err}") from None
+        raise ExperimentError(f"fit {spec['label']!r}: {err}") from None
     summary = result.summary()
     scored = score(result.model.eval(), spec["label"])
     row = {
@@ -249,7 +251,7 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
                            calibration_tokens=suite.calibration_tokens, heldout_bytes=0, keep_better_on_heldout=False,
                            sensitivity_cache=out.parent / "sensitivity", progress=progress, **_stage_settings(spec))
         except ConvertError as err:
-            raise CompareError(f"heal {spec['label']!r}: {err}") from None
+            raise ExperimentError(f"heal {spec['label']!r}: {err}") from None
     try:
         settings = resolve_settings(None, **{**suite.heal.get("training", {}), "data": str(heal_data), "out": str(run_dir),
                                              "context_length": _data_settings(suite, suite.heal.get("data"))["context_length"],
@@ -257,7 +259,7 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
                                              "max_tokens": suite.heal["tokens"],
                                              "learning_rate": suite.heal["learning_rate"], "progress": progress})
     except TrainError as err:
-        raise CompareError(f"heal {spec['label']!r}: {err}") from err
+        raise ExperimentError(f"heal {spec['label']!r}: {err}") from err
     label = f"heal {spec['label']!r}"
     metrics, _ = get_or_train(settings, label=label, log=log,
                               announce=f"{label}: training {settings.max_tokens:,} tokens at lr {settings.learning_rate:g} "
