@@ -43,6 +43,8 @@ from typing import Callable
 from .errors import KphiError
 from .files import refuse_foreign_dir, staged_dir
 from .sources.model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
+from . import __version__
+from .sources import resolve_model_dir
 
 __all__ = [
     "export_or_push",
@@ -101,8 +103,6 @@ class ExportResult:
 def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
     """The kphi model in ``model_dir`` (any model source), in eval mode: a kphi-3 model (``kphi3``) or a
     converted one (``kphi_llama``, ``kphi_gpt_neox``, ...: every model type kphi registers)."""
-    from .sources import resolve_model_dir
-
     path = resolve_model_dir(model_dir)
     model_type = read_model_config(path).get("model_type")
     if not isinstance(model_type, str) or not (model_type == "kphi3" or model_type.startswith("kphi_")):
@@ -280,8 +280,6 @@ def registered_for_auto_classes(model):
 
 
 def _write_standalone(model, tokenizer, staging: Path, name: str) -> list[str]:
-    from . import __version__
-
     with registered_for_auto_classes(model):
         model.save_pretrained(staging)
     missing = [f for f in code_files(staging) if not (staging / f).is_file()]
@@ -316,7 +314,6 @@ def export_model(
     if not standalone and not onnx:
         raise ExportError("nothing to export: choose standalone and/or onnx")
     warn = warn or (lambda message: print(f"kphi: {message}", file=sys.stderr))
-    from .sources import resolve_model_dir
 
     source, out = resolve_model_dir(model_dir), Path(out)
     model = _load_kphi_model(source, dtype=None)
@@ -337,7 +334,6 @@ def export_model(
         if onnx:
             result.onnx = export_onnx(model, staging / ONNX_FILE, exporter=onnx_exporter)  # after the weights: casts to float32
         formats = [f for f, on in (("standalone", standalone), ("onnx", onnx)) if on]
-        from . import __version__
 
         marker = {
             "kphi_version": __version__,

@@ -24,6 +24,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
+from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS
+from .presets import list_presets, load_preset, resolve_config
+from .sources import HUB_ID, known_models, resolve_model_dir
+from .sources.model_dir import load_config, read_model_config
 
 __all__ = [
     "ParamReport", "count_parameters", "dense_counterpart", "format_params_table", "model_parameter_counts",
@@ -105,8 +109,6 @@ def structured_report(config) -> ParamReport:
     with dense projections, both built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS
-
     dense_config = type(config)(**{**{k: v for k, v in config.to_dict().items() if k not in BOOKKEEPING_KEYS}, "projection": None})
     with torch.device("meta"):
         total, embedding = model_parameter_counts(AutoModelForCausalLM.from_config(config))
@@ -130,10 +132,6 @@ def report_for(spec: str) -> tuple[str, str, ParamReport]:
     any causal LM architecture, including ``kphi convert``'s output (a Llama, GPT-2, ... with structured
     projections), which is counted against the same architecture with dense projections."""
     from pathlib import Path
-
-    from .sources.model_dir import load_config, read_model_config
-    from .presets import list_presets, load_preset, resolve_config
-    from .sources import HUB_ID, known_models, resolve_model_dir
 
     path = Path(spec)
     is_preset = spec in list_presets() or path.suffix in (".yaml", ".yml", ".json")

@@ -25,7 +25,7 @@ import yaml
 from huggingface_hub.errors import StrictDataclassError
 
 from .errors import KphiError
-from .sources.auto import KPhi3Config, config_fields
+from .modeling.configuration_kphi3 import KPhi3Config, config_fields
 
 __all__ = ["Preset", "PresetError", "list_presets", "load_preset", "resolve_config"]
 

@@ -43,7 +43,6 @@ from .training.callbacks import (
     TimeLimit,
     is_complete_checkpoint,
 )
-from .data.prepare import CorpusSettings
 from .files import atomic_write_text, refuse_foreign_dir
 from .training.fingerprint import weights_sha256
 from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
@@ -57,6 +56,14 @@ from .training.train_settings import (  # TrainError, TrainSettings and resolve_
     resolve_settings,
     tokens_per_step,
 )
+from .data.prepare import CorpusSettings, load_prepared, prepare_dataset, PrepareSettings
+from .export import registered_for_auto_classes
+from .generate import REPORT_SAMPLING, stop_token_ids
+from .params import model_parameter_counts
+from .sources.model_dir import load_model
+from .training.distill import distillation_trainer_class
+from .training.plots import plot_loss_curve
+from .training.sharding import full_state_dict, is_sharded_checkpoint
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
 
@@ -114,8 +121,6 @@ def _validate_checkpoint(folder: Path, model) -> None:
     with its config, or FSDP's sharded model directory, whose shapes accelerate checks as it loads)."""
     from safetensors import safe_open
 
-    from .training.sharding import is_sharded_checkpoint
-
     if is_sharded_checkpoint(folder):
         try:
             json.loads((folder / "trainer_state.json").read_text())
@@ -146,8 +151,6 @@ def _validate_checkpoint(folder: Path, model) -> None:
 
 
 def _load_data(settings: TrainSettings):
-    from .data.prepare import PrepareSettings, load_prepared, prepare_dataset
-
     data_path = Path(settings.data)
     if data_path.is_dir() and (data_path / "stats.json").is_file():
         return load_prepared(data_path)
@@ -181,16 +184,12 @@ def initial_model(settings: TrainSettings, tokenizer, config: KPhi3Config | None
 def initial_weights_sha256(settings: TrainSettings, config: KPhi3Config | None = None) -> str:
     """:func:`kphi.training.fingerprint.weights_sha256` of :func:`initial_model` for ``settings`` (the prepared data in
     ``settings.data`` supplies the tokenizer): what a recorded run's ``initial_weights_sha256`` is checked against."""
-    from .data.prepare import load_prepared
-
     tokenizer = load_prepared(settings.data)[2]
     return weights_sha256(initial_model(settings, tokenizer, config))
 
 
 def _load_model_dir(path: str, flag: str, vocab_size: int):
     """A model directory's causal LM (float32, checked loading) whose vocabulary is the data's."""
-    from .sources.model_dir import load_model
-
     model = load_model(path, dtype=torch.float32)
     if model.config.vocab_size != vocab_size:
         raise TrainError(
@@ -384,7 +383,6 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
         trainer.evaluate()
-    from .training.sharding import full_state_dict
 
     state_dict = full_state_dict(trainer.model_wrapped, trainer.accelerator)  # every process: gathering is collective
     metrics: dict[str, Any] = {}
@@ -442,8 +440,6 @@ def _make_trainer(settings: TrainSettings, model, teacher, args, train_rows, eva
 
     trainer_class = _trainer_class(settings.grouped_lr_scale)
     if teacher is not None:
-        from .training.distill import distillation_trainer_class
-
         trainer_class = distillation_trainer_class(trainer_class, teacher, settings.distill_alpha, settings.distill_temperature)
     trainer = trainer_class(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows,
                             data_collator=default_data_collator, callbacks=watch.callbacks())
@@ -464,7 +460,6 @@ def _write_run_outputs(trainer, settings: TrainSettings, tokenizer, out: Path, s
     metrics = _final_metrics(trainer, settings, model.config, data_stats, watch.csv_logger, step_tokens, wall)
     metrics["precision_effective"] = effective_precision(settings.precision)
     metrics["stopped_by_time_limit"] = watch.time_limit is not None and watch.time_limit.reached
-    from .training.plots import plot_loss_curve
 
     if (out / "log.csv").is_file():
         plot_loss_curve(out / "log.csv", out / "loss.png", f"{Path(settings.preset or out).name}: loss vs tokens")
@@ -515,8 +510,6 @@ def _leave_process_group() -> None:
 
 
 def _final_metrics(trainer, settings, config, data_stats, csv_logger, step_tokens, wall) -> dict:
-    from .params import model_parameter_counts
-
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
@@ -553,15 +546,12 @@ def write_model_dir(model, tokenizer, out: Path, state_dict: dict | None = None)
     """
     from transformers import GenerationConfig
 
-    from .generate import REPORT_SAMPLING, stop_token_ids
-
     config = model.config
     staging = out / ".final-staging"
     shutil.rmtree(staging, ignore_errors=True)
     if config.model_type.startswith("kphi_"):
         # a converted model (kphi convert) keeps its modeling files, so it loads with trust_remote_code as its
         # source did; kphi-3 outputs load after `import kphi` (or through kphi export)
-        from .export import registered_for_auto_classes
 
         with registered_for_auto_classes(model):
             model.save_pretrained(staging, state_dict=state_dict)

@@ -26,10 +26,15 @@ from typing import Any, Callable
 import yaml
 
 from ..errors import ConvertError
-from ..files import atomic_write_text
 from ..modeling.kinds import DenseKind
-from ..modeling.projections import linear_weight, projection_kind
-from .targets import allocation_table
+from ..eval.bits import evaluate_text
+from ..files import atomic_write_text, cache_root
+from ..modeling.projections import is_dense_projection, linear_weight, matches_target, projection_kind
+from ..params import model_parameter_counts
+from ..training.fingerprint import weights_sha256
+from .calibration import calibration_grams
+from .heldout import sensitivity_text
+from .targets import allocation_table, override_dicts, target_config
 
 __all__ = [
     "ALLOCATIONS", "Allocation", "Candidate", "allocate", "allocate_for_source", "allocation_table", "sensitivity_cache", "choose_sensitivity", "choose_uniform", "load_candidates",
@@ -247,8 +252,6 @@ def allocate(dense, names: list[str], keep: float, score: Callable[[Any], float]
     """Choose a candidate for each projection ``names`` of ``dense`` so that the model keeps at most ``keep`` of
     its non-embedding parameters. ``pinned``: projections whose kind is already decided (``--override``), with
     their parameters; they are counted, not allocated."""
-    from ..params import model_parameter_counts
-
     if method not in ALLOCATIONS:
         raise ConvertError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {method!r}")
     if not 0 < keep < 1:
@@ -279,11 +282,6 @@ def allocate_for_source(dense, tokenizer, keep: float, *, method: str = "sensiti
     ids to fit each candidate on activations (else in Frobenius norm). The scores are kept in ``cache_dir``
     (default ``$KPHI_CACHE/sensitivity``) under a key of everything they depend on: the source's weights, the
     candidates, the text and the calibration ids."""
-    from ..eval.bits import evaluate_text
-    from ..modeling.projections import is_dense_projection, matches_target
-    from .calibration import calibration_grams
-    from .heldout import sensitivity_text
-    from .targets import override_dicts, target_config
 
     candidate_list = load_candidates(candidates)
     _, target_names = target_config(dense.config, candidate_list[1].kind, targets, None)
@@ -312,8 +310,6 @@ def allocate_for_source(dense, tokenizer, keep: float, *, method: str = "sensiti
 def sensitivity_cache(cache_dir: Path | None, dense, candidates: list[Candidate], text: str, calibration_ids) -> Path:
     """``CACHE_DIR/KEY.json``: the key hashes the source's weights, the candidates, the scoring text and the
     calibration ids, so the same scores are found again on any machine and never reused for other inputs."""
-    from ..files import cache_root
-    from ..training.fingerprint import weights_sha256
 
     def sha256(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()

@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 
 from ..errors import ConvertError, KphiError
+from ..data.prepare import load_prepared
+from ..modeling.kinds import calibration_error
 
 __all__ = ["CALIBRATION_TOKENS", "activation_fit_or_fallback", "calibration_grams", "calibration_ids"]
 
@@ -51,8 +53,6 @@ def calibration_ids(calibration, tokens: int, vocab_size: int) -> torch.Tensor:
     if isinstance(calibration, torch.Tensor):
         ids = calibration
     else:
-        from ..data.prepare import load_prepared
-
         try:
             prepared = load_prepared(calibration)
         except (OSError, ValueError, KphiError) as err:
@@ -75,8 +75,6 @@ def activation_fit_or_fallback(kind, module, weight, bias, fit_gram, check_gram)
     """Fit ``module`` on ``fit_gram``'s calibration inputs, unless the Frobenius fit is better on held-out
     calibration inputs (``check_gram``, other rows): an activation fit that overfits its rows (few tokens,
     ill-conditioned ``X^T X``) must never leave the model worse than the plain fit. Returns the method kept."""
-    from ..modeling.kinds import calibration_error
-
     kind.fit(module, weight, bias)
     frobenius_state = {k: v.clone() for k, v in module.state_dict().items()}
     frobenius_error = calibration_error(check_gram, weight, kind.dense_weight(module))

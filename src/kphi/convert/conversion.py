@@ -14,6 +14,9 @@ from ..modeling.kinds import DenseKind, FitResult
 from ..modeling.projections import linear_weight, projection_kind
 from .calibration import CALIBRATION_TOKENS, activation_fit_or_fallback, calibration_grams, calibration_ids
 from .targets import allocation_table, target_config
+from ..params import model_parameter_counts
+from ..sources import resolve_model_dir
+from ..sources.model_dir import load_config, load_model, read_model_config
 
 __all__ = ["FITS", "ConvertResult", "convert", "load_source", "non_embedding_parameters"]
 
@@ -102,8 +105,6 @@ def _mean(values) -> float:
 
 def non_embedding_parameters(model) -> int:
     """All parameters minus the input embedding and the output head (counted once if tied), as the report counts."""
-    from ..params import model_parameter_counts
-
     total, embedding = model_parameter_counts(model)
     return total - embedding
 
@@ -185,8 +186,6 @@ def load_source(source):
         return None, source
     if not isinstance(source, (str, os.PathLike)):
         return source, source.config
-    from ..sources import resolve_model_dir
-    from ..sources.model_dir import load_config, load_model, read_model_config
 
     source = resolve_model_dir(source)
     read_model_config(source)  # one clear error for a missing or broken config.json

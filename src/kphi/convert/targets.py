@@ -5,20 +5,19 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConvertError
-from ..modeling.projections import projection_kind
+from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, config_fields, KPhi3Config
+from ..modeling.modeling_kphi3 import PROJECTION_TARGETS
+from ..modeling.projections import is_dense_projection, projection_kind
+from ..sources.auto import register_structured
 
 __all__ = ["layer_projection_names", "override_dicts", "parse_override", "target_config"]
 
 
 def target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None = None):
     """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
-    from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
-    from ..sources.auto import register_structured
 
     model_type = source_config.model_type
     if model_type == "kphi3":
-        from ..modeling.modeling_kphi3 import PROJECTION_TARGETS
-
         if overrides:
             raise ConvertError("a kphi-3 model has one projection kind; --override applies to other architectures")
         if targets and tuple(targets) != PROJECTION_TARGETS:
@@ -89,8 +88,6 @@ def layer_projection_names(source_config) -> list[str]:
     import re
 
     from transformers import AutoModelForCausalLM
-
-    from ..modeling.projections import is_dense_projection
 
     try:
         with torch.device("meta"):

@@ -10,9 +10,15 @@ from typing import Any
 
 from ..errors import ConvertError
 from ..files import refuse_foreign_dir, staged_dir
-from .conversion import ConvertResult, convert
-from .calibration import CALIBRATION_TOKENS
 from .heldout import heldout_bits_per_byte, heldout_score
+from .. import __version__
+from ..export import registered_for_auto_classes
+from ..sources import resolve_model_dir
+from ..sources.model_dir import has_tokenizer, load_tokenizer
+from .allocate import allocate_for_source
+from .calibration import calibration_ids, CALIBRATION_TOKENS
+from .conversion import convert, ConvertResult, load_source
+from .reconstruct import reconstruct_layers
 
 __all__ = ["CONVERT_MARKER", "convert_to_dir"]
 
@@ -54,9 +60,6 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
     ``sensitivity_cache`` (default ``$KPHI_CACHE/sensitivity``).
     ``reconstruct_steps``: train each layer to reproduce the source's (:mod:`kphi.convert.reconstruct`) on the
     calibration data."""
-    from ..export import registered_for_auto_classes
-    from ..sources import resolve_model_dir
-    from ..sources.model_dir import has_tokenizer, load_tokenizer
 
     src, out = resolve_model_dir(src), Path(out)
     refuse_foreign_dir(out, (out / CONVERT_MARKER).is_file(), "kphi convert output", "choose another --out")
@@ -87,9 +90,6 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
 def _allocation(src, tokenizer, keep, method, candidates, sensitivity_bytes, sensitivity_cache, progress, kwargs):
     """The allocation for ``--keep`` (:func:`~kphi.convert.allocate.allocate_for_source`), its candidates fitted
     as ``kwargs["fit"]`` says."""
-    from .allocate import allocate_for_source
-    from .calibration import calibration_ids
-    from .conversion import load_source
 
     if tokenizer is None:
         raise ConvertError("--keep scores each candidate on held-out text: the source needs a tokenizer")
@@ -108,9 +108,6 @@ def _allocation(src, tokenizer, keep, method, candidates, sensitivity_bytes, sen
 
 def _reconstruct(src, result: ConvertResult, kwargs, steps: int, learning_rate: float, progress: bool) -> None:
     """Layer-wise reconstruction of ``result.model`` against the source, on the calibration data."""
-    from .calibration import calibration_ids
-    from .conversion import load_source
-    from .reconstruct import reconstruct_layers
 
     calibration = kwargs.get("calibration")
     if calibration is None:
@@ -124,8 +121,6 @@ def _reconstruct(src, result: ConvertResult, kwargs, steps: int, learning_rate: 
 
 def _write(result: ConvertResult, src: Path, out: Path, tokenizer, registered_for_auto_classes) -> None:
     """The model directory and ``kphi-convert.json``, staged and renamed into place."""
-    from .. import __version__
-
     with staged_dir(out) as staging:
         with registered_for_auto_classes(result.model):
             result.model.save_pretrained(staging)

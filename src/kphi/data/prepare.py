@@ -197,7 +197,7 @@ class _TokenIds:
 
 
 def _special_ids(tokenizer: Any, spec: str) -> _TokenIds:
-    from .tokenizers import encodes_phi3_chat_tokens
+    from .tokenizers import encodes_phi3_chat_tokens  # here, not at the top: the command line reads this module for its flags without transformers
 
     if not encodes_phi3_chat_tokens(tokenizer) and getattr(tokenizer, "chat_template", None):
         eos = tokenizer.eos_token_id
@@ -397,7 +397,7 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
     filtered.kept = []
     del kept
 
-    from .tokenizers import build_tokenizer  # its TokenizerError is a KphiError: the CLI reports it as it is
+    from .tokenizers import build_tokenizer  # as above; its TokenizerError is a KphiError
 
     tokenizer = build_tokenizer(settings.tokenizer, training_texts=split["train"]["text"] if settings.tokenizer == "bpe" else None,
                                 vocab_size=settings.vocab_size)

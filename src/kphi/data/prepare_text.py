@@ -80,7 +80,7 @@ def _split_rows(corpus: TextCorpus, heldout: bool, tokenizer: Any, eos: int, con
 def _train_tokenizer(corpus: TextCorpus, settings: Any, total: int, progress: bool) -> Any:
     from tqdm import tqdm
 
-    from .tokenizers import build_tokenizer
+    from .tokenizers import build_tokenizer  # here: the command line reads data.prepare without transformers
 
     if settings.tokenizer != "bpe":
         return build_tokenizer(settings.tokenizer)

@@ -44,8 +44,10 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import KphiError
-from ..files import atomic_write_bytes, cache_root, pip_download
-from .recipe import DEFAULT_VOCAB_SIZE, END
+from ..files import atomic_write_bytes, cache_root, pip_download, refuse_foreign_dir, staged_dir
+from ..sources import known_models, resolve_model_dir
+from .recipe import DEFAULT_VOCAB_SIZE, END, format_sample
+from .sources import open_source
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -305,17 +307,12 @@ def train_bpe_on_source(source: str = "default", vocab_size: int = DEFAULT_VOCAB
     formatted as training formats them; returns the tokenizer and the number of samples it saw."""
     from itertools import islice
 
-    from .recipe import format_sample
-    from .sources import open_source
-
     texts = [format_sample(instruction, response) for instruction, response in islice(open_source(source), max_rows)]
     return train_bpe_tokenizer(texts, vocab_size=vocab_size, show_progress=show_progress), len(texts)
 
 
 def save_tokenizer(tokenizer: Any, out: str | Path) -> None:
     """``save_pretrained`` into ``out`` atomically; ``out`` must be new, empty or hold a tokenizer."""
-    from ..files import refuse_foreign_dir, staged_dir
-
     path = Path(out)
     refuse_foreign_dir(path, (path / "tokenizer_config.json").is_file(), "tokenizer")
     with staged_dir(path) as staging:
@@ -361,7 +358,6 @@ def build_tokenizer(
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return phi3_tokenizer_from_gguf(path)
-    from ..sources import known_models, resolve_model_dir
 
     if spec.strip() and (path.is_dir() or spec in known_models()):
         directory = resolve_model_dir(spec)  # a model directory, or a known model (smollm2-135m)

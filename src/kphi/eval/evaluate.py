@@ -21,6 +21,9 @@ from ..errors import EvalError
 from .bits import (TextScore, default_text_path, evaluate_text, first_bytes, prefix_id, read_documents,
                    score_documents, window_context)
 from .harness import KPHI_TASKS, run_tasks
+from ..data.prepare import DataError, load_prepared
+from ..sources import describe_source
+from ..sources.model_dir import load_model, load_tokenizer
 
 __all__ = ["EvalError", "EvalReport", "KPHI_TASKS", "evaluate_prepared", "format_eval_table", "run_eval"]
 
@@ -28,8 +31,6 @@ __all__ = ["EvalError", "EvalReport", "KPHI_TASKS", "evaluate_prepared", "format
 def evaluate_prepared(model, data: str | Path, context: int | None, stride: int | None, progress: bool) -> TextScore:
     """The validation split of a prepared corpus: each row scored as a document of its own token ids (the
     rows are the corpus tokenizer's ids, so that tokenizer must be the model's); bytes are the decoded rows'."""
-    from ..data.prepare import DataError, load_prepared
-
     try:
         _, validation, tokenizer, _ = load_prepared(data)
     except DataError as err:
@@ -64,8 +65,6 @@ def run_eval(models: list[str], texts: list[str] | None = None, data: str | None
     """Evaluate every model (any source, :mod:`kphi.sources`) on the texts (default: kphi's held-out text),
     the prepared corpus and the lm-evaluation-harness tasks given. ``max_bytes`` scores only the first that
     many bytes of each text (:func:`first_bytes`)."""
-    from ..sources.model_dir import load_model, load_tokenizer
-    from ..sources import describe_source
 
     if not models:
         raise EvalError("give at least one model")

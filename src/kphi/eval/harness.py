@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EvalError
+from ..sources import auto as _registers_kphi_models  # noqa: F401  (kphi's model types with the Auto classes)
+from ..sources import resolve_model_dir
 
 #: lm-evaluation-harness tasks kphi ships (offline): name -> JSON-lines file in ``kphi/data/heldout``.
 KPHI_TASKS = {"kphi_next_sentence": "python-reference-next-sentence.jsonl"}
@@ -67,9 +69,6 @@ def run_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size
     except ImportError:
         raise EvalError('--tasks needs lm-evaluation-harness: pip install "kphi[eval]"') from None
     import torch
-
-    from ..sources import auto as _registers_kphi_models  # noqa: F401
-    from ..sources import resolve_model_dir
 
     directory = resolve_model_dir(model)
     with tempfile.TemporaryDirectory() as folder:

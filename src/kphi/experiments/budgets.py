@@ -32,7 +32,11 @@ from .compare import CompareError, Comparison, format_loss, run_plan, training_a
 from .runs import command_line
 from .suites import Suite
 from .runs import write_results
-from ..training.train_settings import training_value
+from ..data.prepare import prepare_dataset, PrepareSettings
+from ..params import training_flops_per_token
+from ..training.train_settings import training_value, whole_steps
+from .arms import non_embedding, resolve_arms
+from .plots import plot_budgets, plot_compute, plot_differences
 
 __all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
@@ -124,8 +128,6 @@ def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
 
 def budgets_per_parameter(suite: Suite) -> list[int]:
     """The token budgets of ``suite.budgets_per_parameter`` (see the module docstring); ``[]`` without them."""
-    from .arms import non_embedding, resolve_arms
-    from ..training.train_settings import whole_steps
 
     if not suite.budgets_per_parameter:
         return []
@@ -137,9 +139,6 @@ def _add_compute(results: dict[str, Any], suite: Suite) -> None:
     """Per arm its analytic training FLOPs per token (:mod:`kphi.params`); per point the training FLOPs
     (tokens x that) and the median measured tokens per second and wall seconds of its runs."""
     from statistics import median
-
-    from .arms import resolve_arms
-    from ..params import training_flops_per_token
 
     context = int(training_value(suite.training, "context_length"))
     configs = {arm.label: arm.config for arm in resolve_arms(suite)}
@@ -265,8 +264,6 @@ def format_differences(results: dict[str, Any]) -> str:
 
 def _train_tokens(suite: Suite, data: str | None) -> int | None:
     """Tokens in the prepared training split the series trained on (prepared already: a cache hit)."""
-    from ..data.prepare import PrepareSettings, prepare_dataset
-
     settings = {**suite.data, **({"source": data} if data else {})}
     prepared = prepare_dataset(PrepareSettings(context_length=training_value(suite.training, "context_length"), **settings), progress=False)
     stats = json.loads((Path(prepared) / "stats.json").read_text())
@@ -323,8 +320,6 @@ def format_budget_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_budgets, plot_compute, plot_differences
-
     series = {
         label: [(p["tokens"], p["val_loss"], p["val_loss_std"]) for p in arm["points"] if p["val_loss"] is not None]
         for label, arm in results["arms"].items()

@@ -40,10 +40,13 @@ import torch
 from ..errors import ExperimentError
 from ..files import atomic_write_text, refuse_foreign_dir, slug
 from ..sources.auto import config_fields
-from ..training.train_settings import training_value
 from .arms import Arm, arm_rates, non_embedding, resolve_arms, run_dir_name
 from .runs import command_line, finished_metrics_file, get_or_train, write_results
 from .suites import Suite
+from ..data.prepare import prepare_dataset, PrepareSettings
+from ..train import resolve_settings, TrainError
+from ..training.train_settings import tokens_per_step, training_value
+from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 
 __all__ = ["Comparison", "CompareError", "best_rate", "format_plan", "format_table", "run_compare", "run_plan"]
 
@@ -129,8 +132,6 @@ def run_compare(
     ``only_arms`` (labels) trains and reports only those arms; the others still size the controls that
     match them and the baseline still sets the percentages (e.g. to re-run the arms a code change affected).
     """
-    from ..data.prepare import PrepareSettings, prepare_dataset
-    from ..train import TrainError, resolve_settings
 
     seeds = seeds or suite.seeds
     if seeds < 1:
@@ -220,8 +221,6 @@ def training_at_budget(training: dict[str, Any], tokens: int) -> dict[str, Any]:
 
 def planned_tokens(training: dict[str, Any]) -> str:
     """A suite's budget per run in words: its ``max_tokens``, else ``max_steps`` whole steps in tokens, else minutes."""
-    from ..training.train_settings import tokens_per_step
-
     if training.get("max_tokens"):
         return f"{int(training['max_tokens']):,}"
     if training.get("max_steps"):
@@ -367,8 +366,6 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path, suite: Suite) -> None:
-    from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
-
     curves = {}
     for arm in results["arms"]:
         by_tokens: dict[int, list[float]] = {}

@@ -31,6 +31,12 @@ from .suites import read_suite_yaml, suite_training
 from ..files import atomic_write_text, slug
 from .runs import converged, get_or_train, write_results
 from ..training.train_settings import training_value
+from ..convert import CONVERT_MARKER, convert_to_dir
+from ..data.prepare import load_prepared, prepare_dataset, PrepareSettings
+from ..modeling.projections import projection_kind
+from ..sources.model_dir import load_model
+from ..train import resolve_settings, trainer_arguments
+from .plots import plot_compress
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
 
@@ -77,8 +83,6 @@ class _Runner:
         self.suite, self.out, self.prepared, self.progress, self.log = suite, out, prepared, progress, log
 
     def settings(self, run_dir: Path, preset: str, **overrides):
-        from ..train import resolve_settings
-
         return resolve_settings(preset, **{**self.suite.training, "data": str(self.prepared), "out": str(run_dir),
                                            "progress": self.progress, **overrides})
 
@@ -101,10 +105,6 @@ class _Runner:
         import torch
         from transformers import Trainer, default_data_collator
 
-        from ..data.prepare import load_prepared
-        from ..sources.model_dir import load_model
-        from ..train import trainer_arguments
-
         settings = self.settings(model_dir / "eval", self.suite.teacher["preset"], max_steps=1)
         val = load_prepared(self.prepared)[1]
         if settings.eval_rows is not None:
@@ -121,10 +121,6 @@ class _Runner:
 
 
 def _fit(runner: _Runner, teacher_dir: Path, spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    from ..convert import CONVERT_MARKER, convert_to_dir
-
-    from ..modeling.projections import projection_kind
-
     fit = spec.get("fit", "frobenius")
     marker = out / CONVERT_MARKER
     summary = json.loads(marker.read_text()) if marker.is_file() and (out / "model.safetensors").is_file() else None
@@ -172,8 +168,6 @@ def _other_architecture_teacher(runner: _Runner, spec: dict[str, Any]) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..data.prepare import load_prepared
-
     init_dir = runner.out / f"{spec['label']}-init"
     if not (init_dir / "model.safetensors").is_file():
         tokenizer = load_prepared(runner.prepared)[2]
@@ -193,8 +187,6 @@ def _other_architecture_teacher(runner: _Runner, spec: dict[str, Any]) -> Path:
 
 def run_compress(suite: CompressSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Run every step of the suite (see the module docstring); returns ``results.json``'s content."""
-    from ..data.prepare import PrepareSettings, prepare_dataset
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -279,7 +271,5 @@ def format_compress_table(results: dict[str, Any]) -> str:
 
 
 def _write_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_compress
-
     write_results(out, results, format_compress_table(results))
     plot_compress(results, out / "compress.png")

@@ -26,6 +26,16 @@ from typing import Any, Callable
 
 from ..errors import ExperimentError
 from ..files import atomic_write_text
+from ..train import (
+    DivergedError,
+    identity_differences,
+    initial_weights_sha256,
+    METRICS_FILE,
+    recorded_version,
+    RUN_FILE,
+    train,
+    TrainError,
+)
 
 __all__ = ["DIVERGED_FILE", "finished_metrics_file", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
            "write_results", "command_line"]
@@ -37,16 +47,12 @@ RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 def finished_metrics_file(run_dir: Path) -> Path | None:
     """The file that marks ``run_dir`` finished: its metrics, or the record of its divergence; ``None`` yet."""
-    from ..train import METRICS_FILE
-
     return next((f for f in (Path(run_dir) / METRICS_FILE, Path(run_dir) / DIVERGED_FILE) if f.is_file()), None)
 
 
 def finished_run(run_dir: Path, settings, config=None) -> dict[str, Any] | None:
     """The metrics of a finished (or diverged) run of exactly these settings; ``None`` when it has yet to
     (finish) training. A run of other settings or other initial weights is refused, not reused."""
-    from ..train import RUN_FILE, identity_differences, initial_weights_sha256, recorded_version
-
     run_dir = Path(run_dir)
     metrics_file = finished_metrics_file(run_dir)
     if metrics_file is None:
@@ -79,8 +85,6 @@ def get_or_train(settings, config=None, *, label: str, log: Callable[[str], None
     A diverged run comes back as ``{"seed", "diverged": message, "train_loss": None, "val_loss": None, ...}``
     (see the module docstring); any other training failure raises :class:`ExperimentError` naming ``label``.
     """
-    from ..train import RUN_FILE, DivergedError, TrainError, train
-
     run_dir = Path(settings.out)
     metrics = finished_run(run_dir, settings, config)
     if metrics is not None:

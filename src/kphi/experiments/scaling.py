@@ -44,6 +44,8 @@ from .suites import ArmSpec, Suite, arm_specs, positive_rates, read_suite_yaml, 
 from ..sources.auto import config_fields
 from ..presets import load_preset
 from .runs import write_results
+from ..training.train_settings import whole_steps
+from .plots import plot_scaling
 
 __all__ = ["ScalingSuite", "plan_scaling", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
 
@@ -63,8 +65,6 @@ class ScalingSuite:
 
     def tokens_at(self, width: int) -> int:
         """The budget at ``width``, rounded up to whole optimizer steps (gradient accumulation counted)."""
-        from ..training.train_settings import whole_steps
-
         b = self.budget
         return whole_steps(b["reference_tokens"] * (width / b["reference_width"]) ** b.get("exponent", 1.0), self.training)
 
@@ -322,8 +322,6 @@ def format_scaling_table(results: dict[str, Any]) -> str:
 
 
 def write_scaling_outputs(results: dict[str, Any], out: Path) -> None:
-    from .plots import plot_scaling
-
     curves = {}
     for label, family in results["families"].items():
         pts = [(p["non_embedding"], p["val_loss"], p["val_loss_std"]) for p in family["points"] if p["val_loss"] is not None]

@@ -37,10 +37,18 @@ from typing import Any
 import torch
 
 from ..errors import ExperimentError
-from .runs import command_line
 from .suites import read_suite_yaml, suite_training
 from ..files import atomic_write_text, slug
-from .runs import write_results
+from ..convert import convert, CONVERT_MARKER, convert_to_dir, ConvertError
+from ..convert.allocate import allocate_for_source
+from ..convert.reconstruct import reconstruct_layers
+from ..data.prepare import load_prepared, prepare_dataset, PrepareSettings
+from ..eval.bits import evaluate_text, heldout_sample
+from ..sources import describe_source
+from ..sources.model_dir import load_model, load_tokenizer
+from ..train import resolve_settings, TrainError
+from .plots import plot_structure
+from .runs import command_line, converged, get_or_train, write_results
 
 __all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
 
@@ -88,8 +96,6 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
 
 def _prepared(suite: StructureSuite, progress: bool, data: dict[str, Any] | None = None) -> Path:
     """The suite's ``data`` (or ``data``) prepared with the source's own tokenizer and chat template (cached)."""
-    from ..data.prepare import PrepareSettings, prepare_dataset
-
     return Path(prepare_dataset(PrepareSettings(**_data_settings(suite, data)), progress=progress))
 
 
@@ -98,8 +104,6 @@ def _data_settings(suite: StructureSuite, data: dict[str, Any] | None = None) ->
 
 
 def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
-    from ..data.prepare import load_prepared
-
     train = load_prepared(_prepared(suite, progress))[0]
     rows = max(2, math.ceil(suite.calibration_tokens / len(train[0]["input_ids"])))
     return torch.tensor([train[i]["input_ids"] for i in range(min(rows, len(train)))], dtype=torch.long)
@@ -107,10 +111,6 @@ def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
 
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
     """Convert and score the source by every fit of ``suite`` (see the module docstring); returns the results."""
-    from ..eval.bits import evaluate_text, heldout_sample
-    from ..sources.model_dir import load_model, load_tokenizer
-    from .plots import plot_structure
-    from ..sources import describe_source
 
     out = Path(out)
     (out / "fits").mkdir(parents=True, exist_ok=True)
@@ -167,8 +167,6 @@ def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str
     """Convert ``dense`` as ``spec`` says (allocated when it has ``keep``; reconstructed layer by layer when it
     has ``reconstruct_steps``) and score it; the row of the results. ``calibration_ids()``: the suite's
     calibration token ids."""
-    from ..convert import ConvertError, convert
-    from ..convert.reconstruct import reconstruct_layers
 
     started = time.perf_counter()
     fit = spec.get("fit", "frobenius")
@@ -206,7 +204,6 @@ def _allocated(spec: dict[str, Any], dense, tokenizer, calibration, cache_dir: P
     the sensitivity scores kept in ``cache_dir``, inside the suite's output, so the suite resumes from it)."""
     if "keep" not in spec:
         return spec["kind"], spec.get("overrides"), None
-    from ..convert.allocate import allocate_for_source
 
     allocation = allocate_for_source(
         dense, tokenizer, spec["keep"], method=spec.get("allocate", "sensitivity"),
@@ -229,10 +226,6 @@ def _stage_settings(spec: dict[str, Any]) -> dict[str, Any]:
 def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], out: Path, score, progress: bool,
           log) -> dict[str, Any]:
     """Write one fit as a model directory, train it with distillation from the source, score it again."""
-    from ..convert import CONVERT_MARKER, ConvertError, convert_to_dir
-    from ..sources.model_dir import load_model
-    from .runs import converged, get_or_train
-    from ..train import TrainError, resolve_settings
 
     name = slug(spec["label"], "fit")
     cached = out / f"{name}.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import KphiError
-from . import resolve_model_dir
+from . import auto, resolve_model_dir
 
 __all__ = [
     "ModelDirError", "TOKENIZER_FILES", "has_tokenizer", "read_model_config", "load_config", "check_weights", "load_model", "load_tokenizer",
@@ -67,12 +67,10 @@ def load_config(model_dir: str | Path):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    from . import auto as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
-
     path = resolve_model_dir(model_dir)
     model_type = read_model_config(path).get("model_type")
     if isinstance(model_type, str):
-        _registers_kphi3.register_model_type(model_type)
+        auto.register_model_type(model_type)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as err:
@@ -118,8 +116,6 @@ def load_model(model_dir: str | Path, *, dtype: Any = None, trust_remote_code: b
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
-    from . import auto as _registers_kphi3  # noqa: F401  (model_type kphi3 with the Auto classes)
 
     path = resolve_model_dir(model_dir)
     config = load_config(path)

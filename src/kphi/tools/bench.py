@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from ..modeling.block import GroupedPointwiseBlock, group_count
+from ..presets import load_preset
+from ..sources.auto import KPhi3ForCausalLM
 
 __all__ = ["PHI3_SHAPES", "ShapeResult", "bench_shape", "bench_end_to_end", "run_bench", "format_report"]
 
@@ -121,9 +123,6 @@ def bench_shape(in_features: int, out_features: int, groups: int, tokens: int = 
 
 
 def _model(preset: str, device, dtype):
-    from ..sources.auto import KPhi3ForCausalLM
-    from ..presets import load_preset
-
     torch.manual_seed(0)
     return KPhi3ForCausalLM(load_preset(preset).config).to(device=device, dtype=dtype)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Any, Callable
+from ..generate import encode_prompt, GenerationError, load_for_generation
 
 __all__ = ["format_generation_speed", "time_generation"]
 
@@ -22,8 +23,6 @@ def time_generation(models: list[str], *, prompt: str = PROMPT, new_tokens: int 
     """``{"prompt", "new_tokens", "repeats", "models": [{model, parameters, tokens_per_second, seconds, relative,
     reply}]}`` for every model (a directory, .gguf, known model or hub id), timed in turns."""
     import torch
-
-    from ..generate import GenerationError, encode_prompt, load_for_generation
 
     if new_tokens < 1 or repeats < 1:
         raise GenerationError(f"--new-tokens and repeats must be at least 1, got {new_tokens} and {repeats}")

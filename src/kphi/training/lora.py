@@ -25,6 +25,10 @@ import functools
 from typing import Any
 
 from ..modeling.configuration_kphi3 import PHI3_PROJECTION_TARGETS
+from ..errors import KphiError
+from ..modeling.block import GroupedPointwiseBlock
+from ..modeling.lowrank import LowRankLinear
+from ..modeling.monarch import MonarchLinear
 
 __all__ = ["StructuredLoraLayer", "lora_config", "add_lora", "load_lora", "DEFAULT_TARGETS"]
 
@@ -36,17 +40,12 @@ def _peft():
     try:
         import peft
     except ImportError as err:  # pragma: no cover - depends on the environment
-        from ..errors import KphiError
 
         raise KphiError("LoRA needs PEFT: pip install 'kphi[peft]'") from err
     return peft
 
 
 def _structured_module_types() -> tuple[type, ...]:
-    from ..modeling.block import GroupedPointwiseBlock
-    from ..modeling.lowrank import LowRankLinear
-    from ..modeling.monarch import MonarchLinear
-
     return (GroupedPointwiseBlock, LowRankLinear, MonarchLinear)
 
 

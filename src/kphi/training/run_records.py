@@ -5,13 +5,18 @@ files a standalone export ships); everything else that reads the past lives here
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import KphiError
 from .train_settings import TrainSettings, model_fields
+from ..modeling.configuration_kphi3 import (
+    canonical_projection,
+    fold_legacy_projection,
+    KPhi3Config,
+    LEGACY_GROUPED_INIT,
+    pin_legacy_init,
+)
 
-if TYPE_CHECKING:
-    from ..modeling.configuration_kphi3 import KPhi3Config
 
 __all__ = ["IDENTITY_VERSION", "identity_differences", "recorded_identity", "recorded_version"]
 
@@ -45,8 +50,6 @@ def recorded_identity(identity: dict[str, Any], version: int | None = None) -> d
     predate ``kaiming_uniform`` as the default init, so a grouped projection they leave unspelled gets the init
     it had then (:data:`~kphi.modeling.configuration_kphi3.LEGACY_GROUPED_INIT`); version 3 spells every init.
     """
-    from ..modeling.configuration_kphi3 import LEGACY_GROUPED_INIT, canonical_projection, fold_legacy_projection, pin_legacy_init
-
     if version is None:
         version = recorded_version({"identity": identity})
     upgraded = dict(identity)

@@ -18,6 +18,8 @@ from ..data.prepare import CorpusSettings
 from ..errors import KphiError
 from ..settings import invalid_setting, setting
 
+# The command line reads TrainSettings for its flags without importing torch: the model code (presets, model
+# sources, configurations) is imported in the functions that resolve a configuration.
 if TYPE_CHECKING:
     from ..sources.auto import KPhi3Config
 
