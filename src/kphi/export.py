@@ -28,6 +28,7 @@ as it was.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import json
@@ -40,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import __version__
 from .errors import KphiError
 from .files import refuse_foreign_dir, staged_dir
-from .sources.model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
-from . import __version__
 from .sources import resolve_model_dir
+from .sources.model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
 
 __all__ = [
     "export_or_push",
@@ -116,7 +117,6 @@ def _load_kphi_model(model_dir: str | os.PathLike, dtype=None):
 def code_files(model_dir: Path) -> list[str]:
     """The Python files a standalone directory needs: the modules its ``auto_map`` names and, recursively,
     the modules they import relatively."""
-    import ast
 
     auto_map = json.loads((model_dir / "config.json").read_text()).get("auto_map") or {}
     pending = sorted({reference.split("--")[-1].rsplit(".", 1)[0] for reference in auto_map.values()})

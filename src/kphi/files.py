@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -141,7 +142,6 @@ def pip_download(requirement: str, dest: Path, error: type[Exception], wheel: bo
 def stat_fingerprint(files) -> str:
     """A short SHA-256 of each file's resolved path, size and modification time, in the order given: it
     changes when a file is edited, replaced or moved, without reading the contents (data files can be GBs)."""
-    import hashlib
 
     digest = hashlib.sha256()
     for f in map(Path, files):

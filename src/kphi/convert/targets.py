@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+import yaml
 
 from ..errors import ConvertError
-from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, config_fields, KPhi3Config
+from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
 from ..modeling.modeling_kphi3 import PROJECTION_TARGETS
 from ..modeling.projections import is_dense_projection, projection_kind
 from ..sources.auto import register_structured
@@ -48,7 +51,6 @@ def parse_override(text: str) -> dict:
     ``TARGETS`` is a comma-free name or pattern (several: separate ``--override`` options), e.g.
     ``v_proj=dense``, ``.*layers\.(0|1)\..*=low_rank:fraction=0.9``, ``down_proj=grouped:min_channels_per_group=128``.
     """
-    import yaml
 
     targets, sep, spec = text.partition("=")
     kind_name, _, fields = spec.partition(":")
@@ -85,7 +87,6 @@ def layer_projection_names(source_config) -> list[str]:
 
     Raises :class:`ConvertError` naming what is missing when the architecture has no causal LM or no such
     projection."""
-    import re
 
     from transformers import AutoModelForCausalLM
 

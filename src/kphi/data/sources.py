@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import yaml
+
 from ..errors import KphiError
 from ..files import stat_fingerprint
 
@@ -369,8 +371,6 @@ class ChatterbotSource(PairSource):
         self.files = files
 
     def _generate(self) -> Iterator[tuple[str, str]]:
-        import yaml
-
         counts = self._count(self.name)
         for f in self.files:
             try:

@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from .compare import CompareError, Comparison, format_loss, run_plan, training_at_budget
-from .runs import command_line
-from .suites import Suite
-from .runs import write_results
-from ..data.prepare import prepare_dataset, PrepareSettings
+from ..data.prepare import PrepareSettings, prepare_dataset
 from ..params import training_flops_per_token
 from ..training.train_settings import training_value, whole_steps
 from .arms import non_embedding, resolve_arms
+from .compare import CompareError, Comparison, format_loss, run_plan, training_at_budget
 from .plots import plot_budgets, plot_compute, plot_differences
+from .runs import command_line, write_results
+from .suites import Suite
 
 __all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
 
@@ -163,7 +163,6 @@ def differences(results: dict[str, Any]) -> dict[str, Any]:
     spreads (0 with one seed). A crossover is where the difference changes sign between two budgets: its
     interval, and the point where the straight line between them (in log budget) crosses zero; ``None``
     when the sign never changes inside the measured range."""
-    import math
 
     labels = list(results["arms"])
     subject = next((label for label in labels if label != results["baseline"]), None)
@@ -207,7 +206,6 @@ def _at_equal_flops(subject: dict[str, Any], other: dict[str, Any]) -> list[dict
     interpolated on the straight line between its two neighbouring points in log FLOPs, and the difference.
     (Each point is a run planned for its budget, so the interpolation is between two finished runs, not a
     point on one run's curve.)"""
-    import math
 
     theirs = sorted((p["train_flops"], p["val_loss"]) for p in other["points"] if p.get("train_flops") and p["val_loss"] is not None)
     rows = []

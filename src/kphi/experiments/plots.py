@@ -3,6 +3,7 @@ compression and the structure study."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..training.plots import finish, pyplot, save_panels
@@ -48,7 +49,6 @@ def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: 
 
     ``sweeps``: ``label -> [(learning_rate, val_loss, spread), ...]``; non-finite losses (diverged runs) are left out.
     """
-    import math
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))

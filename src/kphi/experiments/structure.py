@@ -26,9 +26,11 @@ bits per byte before and after, tokens, steps, seconds per step and wall time.
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,19 +38,19 @@ from typing import Any
 
 import torch
 
-from ..errors import ExperimentError
-from .suites import read_suite_yaml, suite_training
-from ..files import atomic_write_text, slug
-from ..convert import convert, CONVERT_MARKER, convert_to_dir, ConvertError
+from ..convert import CONVERT_MARKER, ConvertError, convert, convert_to_dir
 from ..convert.allocate import allocate_for_source
 from ..convert.reconstruct import reconstruct_layers
-from ..data.prepare import load_prepared, prepare_dataset, PrepareSettings
+from ..data.prepare import PrepareSettings, load_prepared, prepare_dataset
+from ..errors import ExperimentError
 from ..eval.bits import evaluate_text, heldout_sample
+from ..files import atomic_write_text, slug
 from ..sources import describe_source
 from ..sources.model_dir import load_model, load_tokenizer
-from ..train import resolve_settings, TrainError
+from ..train import TrainError, resolve_settings
 from .plots import plot_structure
 from .runs import command_line, converged, get_or_train, write_results
+from .suites import read_suite_yaml, suite_training
 
 __all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
 
@@ -276,8 +278,6 @@ def _median_seconds_per_step(log_csv: Path, step_tokens: float) -> float | None:
     """Seconds per optimizer step from the median of a run's logged training throughput (each ``log.csv`` row
     covers the steps since the one before), so one slow stretch (a paused or contended machine) does not
     set it."""
-    import csv
-    import statistics
 
     with open(log_csv, newline="") as handle:
         rates = [float(r["tokens_per_second"]) for r in csv.DictReader(handle) if r.get("tokens_per_second")]
