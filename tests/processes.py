@@ -18,13 +18,20 @@ def kphi_env(extra=None) -> dict:
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(extra or {})}
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a test's process group), instead of a fixed one."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def run_torchrun(nproc: int, target: list[str], *, timeout: float = 600, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC TARGET``: the rendezvous binds a port the system chooses
+    (no port picked here and freed for a race with another test's group). The launcher and its workers run in
+    a session of their own, killed together on timeout, so a hung rank never outlives the test."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in {timeout} s: {err[-3000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def run_cli(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:

@@ -6,11 +6,10 @@ import torch.multiprocessing as mp
 from transformers import TrainerControl
 
 from kphi.training.callbacks import TimeLimit
-from processes import free_port
 
 
-def _rank(rank: int, port: int, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _rank(rank: int, store: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         # rank 0's limit has passed, rank 1's is an hour away: both must stop, as rank 0 decides
         limit = TimeLimit(minutes=0.0 if rank == 0 else 60.0)
@@ -22,17 +21,17 @@ def _rank(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def test_time_limit_stops_every_rank_when_rank_0_runs_out():
+def test_time_limit_stops_every_rank_when_rank_0_runs_out(tmp_path):
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_rank, args=(free_port(), results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
     assert dict(results) == {0: (True, True, True), 1: (True, True, True)}
 
 
-def _refusing_rank(rank: int, port: int, results) -> None:
+def _refusing_rank(rank: int, store: str, results) -> None:
     from kphi.train import TrainError, _main_process_first
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         def refuse():
             raise TrainError("runs/x already holds a finished run")
@@ -48,12 +47,12 @@ def _refusing_rank(rank: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def test_a_refusal_on_the_main_process_reaches_every_rank():
+def test_a_refusal_on_the_main_process_reaches_every_rank(tmp_path):
     """Checks that touch the run directory run once, on rank 0; when they refuse, the other ranks must raise
     the same error rather than go on (or hang in the next collective)."""
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_refusing_rank, args=(free_port(), results), nprocs=2, join=True)
+    mp.spawn(_refusing_rank, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
     assert results[0] == results[1] == "runs/x already holds a finished run"
     assert results["value-0"] == "checkpoint-4" and results["value-1"] == "checkpoint-4!"
     assert "others-1" not in results  # on_others never ran: the verdict was an error

@@ -7,14 +7,12 @@ one-process model, and FSDP's sharded checkpoint layout is a resumable checkpoin
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from processes import free_port
+from processes import run_torchrun
 from sharding_setup import batches, build_model
 
 HERE = Path(__file__).parent
@@ -23,9 +21,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(HERE / "fsdp_worker.py"), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=HERE)
+    result = run_torchrun(2, [str(HERE / "fsdp_worker.py"), str(out)], cwd=HERE)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
