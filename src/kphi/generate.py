@@ -116,7 +116,10 @@ def load_for_generation(model_dir: str | Path, *, device: str | None = None, dty
     """
     import torch
 
-    from .sources.model_dir import load_model, load_tokenizer  # here: the command line reads SamplingSettings without torch
+    from .sources.model_dir import (  # here: the command line reads SamplingSettings without torch
+        load_model,
+        load_tokenizer,
+    )
 
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=dtype)

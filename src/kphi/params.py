@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .modeling.configuration_kphi3 import BOOKKEEPING_KEYS
 from .presets import list_presets, load_preset, resolve_config
 from .sources import HUB_ID, known_models, resolve_model_dir
+from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .sources.model_dir import load_config, read_model_config
 
 __all__ = [

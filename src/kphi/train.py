@@ -34,6 +34,13 @@ from typing import Any
 
 import torch
 
+from .data.prepare import CorpusSettings, PrepareSettings, load_prepared, prepare_dataset
+from .export import registered_for_auto_classes
+from .files import atomic_write_text, refuse_foreign_dir
+from .generate import REPORT_SAMPLING, stop_token_ids
+from .params import model_parameter_counts
+from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
+from .sources.model_dir import load_model
 from .training.callbacks import (
     CheckpointMarker,
     CsvLogger,
@@ -43,11 +50,12 @@ from .training.callbacks import (
     TimeLimit,
     is_complete_checkpoint,
 )
-from .files import atomic_write_text, refuse_foreign_dir
+from .training.distill import distillation_trainer_class
 from .training.fingerprint import weights_sha256
-from .sources.auto import KPhi3Config, KPhi3ForCausalLM, config_fields
 from .training.optim import scale_grouped_learning_rates
+from .training.plots import plot_loss_curve
 from .training.run_records import IDENTITY_VERSION, identity_differences, recorded_version
+from .training.sharding import full_state_dict, is_sharded_checkpoint
 from .training.train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
     DivergedError,
     TrainError,
@@ -56,14 +64,6 @@ from .training.train_settings import (  # TrainError, TrainSettings and resolve_
     resolve_settings,
     tokens_per_step,
 )
-from .data.prepare import CorpusSettings, load_prepared, prepare_dataset, PrepareSettings
-from .export import registered_for_auto_classes
-from .generate import REPORT_SAMPLING, stop_token_ids
-from .params import model_parameter_counts
-from .sources.model_dir import load_model
-from .training.distill import distillation_trainer_class
-from .training.plots import plot_loss_curve
-from .training.sharding import full_state_dict, is_sharded_checkpoint
 
 __all__ = ["TrainError", "DivergedError", "TrainSettings", "TrainResult", "resolve_settings", "train"]
 

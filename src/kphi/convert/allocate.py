@@ -26,9 +26,9 @@ from typing import Any, Callable
 import yaml
 
 from ..errors import ConvertError
-from ..modeling.kinds import DenseKind
 from ..eval.bits import evaluate_text
 from ..files import atomic_write_text, cache_root
+from ..modeling.kinds import DenseKind
 from ..modeling.projections import is_dense_projection, linear_weight, matches_target, projection_kind
 from ..params import model_parameter_counts
 from ..training.fingerprint import weights_sha256

@@ -7,8 +7,8 @@ from typing import Iterable
 
 import torch
 
-from ..errors import ConvertError, KphiError
 from ..data.prepare import load_prepared
+from ..errors import ConvertError, KphiError
 from ..modeling.kinds import calibration_error
 
 __all__ = ["CALIBRATION_TOKENS", "activation_fit_or_fallback", "calibration_grams", "calibration_ids"]

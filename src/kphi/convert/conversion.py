@@ -12,11 +12,11 @@ import torch
 from ..errors import ConvertError
 from ..modeling.kinds import DenseKind, FitResult
 from ..modeling.projections import linear_weight, projection_kind
-from .calibration import CALIBRATION_TOKENS, activation_fit_or_fallback, calibration_grams, calibration_ids
-from .targets import allocation_table, target_config
 from ..params import model_parameter_counts
 from ..sources import resolve_model_dir
 from ..sources.model_dir import load_config, load_model, read_model_config
+from .calibration import CALIBRATION_TOKENS, activation_fit_or_fallback, calibration_grams, calibration_ids
+from .targets import allocation_table, target_config
 
 __all__ = ["FITS", "ConvertResult", "convert", "load_source", "non_embedding_parameters"]
 

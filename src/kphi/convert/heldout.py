@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from ..eval.bits import default_text_path, evaluate_text, heldout_sample
 from ..sources.model_dir import load_model
 

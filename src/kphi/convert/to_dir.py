@@ -8,16 +8,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConvertError
-from ..files import refuse_foreign_dir, staged_dir
-from .heldout import heldout_bits_per_byte, heldout_score
 from .. import __version__
+from ..errors import ConvertError
 from ..export import registered_for_auto_classes
+from ..files import refuse_foreign_dir, staged_dir
 from ..sources import resolve_model_dir
 from ..sources.model_dir import has_tokenizer, load_tokenizer
 from .allocate import allocate_for_source
-from .calibration import calibration_ids, CALIBRATION_TOKENS
-from .conversion import convert, ConvertResult, load_source
+from .calibration import CALIBRATION_TOKENS, calibration_ids
+from .conversion import ConvertResult, convert, load_source
+from .heldout import heldout_bits_per_byte, heldout_score
 from .reconstruct import reconstruct_layers
 
 __all__ = ["CONVERT_MARKER", "convert_to_dir"]

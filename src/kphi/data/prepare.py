@@ -41,9 +41,9 @@ from typing import Any, Iterator
 from ..files import cache_root, refuse_foreign_dir, slug, staged_dir, stat_fingerprint
 from ..settings import invalid_setting, setting
 from . import recipe
-from .recipe import DEFAULT_FILTERS, DEFAULT_VOCAB_SIZE, EOS, FORMAT_VERSION, IGNORE_INDEX, packed_features
 from .corpora import is_corpus, open_corpus
 from .prepare_text import build_text_corpus, format_text_stats
+from .recipe import DEFAULT_FILTERS, DEFAULT_VOCAB_SIZE, EOS, FORMAT_VERSION, IGNORE_INDEX, packed_features
 from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
 
 PACKINGS = ("tokens", "reference")
@@ -197,7 +197,9 @@ class _TokenIds:
 
 
 def _special_ids(tokenizer: Any, spec: str) -> _TokenIds:
-    from .tokenizers import encodes_phi3_chat_tokens  # here, not at the top: the command line reads this module for its flags without transformers
+    from .tokenizers import (
+        encodes_phi3_chat_tokens,  # here, not at the top: the command line reads this module for its flags without transformers
+    )
 
     if not encodes_phi3_chat_tokens(tokenizer) and getattr(tokenizer, "chat_template", None):
         eos = tokenizer.eos_token_id

@@ -17,13 +17,21 @@ from typing import Any
 
 import torch
 
-from ..errors import EvalError
-from .bits import (TextScore, default_text_path, evaluate_text, first_bytes, prefix_id, read_documents,
-                   score_documents, window_context)
-from .harness import KPHI_TASKS, run_tasks
 from ..data.prepare import DataError, load_prepared
+from ..errors import EvalError
 from ..sources import describe_source
 from ..sources.model_dir import load_model, load_tokenizer
+from .bits import (
+    TextScore,
+    default_text_path,
+    evaluate_text,
+    first_bytes,
+    prefix_id,
+    read_documents,
+    score_documents,
+    window_context,
+)
+from .harness import KPHI_TASKS, run_tasks
 
 __all__ = ["EvalError", "EvalReport", "KPHI_TASKS", "evaluate_prepared", "format_eval_table", "run_eval"]
 

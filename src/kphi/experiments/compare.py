@@ -37,16 +37,16 @@ from typing import Any
 
 import torch
 
+from ..data.prepare import PrepareSettings, prepare_dataset
 from ..errors import ExperimentError
 from ..files import atomic_write_text, refuse_foreign_dir, slug
 from ..sources.auto import config_fields
+from ..train import TrainError, resolve_settings
+from ..training.train_settings import tokens_per_step, training_value
 from .arms import Arm, arm_rates, non_embedding, resolve_arms, run_dir_name
+from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 from .runs import command_line, finished_metrics_file, get_or_train, write_results
 from .suites import Suite
-from ..data.prepare import prepare_dataset, PrepareSettings
-from ..train import resolve_settings, TrainError
-from ..training.train_settings import tokens_per_step, training_value
-from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 
 __all__ = ["Comparison", "CompareError", "best_rate", "format_plan", "format_table", "run_compare", "run_plan"]
 

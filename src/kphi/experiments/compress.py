@@ -25,18 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ExperimentError
-from .runs import command_line
-from .suites import read_suite_yaml, suite_training
-from ..files import atomic_write_text, slug
-from .runs import converged, get_or_train, write_results
-from ..training.train_settings import training_value
 from ..convert import CONVERT_MARKER, convert_to_dir
-from ..data.prepare import load_prepared, prepare_dataset, PrepareSettings
+from ..data.prepare import PrepareSettings, load_prepared, prepare_dataset
+from ..errors import ExperimentError
+from ..files import atomic_write_text, slug
 from ..modeling.projections import projection_kind
 from ..sources.model_dir import load_model
 from ..train import resolve_settings, trainer_arguments
+from ..training.train_settings import training_value
 from .plots import plot_compress
+from .runs import command_line, converged, get_or_train, write_results
+from .suites import read_suite_yaml, suite_training
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
 

@@ -26,16 +26,9 @@ from typing import Any, Callable
 
 from ..errors import ExperimentError
 from ..files import atomic_write_text
-from ..train import (
-    DivergedError,
-    identity_differences,
-    initial_weights_sha256,
-    METRICS_FILE,
-    recorded_version,
-    RUN_FILE,
-    train,
-    TrainError,
-)
+from ..train import METRICS_FILE, RUN_FILE, initial_weights_sha256, train
+from ..training.run_records import identity_differences, recorded_version
+from ..training.train_settings import DivergedError, TrainError
 
 __all__ = ["DIVERGED_FILE", "finished_metrics_file", "RESULTS_JSON", "RESULTS_MD", "ExperimentError", "converged", "finished_run", "get_or_train",
            "write_results", "command_line"]

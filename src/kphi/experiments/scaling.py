@@ -30,22 +30,23 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, fields as dataclass_fields, replace as dataclass_replace
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
-from .compare import CompareError, Comparison, run_plan, training_at_budget
-from .arms import non_embedding, resolve_arms
-from .runs import command_line
-from .suites import ArmSpec, Suite, arm_specs, positive_rates, read_suite_yaml, suite_training, unknown_keys
-from ..sources.auto import config_fields
 from ..presets import load_preset
-from .runs import write_results
+from ..sources.auto import config_fields
 from ..training.train_settings import whole_steps
+from .arms import non_embedding, resolve_arms
+from .compare import CompareError, Comparison, run_plan, training_at_budget
 from .plots import plot_scaling
+from .runs import command_line, write_results
+from .suites import ArmSpec, Suite, arm_specs, positive_rates, read_suite_yaml, suite_training, unknown_keys
 
 __all__ = ["ScalingSuite", "plan_scaling", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
 

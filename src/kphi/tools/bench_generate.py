@@ -11,7 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 from typing import Any, Callable
-from ..generate import encode_prompt, GenerationError, load_for_generation
+
+from ..generate import GenerationError, encode_prompt, load_for_generation
 
 __all__ = ["format_generation_speed", "time_generation"]
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from ..modeling.configuration_kphi3 import PHI3_PROJECTION_TARGETS
 from ..errors import KphiError
 from ..modeling.block import GroupedPointwiseBlock
+from ..modeling.configuration_kphi3 import PHI3_PROJECTION_TARGETS
 from ..modeling.lowrank import LowRankLinear
 from ..modeling.monarch import MonarchLinear
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import KphiError
-from .train_settings import TrainSettings, model_fields
 from ..modeling.configuration_kphi3 import (
+    LEGACY_GROUPED_INIT,
+    KPhi3Config,
     canonical_projection,
     fold_legacy_projection,
-    KPhi3Config,
-    LEGACY_GROUPED_INIT,
     pin_legacy_init,
 )
-
+from .train_settings import TrainSettings, model_fields
 
 __all__ = ["IDENTITY_VERSION", "identity_differences", "recorded_identity", "recorded_version"]
 
