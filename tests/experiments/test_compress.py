@@ -105,10 +105,16 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
     assert (tmp_path / "out" / "heal" / "grouped-m-8.json").stat().st_mtime_ns == heal_stamp
 
 
-def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path):
+def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path, monkeypatch):
     """A fit with ``keep``: each projection's kind chosen by sensitivity, every layer reconstructed, then healed;
-    the healed model directory holds the same allocation (the sensitivity is measured once, cached)."""
+    the healed model directory is the model the fit measured (the sensitivity is measured once, cached; the
+    conversion and reconstruction run once)."""
     from tiny_gguf import write_tiny_llama_gguf
+
+    def converted_again(*args, **kwargs):
+        raise AssertionError("the healed fit was converted a second time")
+
+    monkeypatch.setattr("kphi.experiments.structure.convert_to_dir", converted_again)
 
     gguf = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(gguf)

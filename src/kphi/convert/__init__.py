@@ -28,9 +28,9 @@ from .calibration import CALIBRATION_TOKENS, calibration_grams
 from .conversion import FITS, ConvertResult, convert, non_embedding_parameters
 from .targets import layer_projection_names, parse_override
 from .heldout import heldout_bits_per_byte
-from .to_dir import CONVERT_MARKER, convert_to_dir
+from .to_dir import CONVERT_MARKER, convert_to_dir, write_converted
 
 __all__ = [
     "CALIBRATION_TOKENS", "CONVERT_MARKER", "ConvertError", "ConvertResult", "FITS", "calibration_grams", "convert",
-    "convert_to_dir", "heldout_bits_per_byte", "layer_projection_names", "non_embedding_parameters", "parse_override",
+    "convert_to_dir", "write_converted", "heldout_bits_per_byte", "layer_projection_names", "non_embedding_parameters", "parse_override",
 ]

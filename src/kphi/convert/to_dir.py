@@ -20,7 +20,7 @@ from .conversion import ConvertResult, convert, load_source
 from .heldout import heldout_bits_per_byte, heldout_score
 from .reconstruct import reconstruct_layers
 
-__all__ = ["CONVERT_MARKER", "convert_to_dir"]
+__all__ = ["CONVERT_MARKER", "convert_to_dir", "write_converted"]
 
 CONVERT_MARKER = "kphi-convert.json"
 
@@ -83,7 +83,7 @@ def convert_to_dir(src: str | os.PathLike, out: str | os.PathLike, *, progress: 
         if result.heldout:
             score = heldout_score(result.model, tokenizer, heldout_bytes).bits_per_byte
             result.heldout = {**result.heldout, "after_fit": result.heldout["after"], "after": score}
-    _write(result, src, out, tokenizer, registered_for_auto_classes)
+    write_converted(result, src, out, tokenizer)
     return result
 
 
@@ -119,8 +119,9 @@ def _reconstruct(src, result: ConvertResult, kwargs, steps: int, learning_rate: 
     result.reconstruction = [r.to_dict() for r in reports]
 
 
-def _write(result: ConvertResult, src: Path, out: Path, tokenizer, registered_for_auto_classes) -> None:
-    """The model directory and ``kphi-convert.json``, staged and renamed into place."""
+def write_converted(result: ConvertResult, src: Path, out: Path, tokenizer) -> None:
+    """``result`` as a model directory with ``kphi-convert.json`` (``src``: the source's directory), staged and
+    renamed into place."""
     with staged_dir(out) as staging:
         with registered_for_auto_classes(result.model):
             result.model.save_pretrained(staging)

@@ -16,8 +16,8 @@ on a rerun, so an interrupted study resumes. Outputs: ``results.json``, ``result
 (bits per byte against the share of non-embedding parameters kept, one line per kind and fit).
 
 **Healing** (optional ``heal:`` section: ``fits`` — labels of fits above, ``tokens``, ``learning_rate`` and
-any other training settings under ``training``): each named fit is written as a model directory
-(``OUT/heal/LABEL/fit``), then trained for ``tokens`` more tokens of the same prepared data with
+any other training settings under ``training``): each named fit, the model just measured, is written as a
+model directory (``OUT/heal/LABEL/fit``), then trained for ``tokens`` more tokens of the same prepared data with
 distillation from the source (``kphi train --init-from FIT --distill-from SOURCE``; loss
 ``(1 - a) CE + a T^2 KL(source || student)``, :mod:`kphi.training.distill`) in ``OUT/heal/LABEL/run`` — an ordinary
 run, so a killed heal resumes — and scored again on the same held-out text. ``OUT/heal/LABEL.json`` records
@@ -38,14 +38,15 @@ from typing import Any
 
 import torch
 
-from ..convert import CONVERT_MARKER, ConvertError, convert, convert_to_dir
+from ..convert import CONVERT_MARKER, ConvertError, convert, convert_to_dir, write_converted
 from ..convert.allocate import allocate_for_source
+from ..convert.calibration import calibration_ids
 from ..convert.reconstruct import reconstruct_layers
-from ..data.prepare import PrepareSettings, load_prepared, prepare_dataset
+from ..data.prepare import PrepareSettings, prepare_dataset
 from ..errors import ExperimentError
 from ..eval.bits import evaluate_text, heldout_sample
 from ..files import atomic_write_text, slug
-from ..sources import describe_source
+from ..sources import describe_source, resolve_model_dir
 from ..sources.model_dir import load_model, load_tokenizer
 from ..train import TrainError, resolve_settings
 from .plots import plot_structure
@@ -105,10 +106,10 @@ def _data_settings(suite: StructureSuite, data: dict[str, Any] | None = None) ->
     return {"context_length": 256, **(data or suite.data), "tokenizer": suite.source}
 
 
-def _calibration_ids(suite: StructureSuite, progress: bool) -> torch.Tensor:
-    train = load_prepared(_prepared(suite, progress))[0]
-    rows = max(2, math.ceil(suite.calibration_tokens / len(train[0]["input_ids"])))
-    return torch.tensor([train[i]["input_ids"] for i in range(min(rows, len(train)))], dtype=torch.long)
+def _calibration_ids(suite: StructureSuite, progress: bool, vocab_size: int) -> torch.Tensor:
+    """The first ``calibration_tokens`` tokens of the suite's prepared data, as :func:`kphi.convert.convert_to_dir`
+    reads them, so a fit measured here and one converted to a directory see the same rows."""
+    return calibration_ids(_prepared(suite, progress), suite.calibration_tokens, vocab_size)
 
 
 def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=print) -> dict[str, Any]:
@@ -132,7 +133,9 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         atomic_write_text(source_file, json.dumps(source, indent=2))
     log(f"source: {source['bits_per_byte']:.4f} bits per byte ({source['tokens']:,} tokens, {source['bytes']:,} bytes)")
     uniform = math.log2(dense.config.vocab_size) * source["tokens"] / source["bytes"]
-    calibration_ids = functools.cache(lambda: _calibration_ids(suite, progress))  # read once, when a fit needs it
+    vocab_size = dense.config.vocab_size
+    calibration = functools.cache(lambda: _calibration_ids(suite, progress, vocab_size))  # read once, when a fit needs it
+    healed_labels = set(suite.heal.get("fits", []))
     rows = []
     for n, spec in enumerate(suite.fits, start=1):
         cached = out / "fits" / f"{slug(spec['label'], 'fit')}.json"
@@ -140,7 +143,10 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
             rows.append(json.loads(cached.read_text()))
             log(f"[{n}/{len(suite.fits)}] {spec['label']}: measured already ({rows[-1]['bits_per_byte']:.4f})")
             continue
-        rows.append(_measure_fit(spec, dense, tokenizer, score, source, calibration_ids, out, progress))
+        # a fit that is healed next is kept as the model directory the healing starts from, not converted again
+        keep_in = out / "heal" / slug(spec["label"], "fit") / "fit" if spec["label"] in healed_labels else None
+        rows.append(_measure_fit(spec, dense, tokenizer, score, source, calibration, out, progress,
+                                 keep_in=keep_in, source_dir=resolve_model_dir(suite.source)))
         atomic_write_text(cached, json.dumps(rows[-1], indent=2))
         row = rows[-1]
         log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
@@ -164,15 +170,16 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     return results
 
 
-def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str, Any], calibration_ids, out: Path,
-                 progress: bool) -> dict[str, Any]:
+def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str, Any], calibration_rows, out: Path,
+                 progress: bool, keep_in: Path | None = None, source_dir: Path | None = None) -> dict[str, Any]:
     """Convert ``dense`` as ``spec`` says (allocated when it has ``keep``; reconstructed layer by layer when it
-    has ``reconstruct_steps``) and score it; the row of the results. ``calibration_ids()``: the suite's
-    calibration token ids."""
+    has ``reconstruct_steps``) and score it; the row of the results. ``calibration_rows()``: the suite's
+    calibration token ids. ``keep_in``: also write the converted model there (:func:`kphi.convert.write_converted`,
+    ``source_dir`` the source's directory), unless a conversion is there already."""
 
     started = time.perf_counter()
     fit = spec.get("fit", "frobenius")
-    calibration = calibration_ids() if fit == "activations" or spec.get("reconstruct_steps") else None
+    calibration = calibration_rows() if fit == "activations" or spec.get("reconstruct_steps") else None
     try:
         kind, overrides, allocation = _allocated(spec, dense, tokenizer, calibration, out / "sensitivity", progress)
         result = convert(dense, kind, targets=spec.get("targets"), overrides=overrides, fit=fit,
@@ -197,6 +204,10 @@ def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str
                     "perplexity": scored["perplexity"], "relative_bits_per_byte": scored["bits_per_byte"] / source["bits_per_byte"],
                     "reconstruction": [r.to_dict() for r in reports],
                     "reconstruction_tokens_per_layer": reports[0].tokens if reports else 0})
+        result.reconstruction = row["reconstruction"]
+    result.allocation = allocation
+    if keep_in is not None and not (keep_in / CONVERT_MARKER).is_file():
+        write_converted(result, source_dir, keep_in, tokenizer)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
