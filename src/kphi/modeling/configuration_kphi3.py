@@ -12,7 +12,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import Phi3Config
 
 from .block import DEFAULT_GROUPED_INIT, GROUPED_INIT_SCHEMES
-from .projections import PHI3_PROJECTION_TARGETS
+from .projections import PHI3_PROJECTION_TARGETS, projection_kind
 
 __all__ = ["KPhi3Config", "GROUPED_INIT_SCHEMES", "PHI3_PROJECTION_TARGETS", "BOOKKEEPING_KEYS", "config_fields",
            "DEFAULT_PROJECTION", "LEGACY_PROJECTION_FIELDS", "apply_legacy_fields", "fold_legacy_projection",
@@ -110,8 +110,6 @@ def canonical_projection(projection):
     """``projection`` with every setting of its kind spelled out (``{kind: grouped, min_channels_per_group: 32}``
     -> ``{..., init: kaiming_uniform, branches: 2}``), so one projection spelled two ways is one model;
     returned unchanged when it names no valid kind (validation reports that)."""
-    from .projections import projection_kind
-
     try:
         return projection_kind(projection).to_dict()
     except (TypeError, ValueError):
@@ -178,8 +176,6 @@ class KPhi3Config(Phi3Config):
 
     def projection_kind(self):
         """The :class:`~kphi.modeling.kinds.ProjectionKind` of the decoder's projections (see ``projection``)."""
-        from .projections import projection_kind
-
         return projection_kind(self.projection)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from .projections import PHI3_PROJECTION_TARGETS
+from .projections import PHI3_PROJECTION_TARGETS, matches_target, projection_kind
 
 __all__ = [
     "KphiLlamaConfig",
@@ -49,8 +49,6 @@ class _StructuredConfig:
     default_target_modules: tuple[str, ...] = ()
 
     def projection_kind(self):
-        from .projections import projection_kind
-
         return projection_kind(self.projection if self.projection is not None else "dense")
 
     @property
@@ -60,8 +58,6 @@ class _StructuredConfig:
     def projection_kind_for(self, name: str):
         """The kind of the module called ``name``: the first override matching it, else ``projection``;
         ``None`` for a module no target names."""
-        from .projections import matches_target, projection_kind
-
         if not any(matches_target(name, t) for t in self.projection_targets):
             return None
         for override in self.projection_overrides or ():
@@ -71,8 +67,6 @@ class _StructuredConfig:
 
     def projection_kinds(self) -> list:
         """Every kind this config uses: ``projection`` and each override's."""
-        from .projections import projection_kind
-
         return [self.projection_kind(), *(projection_kind(o["projection"]) for o in self.projection_overrides or ())]
 
     def validate_projection(self):
