@@ -1,0 +1,61 @@
+"""scripts/seed-runs.py carries a series' finished runs through git: --collect copies each finished run (its
+metrics and its run record) and each changed budget table into the committed results; seeding puts the runs
+back into a fresh output directory, leaving runs already there untouched."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "seed-runs.py"
+
+
+@pytest.fixture(scope="module")
+def seed_runs():
+    spec = importlib.util.spec_from_file_location("seed_runs", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def finished_series(out: Path) -> None:
+    """Two budgets: one run finished and one interrupted at the first, the table written at the second."""
+    done = out / "tokens-100" / "arms" / "phi-3-lr0.001-seed42"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text(json.dumps({"final_val_loss": 3.5}))
+    (done / "kphi-run.json").write_text(json.dumps({"identity": {"seed": 42}}))
+    (out / "tokens-100" / "arms" / "kphi-3-lr0.002-seed42").mkdir()  # interrupted: no metrics
+    (out / "tokens-200").mkdir()
+    (out / "tokens-200" / "results.md").write_text("| arm | loss |\n")
+    (out / "tokens-200" / "results.json").write_text("{}")
+    (out / "tokens-200" / "val_loss.png").write_bytes(b"png")
+
+
+def test_collect_copies_finished_runs_and_tables_once(tmp_path, seed_runs):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    finished_series(out)
+    assert seed_runs.collect(out, results) == ["tokens-100/phi-3-lr0.001-seed42", "tokens-200/results"]
+    assert json.loads((results / "tokens-100" / "phi-3-lr0.001-seed42.json").read_text()) == {"final_val_loss": 3.5}
+    assert (results / "tokens-100" / "phi-3-lr0.001-seed42.run.json").is_file()
+    assert not list((results / "tokens-100").glob("kphi-3*"))
+    assert sorted(p.name for p in (results / "tokens-200").iterdir()) == ["results.json", "results.md", "val_loss.png"]
+    assert seed_runs.collect(out, results) == []  # nothing new the second time
+    (out / "tokens-200" / "results.md").write_text("| arm | loss |\n| phi-3 | 3.5 |\n")
+    assert seed_runs.collect(out, results) == ["tokens-200/results"]
+
+
+def test_seeding_restores_the_runs_and_keeps_what_is_there(tmp_path, seed_runs):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    finished_series(out)
+    seed_runs.collect(out, results)
+    fresh = tmp_path / "fresh"
+    assert seed_runs.seed(results, fresh) == 1
+    run = fresh / "tokens-100" / "arms" / "phi-3-lr0.001-seed42"
+    assert json.loads((run / "metrics.json").read_text()) == {"final_val_loss": 3.5}
+    assert json.loads((run / "kphi-run.json").read_text()) == {"identity": {"seed": 42}}
+    (run / "metrics.json").write_text(json.dumps({"final_val_loss": 3.4}))
+    assert seed_runs.seed(results, fresh) == 0
+    assert json.loads((run / "metrics.json").read_text()) == {"final_val_loss": 3.4}
