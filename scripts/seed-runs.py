@@ -5,7 +5,8 @@
     python scripts/seed-runs.py --collect runs/cpu-text-w64 docs/results/cpu-text-w64   # then git add, commit
 
 Each finished run of a series is committed as two small files beside its budget's results: NAME.json (the
-run's metrics.json) and NAME.run.json (its kphi-run.json: settings, identity and initial-weight hash).
+run's metrics.json; NAME.diverged.json for a run that diverged, its diverged.json) and NAME.run.json (its
+kphi-run.json: settings, identity and initial-weight hash).
 Seeding copies both into OUT/tokens-N/arms/NAME/; runs already there are left as they are. Nothing is trusted
 on the copy's word: before reusing a run, compare checks its recorded identity against the suite's settings,
 rebuilds its initial weights to compare their hash, and refuses a run that differs.
@@ -18,34 +19,38 @@ import shutil
 import sys
 from pathlib import Path
 
-RECORD, METRICS = "kphi-run.json", "metrics.json"
+RECORD = "kphi-run.json"
+#: What marks a run finished (as kphi.experiments.runs reads it) -> its committed name's suffix.
+FINISHED = {"metrics.json": ".json", "diverged.json": ".diverged.json"}
 
 
 def seed(results: Path, out: Path) -> int:
     copied = 0
     for record in sorted(results.glob("tokens-*/*.run.json")):
         name = record.name.removesuffix(".run.json")
-        metrics = record.with_name(f"{name}.json")
         run_dir = out / record.parent.name / "arms" / name
-        if not metrics.is_file() or (run_dir / METRICS).exists() or (run_dir / RECORD).exists():
+        finished = [(record.with_name(name + suffix), marker) for marker, suffix in FINISHED.items()
+                    if record.with_name(name + suffix).is_file()]
+        if not finished or run_dir.exists():
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True)
         shutil.copyfile(record, run_dir / RECORD)
-        shutil.copyfile(metrics, run_dir / METRICS)
+        shutil.copyfile(finished[0][0], run_dir / finished[0][1])
         copied += 1
     return copied
 
 
 def collect(out: Path, results: Path) -> list[str]:
     changed = []
-    for metrics in sorted(out.glob(f"tokens-*/arms/*/{METRICS}")):
-        run_dir = metrics.parent
+    for record in sorted(out.glob(f"tokens-*/arms/*/{RECORD}")):
+        run_dir = record.parent
         budget = results / run_dir.parent.parent.name
-        if (budget / f"{run_dir.name}.run.json").exists():
+        finished = [marker for marker in FINISHED if (run_dir / marker).is_file()]
+        if not finished or (budget / f"{run_dir.name}.run.json").exists():
             continue
         budget.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(metrics, budget / f"{run_dir.name}.json")
-        shutil.copyfile(run_dir / RECORD, budget / f"{run_dir.name}.run.json")
+        shutil.copyfile(run_dir / finished[0], budget / (run_dir.name + FINISHED[finished[0]]))
+        shutil.copyfile(record, budget / f"{run_dir.name}.run.json")
         changed.append(f"{budget.name}/{run_dir.name}")
     for table in sorted(out.glob("tokens-*/results.md")):
         budget = results / table.parent.name

@@ -20,18 +20,29 @@ def kphi_env(extra=None) -> dict:
 
 def run_torchrun(nproc: int, target: list[str], *, timeout: float = 600, env=None, cwd=None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node NPROC TARGET``: the rendezvous binds a port the system chooses
-    (no port picked here and freed for a race with another test's group). The launcher and its workers run in
-    a session of their own, killed together on timeout, so a hung rank never outlives the test."""
+    (no port picked here and freed for a race with another test's group). On timeout the launcher and every
+    worker are killed, so a hung rank never outlives the test."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        kill_tree(proc.pid)
+        out, err = proc.communicate(timeout=60)
         raise AssertionError(f"torchrun did not finish in {timeout} s: {err[-3000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of its own, so killing
+    the launcher's process group would leave the workers running, holding the output pipes open."""
+    import psutil  # accelerate's dependency, so present wherever the tests run
+
+    root = psutil.Process(pid)
+    for process in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
 
 
 def run_cli(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:

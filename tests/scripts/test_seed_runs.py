@@ -1,6 +1,6 @@
 """scripts/seed-runs.py carries a series' finished runs through git: --collect copies each finished run (its
-metrics and its run record) and each changed budget table into the committed results; seeding puts the runs
-back into a fresh output directory, leaving runs already there untouched."""
+metrics or its divergence, and its run record) and each changed budget table into the committed results;
+seeding puts the runs back into a fresh output directory, leaving runs already there untouched."""
 
 import importlib.util
 import json
@@ -22,12 +22,18 @@ def seed_runs():
 
 
 def finished_series(out: Path) -> None:
-    """Two budgets: one run finished and one interrupted at the first, the table written at the second."""
-    done = out / "tokens-100" / "arms" / "phi-3-lr0.001-seed42"
-    done.mkdir(parents=True)
-    (done / "metrics.json").write_text(json.dumps({"final_val_loss": 3.5}))
-    (done / "kphi-run.json").write_text(json.dumps({"identity": {"seed": 42}}))
-    (out / "tokens-100" / "arms" / "kphi-3-lr0.002-seed42").mkdir()  # interrupted: no metrics
+    """Two budgets: at the first one run finished, one diverged, one interrupted and one without its record (not
+    a run kphi can check, so not carried); the table written at the second."""
+    arms = out / "tokens-100" / "arms"
+    for name, marker, body in [("phi-3-lr0.001-seed42", "metrics.json", {"final_val_loss": 3.5}),
+                               ("phi-3-lr0.032-seed42", "diverged.json", {"diverged": True})]:
+        (arms / name).mkdir(parents=True)
+        (arms / name / marker).write_text(json.dumps(body))
+        (arms / name / "kphi-run.json").write_text(json.dumps({"identity": {"seed": 42}}))
+    (arms / "kphi-3-lr0.002-seed42").mkdir()  # interrupted: a record, no metrics
+    (arms / "kphi-3-lr0.002-seed42" / "kphi-run.json").write_text("{}")
+    (arms / "kphi-3-lr0.004-seed42").mkdir()  # metrics without a record
+    (arms / "kphi-3-lr0.004-seed42" / "metrics.json").write_text("{}")
     (out / "tokens-200").mkdir()
     (out / "tokens-200" / "results.md").write_text("| arm | loss |\n")
     (out / "tokens-200" / "results.json").write_text("{}")
@@ -37,8 +43,10 @@ def finished_series(out: Path) -> None:
 def test_collect_copies_finished_runs_and_tables_once(tmp_path, seed_runs):
     out, results = tmp_path / "runs", tmp_path / "results"
     finished_series(out)
-    assert seed_runs.collect(out, results) == ["tokens-100/phi-3-lr0.001-seed42", "tokens-200/results"]
+    assert seed_runs.collect(out, results) == ["tokens-100/phi-3-lr0.001-seed42", "tokens-100/phi-3-lr0.032-seed42",
+                                               "tokens-200/results"]
     assert json.loads((results / "tokens-100" / "phi-3-lr0.001-seed42.json").read_text()) == {"final_val_loss": 3.5}
+    assert json.loads((results / "tokens-100" / "phi-3-lr0.032-seed42.diverged.json").read_text()) == {"diverged": True}
     assert (results / "tokens-100" / "phi-3-lr0.001-seed42.run.json").is_file()
     assert not list((results / "tokens-100").glob("kphi-3*"))
     assert sorted(p.name for p in (results / "tokens-200").iterdir()) == ["results.json", "results.md", "val_loss.png"]
@@ -52,7 +60,9 @@ def test_seeding_restores_the_runs_and_keeps_what_is_there(tmp_path, seed_runs):
     finished_series(out)
     seed_runs.collect(out, results)
     fresh = tmp_path / "fresh"
-    assert seed_runs.seed(results, fresh) == 1
+    assert seed_runs.seed(results, fresh) == 2
+    assert sorted(p.name for p in (fresh / "tokens-100" / "arms" / "phi-3-lr0.032-seed42").iterdir()) == [
+        "diverged.json", "kphi-run.json"]
     run = fresh / "tokens-100" / "arms" / "phi-3-lr0.001-seed42"
     assert json.loads((run / "metrics.json").read_text()) == {"final_val_loss": 3.5}
     assert json.loads((run / "kphi-run.json").read_text()) == {"identity": {"seed": 42}}

@@ -206,7 +206,7 @@ def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str
                     "reconstruction_tokens_per_layer": reports[0].tokens if reports else 0})
         result.reconstruction = row["reconstruction"]
     result.allocation = allocation
-    if keep_in is not None and not (keep_in / CONVERT_MARKER).is_file():
+    if keep_in is not None:  # replaced whole, so it holds the model this row measured, also after a resume
         write_converted(result, source_dir, keep_in, tokenizer)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
