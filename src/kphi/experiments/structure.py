@@ -203,7 +203,7 @@ def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str
         row.update({"bits_per_byte_fit": row["bits_per_byte"], "bits_per_byte": scored["bits_per_byte"],
                     "perplexity": scored["perplexity"], "relative_bits_per_byte": scored["bits_per_byte"] / source["bits_per_byte"],
                     "reconstruction": [r.to_dict() for r in reports],
-                    "reconstruction_tokens_per_layer": reports[0].tokens if reports else 0})
+                    "reconstruction_tokens_per_layer": max((r.tokens for r in reports), default=0)})
         result.reconstruction = row["reconstruction"]
     result.allocation = allocation
     if keep_in is not None:  # replaced whole, so it holds the model this row measured, also after a resume
