@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,23 @@ def test_grouped_lr_scale_trains_another_run_and_resumes_it_bit_for_bit(prepared
     expected, got = losses(scaled), losses(killed)
     for step in range(5, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_a_run_on_a_schedule_that_depends_on_its_length_resumes_only_toward_the_same_budget(prepared, tmp_path):
+    """A constant rate extends exactly (above); a cosine run resumed toward a larger budget would follow neither
+    cosine, so it is refused in one line, the run untouched, and resumes toward its own budget."""
+    out = tmp_path / "cosine"
+    args = [*TINY, "--data", str(prepared), "--out", str(out), "--save-steps", "2", "--lr-scheduler", "cosine"]
+    assert run_cli("train", *args, "--max-steps", "4").returncode == 0
+    for done in (out / "checkpoint-4", out / "metrics.json"):  # as if killed after the step-2 checkpoint
+        shutil.rmtree(done) if done.is_dir() else done.unlink()
+    longer = run_cli("train", *args, "--max-steps", "8", "--resume")
+    assert longer.returncode == 2 and "Traceback" not in longer.stderr
+    assert "trained toward 4 steps on the cosine schedule" in longer.stderr and "toward 8 steps" in longer.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and not (out / "metrics.json").exists()
+    again = run_cli("train", *args, "--max-steps", "4", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
 
 
 def test_incomplete_checkpoint_is_ignored_and_corrupt_one_refused(prepared, tmp_path):

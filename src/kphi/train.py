@@ -351,6 +351,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         checkpoint = _newest_complete_checkpoint(out) if resume else None
         if checkpoint is not None:
             _validate_checkpoint(checkpoint, model)
+            _check_same_horizon(checkpoint, settings.lr_scheduler, args.max_steps)
         record = {"identity_version": IDENTITY_VERSION, "identity": settings.identity(config),
                   "settings": dataclasses.asdict(settings),
                   "initial_weights_sha256": initial_weights}
@@ -392,6 +393,24 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2))
     _leave_process_group()
     return TrainResult(out=out, metrics=metrics)
+
+
+#: Learning-rate schedules whose rate at step t does not depend on the run's total number of steps.
+HORIZON_FREE_SCHEDULES = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau")
+
+
+def _check_same_horizon(checkpoint: Path, lr_scheduler: str, max_steps: int) -> None:
+    """A run resumed toward another step budget continues on the schedule of the new budget from the step it
+    reached: with a constant rate that is the longer run exactly; with a schedule that depends on the total
+    (cosine, linear, ...) it is neither run, so that resume is refused."""
+    planned = json.loads((checkpoint / "trainer_state.json").read_text()).get("max_steps")
+    if lr_scheduler in HORIZON_FREE_SCHEDULES or planned in (None, max_steps):
+        return
+    raise TrainError(
+        f"{checkpoint} was trained toward {planned:,} steps on the {lr_scheduler} schedule, whose rate depends on "
+        f"the total; resuming toward {max_steps:,} steps would follow neither schedule. Resume with the budget it "
+        f"had, or start the longer run in another --out (a constant schedule can be extended)"
+    )
 
 
 def _step_budget(settings: TrainSettings, step_tokens: int) -> int:
