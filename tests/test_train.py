@@ -101,6 +101,23 @@ def test_grouped_lr_scale_trains_another_run_and_resumes_it_bit_for_bit(prepared
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
 
+def test_a_run_killed_after_its_final_checkpoint_resumes_to_the_same_model(prepared, full_run, tmp_path):
+    """Killed after its last checkpoint, while writing its outputs: Trainer resumed at the budget's last step
+    would take one step more, so the run replays its last segment from the checkpoint before and ends where the
+    uninterrupted run did, to the bit; a budget below the newest checkpoint is refused, the run untouched."""
+    out = tmp_path / "killed-at-the-end"
+    shutil.copytree(full_run, out)
+    (out / "metrics.json").unlink()
+    result = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "12", "--save-steps", "2", "--eval-steps", "4", "--resume")
+    assert result.returncode == 0, result.stderr
+    metrics, expected = (json.loads((d / "metrics.json").read_text()) for d in (out, full_run))
+    assert metrics["steps"] == 12 and metrics["val_loss"] == expected["val_loss"]
+    assert (out / "model.safetensors").read_bytes() == (full_run / "model.safetensors").read_bytes()
+    shorter = run_cli("train", *TINY, "--data", str(prepared), "--out", str(out), "--max-steps", "8", "--save-steps", "2", "--eval-steps", "4", "--resume")
+    assert shorter.returncode == 2 and "past the budget of 8 steps" in shorter.stderr and "Traceback" not in shorter.stderr
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
 def test_a_run_on_a_schedule_that_depends_on_its_length_resumes_only_toward_the_same_budget(prepared, tmp_path):
     """A constant rate extends exactly (above); a cosine run resumed toward a larger budget would follow neither
     cosine, so it is refused in one line, the run untouched, and resumes toward its own budget."""

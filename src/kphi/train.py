@@ -104,6 +104,12 @@ def _check_run_dir(out: Path, settings: TrainSettings, resume: bool, config: KPh
 
 def _newest_complete_checkpoint(out: Path) -> Path | None:
     """The highest-numbered complete ``checkpoint-N``; incomplete ones (killed mid-save) are removed."""
+    complete = _complete_checkpoints(out)
+    return complete[-1][1] if complete else None
+
+
+def _complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete ``checkpoint-N``, oldest first; incomplete ones are removed."""
     complete = []
     for folder in out.glob("checkpoint-*"):
         suffix = folder.name.split("-", 1)[1]
@@ -113,7 +119,24 @@ def _newest_complete_checkpoint(out: Path) -> Path | None:
             complete.append((int(suffix), folder))
         else:
             shutil.rmtree(folder, ignore_errors=True)
-    return max(complete)[1] if complete else None
+    return sorted(complete)
+
+
+def _resume_point(out: Path, max_steps: int) -> Path | None:
+    """The checkpoint a resume toward ``max_steps`` starts from: the newest complete one before the budget's end.
+
+    Trainer resumed from a checkpoint at its last step takes one step more before it checks the budget, so a
+    run killed after its final checkpoint (while writing its outputs) is replayed from the checkpoint before
+    that one, whose last segment recreates the same final state on a deterministic run; the final checkpoint
+    is removed first, to be written again. A checkpoint past the budget is refused: the run is longer already.
+    """
+    complete = _complete_checkpoints(out)
+    if complete and complete[-1][0] > max_steps:
+        raise TrainError(f"{complete[-1][1]} is past the budget of {max_steps:,} steps; resume with a budget of at "
+                         f"least {complete[-1][0]:,} steps, or train the shorter run in another --out")
+    if complete and complete[-1][0] == max_steps:
+        shutil.rmtree(complete.pop()[1])
+    return complete[-1][1] if complete else None
 
 
 def _validate_checkpoint(folder: Path, model) -> None:
@@ -348,7 +371,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     def claim_run_dir():
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint = _newest_complete_checkpoint(out) if resume else None
+        checkpoint = _resume_point(out, args.max_steps) if resume else None
         if checkpoint is not None:
             _validate_checkpoint(checkpoint, model)
             _check_same_horizon(checkpoint, settings.lr_scheduler, args.max_steps)
