@@ -136,6 +136,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     vocab_size = dense.config.vocab_size
     calibration = functools.cache(lambda: _calibration_ids(suite, progress, vocab_size))  # read once, when a fit needs it
     healed_labels = set(suite.heal.get("fits", []))
+    source_dir = resolve_model_dir(suite.source) if healed_labels else None
     rows = []
     for n, spec in enumerate(suite.fits, start=1):
         cached = out / "fits" / f"{slug(spec['label'], 'fit')}.json"
@@ -146,7 +147,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         # a fit that is healed next is kept as the model directory the healing starts from, not converted again
         keep_in = out / "heal" / slug(spec["label"], "fit") / "fit" if spec["label"] in healed_labels else None
         rows.append(_measure_fit(spec, dense, tokenizer, score, source, calibration, out, progress,
-                                 keep_in=keep_in, source_dir=resolve_model_dir(suite.source)))
+                                 keep_in=keep_in, source_dir=source_dir))
         atomic_write_text(cached, json.dumps(rows[-1], indent=2))
         row = rows[-1]
         log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
@@ -175,7 +176,7 @@ def _measure_fit(spec: dict[str, Any], dense, tokenizer, score, source: dict[str
     """Convert ``dense`` as ``spec`` says (allocated when it has ``keep``; reconstructed layer by layer when it
     has ``reconstruct_steps``) and score it; the row of the results. ``calibration_rows()``: the suite's
     calibration token ids. ``keep_in``: also write the converted model there (:func:`kphi.convert.write_converted`,
-    ``source_dir`` the source's directory), unless a conversion is there already."""
+    ``source_dir`` the source's directory), replacing what is there."""
 
     started = time.perf_counter()
     fit = spec.get("fit", "frobenius")
