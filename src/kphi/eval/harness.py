@@ -14,6 +14,7 @@ file's absolute path (lm_eval's ``dataset_path: json`` + ``data_files``). Any ot
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -71,23 +72,32 @@ def run_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size
     import torch
 
     directory = resolve_model_dir(model)
-    with tempfile.TemporaryDirectory() as folder:
-        write_kphi_task_yamls(Path(folder))
-        manager = TaskManager(include_path=folder)
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise EvalError(f"unknown lm_eval task(s) {', '.join(unknown)}; kphi's own: {', '.join(KPHI_TASKS)}")
-        try:
-            results = lm_eval.simple_evaluate(
-                model="hf",
-                model_args={"pretrained": str(directory), "dtype": "float32",
-                            "device": "cuda" if torch.cuda.is_available() else "cpu"},
-                tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False,
-            )
-        except (OSError, ValueError) as err:  # a dataset or model lm_eval cannot reach or read
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise EvalError(f"lm_eval could not run {', '.join(tasks)} on {model}: {first}") from None
+    manager, _folder = _task_index(TaskManager)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise EvalError(f"unknown lm_eval task(s) {', '.join(unknown)}; kphi's own: {', '.join(KPHI_TASKS)}")
+    try:
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(directory), "dtype": "float32",
+                        "device": "cuda" if torch.cuda.is_available() else "cpu"},
+            tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False,
+        )
+    except (OSError, ValueError) as err:  # a dataset or model lm_eval cannot reach or read
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EvalError(f"lm_eval could not run {', '.join(tasks)} on {model}: {first}") from None
     return {task: _numbers(metrics) for task, metrics in results["results"].items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _task_index(task_manager_class: type) -> tuple[Any, tempfile.TemporaryDirectory]:
+    """lm_eval's task index with kphi's tasks included, built once per process (indexing lm_eval's thousands of
+    task YAMLs takes seconds), and the folder of kphi's task YAMLs it points into, kept with it for as long as
+    the process runs (removed at exit)."""
+    folder = tempfile.TemporaryDirectory(prefix="kphi-lm-eval-tasks-")
+    write_kphi_task_yamls(Path(folder.name))
+    manager = task_manager_class(include_path=folder.name)
+    return manager, folder
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
