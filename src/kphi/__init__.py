@@ -7,7 +7,7 @@
 import os
 import sys
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "GroupedLinear",

@@ -576,7 +576,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     --help``), the flags of other subcommands whose choices come from model code (``convert``'s kinds,
     ``export``'s ONNX exporters) are left out, so that ``kphi configs`` or ``kphi --help`` answer without
     importing torch."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="kphi", description="Train and compare parameter-efficient phi-3 models.")
     parser.add_argument("--version", action="version", version=f"kphi {__version__}")

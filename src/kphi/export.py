@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from ._version import __version__
 from .errors import KphiError
 from .files import refuse_foreign_dir, staged_dir
 from .sources import resolve_model_dir

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..errors import ConvertError
 from ..export import registered_for_auto_classes
 from ..files import refuse_foreign_dir, staged_dir
