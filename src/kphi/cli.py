@@ -85,7 +85,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .experiments.budgets import format_budget_table, run_budget_series
 
     _single_process("compare")
-    from .experiments.compare import format_table, run_compare
+    from .experiments.compare import CompareError, format_table, run_compare
     from .experiments.suites import load_suite, parse_counts, parse_learning_rates
 
     suite = load_suite(args.suite)
@@ -105,6 +105,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
             suite = dataclasses.replace(suite, training=training_at_budget(suite.training, args.max_tokens))
         plan = plan_budget_series(suite, out, budgets, args.seeds) if series else [Comparison(suite.name, suite, Path(out), args.seeds)]
         print(format_plan(plan, options["learning_rates"], options["only_arms"]))
+        return 0
+    if args.report:
+        if not series:
+            raise CompareError("--report summarises a budget series (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")
+        from .experiments.budgets import rebuild_series_outputs
+
+        results = rebuild_series_outputs(suite, out, budgets)
+        print(format_budget_table(results))
+        for warning in results["warnings"]:
+            print(f"warning: {warning}")
+        print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
         return 0
     if series:
         print(format_budget_table(run_budget_series(suite, out, budgets=budgets, **options)))
@@ -409,6 +420,9 @@ def _compare_command(sub, command: str | None) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print every comparison, arm, budget, rate and seed the command would train, and how many of "
                    "those runs --out already holds; train nothing")
+    p.add_argument("--report", action="store_true",
+                   help="a budget series: rewrite its table, results and plots from the budgets --out has finished so "
+                   "far (a series still running included); train nothing")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

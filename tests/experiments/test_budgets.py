@@ -208,3 +208,40 @@ def test_at_equal_flops_the_other_arm_is_interpolated_in_log_flops():
     # a point between two of dense's runs: half way in log FLOPs, half way in loss
     row = differences(half)["at_equal_flops"]["dense"][-1]
     assert row["budget"] == 10000 and row["other_val_loss"] == pytest.approx(4.5)
+
+
+def test_report_summarises_the_budgets_a_series_has_finished_and_trains_nothing(series):
+    """``--report`` rebuilds the series' results from its finished budgets: with both finished it is the series'
+    own summary; with one planned budget not run yet, the finished ones and a warning naming the missing one;
+    with fewer than two finished, one line and nothing written."""
+    out, corpus, tmp, _ = series
+    runs, original = finished_runs(out), json.loads((out / "results.json").read_text())
+    report = tmp / "report"
+    for budget in (512, 1024):
+        (report / f"tokens-{budget}").mkdir(parents=True)
+        (report / f"tokens-{budget}" / "results.json").write_bytes((out / f"tokens-{budget}" / "results.json").read_bytes())
+
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024,2048", "--out", str(report), "--report", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((report / "results.json").read_text())
+    assert summary["budgets"] == [512, 1024] and summary["arms"] == original["arms"]
+    assert summary["differences"] == original["differences"]
+    assert summary["warnings"] == ["2,048 tokens: not finished yet (a series in progress)"]
+    assert "| 512 tokens | 1,024 tokens |" in result.stdout and "warning: 2,048 tokens: not finished yet" in result.stdout
+    assert (report / "differences.png").read_bytes()[:4] == b"\x89PNG" and finished_runs(out) == runs
+
+    (report / "tokens-1024" / "results.json").unlink()
+    (report / "results.json").unlink()
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--out", str(report), "--report", cache=tmp / "cache")
+    assert result.returncode == 2 and "fewer than two finished budgets" in result.stderr
+    assert not (report / "results.json").exists()
+
+
+def test_report_refuses_a_suite_that_is_not_a_series_and_budgets_of_another_suite(series, tmp_path):
+    out, _, tmp, _ = series
+    result = run_cli("compare", "--suite", "smoke", "--out", str(out), "--report", cache=tmp / "cache")
+    assert result.returncode == 2 and "--report summarises a budget series" in result.stderr
+    (tmp_path / "tokens-512").mkdir()
+    (tmp_path / "tokens-512" / "results.json").write_text(json.dumps({"suite": "cpu", "arms": []}))
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--out", str(tmp_path), "--report", cache=tmp / "cache")
+    assert result.returncode == 2 and "a comparison of suite 'cpu', not 'smoke'" in result.stderr

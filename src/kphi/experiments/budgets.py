@@ -106,20 +106,33 @@ def plan_budget_series(suite: Suite, out: Path, budgets: list[int] | None = None
     return plan
 
 
-def rebuild_series_outputs(suite: Suite, out: Path) -> dict[str, Any]:
-    """Rewrite a finished series' ``results.json``, ``results.md`` and plots from its per-budget results
-    (``OUT/tokens-N/results.json``) with today's summary (FLOPs, differences), training nothing: for series
-    committed before a summary existed. The original wall time, command and warnings are kept."""
+def rebuild_series_outputs(suite: Suite, out: Path, budgets: list[int] | None = None) -> dict[str, Any]:
+    """Rewrite a series' ``results.json``, ``results.md`` and plots from the budgets ``out`` has finished
+    (``OUT/tokens-N/results.json``) with today's summary (FLOPs, differences), training nothing: the summary
+    so far of a series still running (``kphi compare --report``), or of one committed before a summary existed.
+    A planned budget (``budgets``, else the suite's) not finished yet is named in the warnings. The original
+    wall time, command and warnings are kept."""
     out = Path(out)
-    per_budget = {int(path.parent.name.split("-", 1)[1]): json.loads(path.read_text())
-                  for path in sorted(out.glob("tokens-*/results.json"))}
+    per_budget = {}
+    for path in sorted(out.glob("tokens-*/results.json")):
+        result = json.loads(path.read_text())
+        if result.get("suite") != suite.name:
+            raise CompareError(f"{path} is a comparison of suite {result.get('suite')!r}, not {suite.name!r}")
+        per_budget[int(path.parent.name.split("-", 1)[1])] = result
     if len(per_budget) < 2:
-        raise CompareError(f"{out} holds fewer than two budgets' results (tokens-N/results.json)")
+        raise CompareError(f"{out} holds fewer than two finished budgets (tokens-N/results.json): nothing to summarise yet")
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     results = budget_results(suite, per_budget, previous.get("wall_seconds", 0.0))
     for key in ("command", "warnings", "tokens_per_parameter", "train_split_tokens"):
         if key in previous:
             results[key] = previous[key]
+    if "tokens_per_parameter" not in previous and suite.budgets_per_parameter and not (budgets or suite.budgets):
+        planned = dict(zip(budgets_per_parameter(suite), suite.budgets_per_parameter))
+        results["tokens_per_parameter"] = {str(t): planned[t] for t in per_budget if t in planned}
+    planned = sorted(set(budgets or suite.budgets or budgets_per_parameter(suite)))
+    results["warnings"] = [w for w in results.get("warnings", []) if "not finished yet" not in w]
+    results["warnings"] += [f"{tokens:,} tokens: not finished yet (a series in progress)"
+                            for tokens in planned if tokens not in per_budget]
     _add_compute(results, suite)
     results["differences"] = differences(results)
     _write_outputs(results, out)
