@@ -79,7 +79,7 @@ def test_a_structure_study_fits_a_pretrained_model_and_resumes(tmp_path):
         "  - {label: low-rank 50%, kind: {kind: low_rank, fraction: 0.5}}\n"
         "  - {label: grouped m=8, kind: {kind: grouped, min_channels_per_group: 8}, targets: [down_proj]}\n"
         "heal: {fits: [grouped m=8], tokens: 1024, learning_rate: 0.01,"
-        " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
+        " training: {batch_size: 2, eval_rows: 4, eval_steps: 2, save_steps: 1000}}\n")
     command = ["compress", "--suite", suite, "--out", tmp_path / "out", "--quiet"]
     first = run_cli(*command, cache=tmp_path / "cache", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -126,7 +126,7 @@ def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path, mon
         "  - {label: allocated 70%, keep: 0.7, sensitivity_bytes: 1024, reconstruct_steps: 4, fit: activations}\n"
         "heal: {fits: [allocated 70%], tokens: 512, learning_rate: 0.01,"
         " data: {source: default, max_rows: 100, validation_rows: 8, context_length: 64},"
-        " training: {batch_size: 2, eval_rows: 4, eval_steps: 1000, save_steps: 1000}}\n")
+        " training: {batch_size: 2, eval_rows: 4, eval_steps: 2, save_steps: 1000}}\n")
     done = run_cli("compress", "--suite", suite, "--out", tmp_path / "out", "--quiet", cache=tmp_path / "cache", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["fits"]
@@ -141,6 +141,35 @@ def test_a_structure_fit_can_be_allocated_reconstructed_and_healed(tmp_path, mon
     assert [r["error_after"] for r in written["reconstruction"]] == [r["error_after"] for r in row["reconstruction"]]
     run = json.loads((tmp_path / "out" / "heal" / "allocated-70" / "run" / "kphi-run.json").read_text())
     assert run["settings"]["context_length"] == 64 and "ctx64" in run["settings"]["data"]  # heal's own data
+    _the_healing_curve_is_in_bits_per_byte_of_the_validation_rows(tmp_path, suite, run["settings"]["data"])
+
+
+def _the_healing_curve_is_in_bits_per_byte_of_the_validation_rows(tmp_path, suite, heal_data):
+    """Each evaluation of the healing run, as bits per byte of the 4 validation rows it scored: the loss in nats
+    per predicted token over ln 2 and the bytes each predicted token decodes to; a row measured before curves
+    were kept gets its curve on the next run, nothing retrained."""
+    import math
+
+    from kphi.data.prepare import load_prepared
+
+    out = tmp_path / "out"
+    (healed,) = json.loads((out / "results.json").read_text())["healed"]
+    _, validation, tokenizer, _ = load_prepared(heal_data)
+    predicted = [[t for t, label in zip(r["input_ids"][1:], r["labels"][1:]) if label != -100] for r in validation.select(range(4))]
+    bytes_per_token = sum(len(tokenizer.decode(ids, skip_special_tokens=True).encode()) for ids in predicted) / sum(map(len, predicted))
+    assert [p["step"] for p in healed["curve"]] == [2, 4] and healed["curve"][-1]["val_loss"] == pytest.approx(healed["val_loss"])
+    for point in healed["curve"]:
+        assert point["bits_per_byte"] == pytest.approx(point["val_loss"] / math.log(2) / bytes_per_token)
+    assert (out / "heal.png").read_bytes()[:4] == b"\x89PNG"
+    assert "bits per byte on the healing text's validation rows" in (out / "results.md").read_text()
+
+    cached = out / "heal" / "allocated-70.json"
+    cached.write_text(json.dumps({k: v for k, v in json.loads(cached.read_text()).items() if k != "curve"}))
+    trained = (out / "heal" / "allocated-70" / "run" / "metrics.json").read_bytes()
+    again = run_cli("compress", "--suite", suite, "--out", out, "--quiet", cache=tmp_path / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(cached.read_text())["curve"] == healed["curve"]
+    assert (out / "heal" / "allocated-70" / "run" / "metrics.json").read_bytes() == trained
 
 
 def test_a_structure_suite_heals_only_fits_it_names(tmp_path):

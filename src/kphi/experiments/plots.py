@@ -187,3 +187,14 @@ def plot_structure(results: dict, out_png: Path) -> Path:
     ax.set_yscale("log")
     return finish(fig, ax, out_png, f"{results['suite']}: structured projections fitted to a pretrained model",
                    "non-embedding parameters kept (%)", "bits per byte on held-out text", legend_size=8)
+
+
+def plot_heal_curves(healed: list[dict], out_png: Path, title: str) -> Path:
+    """Bits per byte on the healing text's validation rows against healing tokens, one line per healed fit."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for h in healed:
+        if h.get("curve"):
+            ax.plot([p["tokens"] for p in h["curve"]], [p["bits_per_byte"] for p in h["curve"]], "o-", markersize=4,
+                    label=h["label"])
+    return finish(fig, ax, out_png, title, "healing tokens", "bits per byte (healing text, validation rows)", legend_size=8)

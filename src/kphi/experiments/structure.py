@@ -21,7 +21,9 @@ model directory (``OUT/heal/LABEL/fit``), then trained for ``tokens`` more token
 distillation from the source (``kphi train --init-from FIT --distill-from SOURCE``; loss
 ``(1 - a) CE + a T^2 KL(source || student)``, :mod:`kphi.training.distill`) in ``OUT/heal/LABEL/run`` — an ordinary
 run, so a killed heal resumes — and scored again on the same held-out text. ``OUT/heal/LABEL.json`` records
-bits per byte before and after, tokens, steps, seconds per step and wall time.
+bits per byte before and after, tokens, steps, seconds per step and wall time, and the healing curve: the
+run's validation losses in bits per byte of the healing text's validation rows (:mod:`.heal_curve`;
+``heal.png``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from ..files import atomic_write_text, slug
 from ..sources import describe_source, resolve_model_dir
 from ..sources.model_dir import load_model, load_tokenizer
 from ..train import TrainError, resolve_settings
-from .plots import plot_structure
+from .heal_curve import bytes_per_predicted_token, heal_curve
+from .plots import plot_heal_curves, plot_structure
 from .runs import command_line, converged, get_or_train, write_results
 from .suites import read_suite_yaml, suite_training
 
@@ -168,6 +171,8 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     }
     write_results(out, results, format_structure_table(results))
     plot_structure(results, out / "structure.png")
+    if any(h.get("curve") for h in healed):
+        plot_heal_curves(healed, out / "heal.png", f"{suite.name}: healing")
     return results
 
 
@@ -243,11 +248,15 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
 
     name = slug(spec["label"], "fit")
     cached = out / f"{name}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
     fit_dir, run_dir = out / name / "fit", out / name / "run"
-    prepared = _prepared(suite, progress)  # the fits' calibration data
     heal_data = _prepared(suite, progress, suite.heal.get("data"))  # what healing trains on (default: the same)
+    if cached.is_file():
+        row = json.loads(cached.read_text())
+        if "curve" not in row and (run_dir / "log.csv").is_file():  # a row measured before curves were kept
+            row["curve"] = _curve(suite, heal_data, run_dir)
+            atomic_write_text(cached, json.dumps(row, indent=2))
+        return row
+    prepared = _prepared(suite, progress)  # the fits' calibration data
     fit = spec.get("fit", "frobenius")
     if not (fit_dir / CONVERT_MARKER).is_file():
         log(f"heal {spec['label']}: writing the fit to {fit_dir}")
@@ -281,9 +290,16 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
         "seconds_per_step": _median_seconds_per_step(run_dir / "log.csv", step_tokens) or step_tokens / metrics["tokens_per_second"],
         "wall_seconds": metrics["wall_seconds"],
         "learning_rate": settings.learning_rate, "distill_alpha": settings.distill_alpha, "val_loss": metrics["val_loss"],
+        "curve": _curve(suite, heal_data, run_dir),
     }
     atomic_write_text(cached, json.dumps(row, indent=2))
     return row
+
+
+def _curve(suite: StructureSuite, heal_data: Path, run_dir: Path) -> list[dict[str, Any]]:
+    """The run's validation losses in bits per byte of its validation rows (:mod:`.heal_curve`)."""
+    rows = suite.heal.get("training", {}).get("eval_rows")
+    return heal_curve(run_dir / "log.csv", bytes_per_predicted_token(heal_data, rows))
 
 
 def _median_seconds_per_step(log_csv: Path, step_tokens: float) -> float | None:
@@ -325,4 +341,9 @@ def format_structure_table(results: dict[str, Any]) -> str:
             lines.append(f"| {h['label']} | {h['bits_per_byte_before']:.3f} | {h['bits_per_byte']:.3f} | "
                          f"{h['bits_per_byte'] / source['bits_per_byte']:.2f} | {h['tokens']:,} | "
                          f"{h['seconds_per_step']:.1f} | {h['wall_seconds'] / 60:.0f} min |")
+        for h in results["healed"]:
+            if h.get("curve"):
+                points = ", ".join(f"{p['tokens']:,}: {p['bits_per_byte']:.4f}" for p in h["curve"])
+                lines += ["", f"{h['label']}, bits per byte on the healing text's validation rows after each number "
+                          f"of healing tokens (heal.png): {points}"]
     return "\n".join(lines)
