@@ -160,7 +160,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         out = args.out or f"runs/{structure.name}"
         _quiet_transformers()
         print(format_structure_table(run_structure(structure, Path(out), progress=not args.quiet, log=_log(args))))
-        print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/structure.png")
+        plots = ", ".join(f"{out}/{p.name}" for p in sorted(Path(out).glob("*.png")))
+        print(f"\nresults: {out}/results.json, {out}/results.md, plots: {plots}")
         return 0
     suite = load_compress_suite(args.suite)
     out = args.out or f"runs/{suite.name}"

@@ -166,10 +166,12 @@ def _the_healing_curve_is_in_bits_per_byte_of_the_validation_rows(tmp_path, suit
     cached = out / "heal" / "allocated-70.json"
     cached.write_text(json.dumps({k: v for k, v in json.loads(cached.read_text()).items() if k != "curve"}))
     trained = (out / "heal" / "allocated-70" / "run" / "metrics.json").read_bytes()
+    wall = json.loads((out / "results.json").read_text())["wall_seconds"]
     again = run_cli("compress", "--suite", suite, "--out", out, "--quiet", cache=tmp_path / "cache")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(cached.read_text())["curve"] == healed["curve"]
     assert (out / "heal" / "allocated-70" / "run" / "metrics.json").read_bytes() == trained
+    assert json.loads((out / "results.json").read_text())["wall_seconds"] > wall  # the rerun's seconds added to the study's
 
 
 def test_a_structure_suite_heals_only_fits_it_names(tmp_path):
