@@ -8,7 +8,8 @@ evaluates) every ``eval_steps`` in ``log.csv``. On the same rows, bits per byte 
 where the bytes are those of the UTF-8 text the predicted tokens (every position of a row after its first
 whose label is not -100) decode to, decoded per row with the prepared data's own tokenizer, special tokens
 counting no bytes. That is the unit of :mod:`kphi.eval.bits`, on the healing text's validation rows
-instead of the held-out prose.
+instead of the held-out prose. :func:`validation_bits_per_byte` scores any model (the source) on the same rows
+the same way, so the curve reads as a multiple of the source.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.nn import functional as F
+
 from ..data.prepare import load_prepared
 
-__all__ = ["bytes_per_predicted_token", "heal_curve"]
+__all__ = ["bytes_per_predicted_token", "heal_curve", "validation_bits_per_byte"]
 
 
 def bytes_per_predicted_token(prepared: Path, rows: int | None = None) -> float:
@@ -45,3 +49,21 @@ def heal_curve(log_csv: Path, bytes_per_token: float) -> list[dict[str, Any]]:
         rows = [r for r in csv.DictReader(handle) if r.get("val_loss")]
     return [{"step": int(r["step"]), "tokens": int(r["tokens"]), "val_loss": float(r["val_loss"]),
              "bits_per_byte": float(r["val_loss"]) / math.log(2) / bytes_per_token} for r in rows]
+
+
+@torch.no_grad()
+def validation_bits_per_byte(model: torch.nn.Module, prepared: Path, rows: int | None = None, batch_size: int = 4) -> float:
+    """``model``'s cross-entropy over the predicted tokens of the first ``rows`` validation rows (the logits at
+    position ``t`` scored against the label at ``t + 1``), in bits per byte as :func:`heal_curve` converts a
+    logged validation loss."""
+    _, validation, _, _ = load_prepared(prepared)
+    if rows is not None:
+        validation = validation.select(range(min(rows, len(validation))))
+    total, count = 0.0, 0
+    for start in range(0, len(validation), batch_size):
+        batch = validation[start:start + batch_size]
+        ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
+        logits = model(input_ids=ids).logits.float()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((labels[:, 1:] != -100).sum())
+    return total / count / math.log(2) / bytes_per_predicted_token(prepared, rows)

@@ -189,10 +189,13 @@ def plot_structure(results: dict, out_png: Path) -> Path:
                    "non-embedding parameters kept (%)", "bits per byte on held-out text", legend_size=8)
 
 
-def plot_heal_curves(healed: list[dict], out_png: Path, title: str) -> Path:
-    """Bits per byte on the healing text's validation rows against healing tokens, one line per healed fit."""
+def plot_heal_curves(healed: list[dict], out_png: Path, title: str, source: float | None = None) -> Path:
+    """Bits per byte on the healing text's validation rows against healing tokens, one line per healed fit, and
+    the source model's on the same rows as a reference line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    if source:
+        ax.axhline(source, color="black", linestyle="--", linewidth=1, label="source (dense)")
     for h in healed:
         if h.get("curve"):
             ax.plot([p["tokens"] for p in h["curve"]], [p["bits_per_byte"] for p in h["curve"]], "o-", markersize=4,

@@ -51,7 +51,7 @@ from ..files import atomic_write_text, slug
 from ..sources import describe_source, resolve_model_dir
 from ..sources.model_dir import load_model, load_tokenizer
 from ..train import TrainError, resolve_settings
-from .heal_curve import bytes_per_predicted_token, heal_curve
+from .heal_curve import bytes_per_predicted_token, heal_curve, validation_bits_per_byte
 from .plots import plot_heal_curves, plot_structure
 from .runs import command_line, converged, get_or_train, write_results
 from .suites import read_suite_yaml, suite_training
@@ -155,6 +155,10 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
         row = rows[-1]
         log(f"[{n}/{len(suite.fits)}] {spec['label']}: {row['percent_kept']:.1f}% kept, weight error "
             f"{row['mean_relative_error']:.3f}, {row['bits_per_byte']:.4f} bits per byte ({row['seconds']:.0f} s)")
+    if healed_labels and "healing_text_bits_per_byte" not in source:  # the reference for the healing curves
+        heal_data = _prepared(suite, progress, suite.heal.get("data"))
+        source["healing_text_bits_per_byte"] = validation_bits_per_byte(dense.eval(), heal_data, _heal_eval_rows(suite))
+        atomic_write_text(source_file, json.dumps(source, indent=2))
     del dense
     healed = []
     for n, label in enumerate(suite.heal.get("fits", []), start=1):
@@ -174,7 +178,7 @@ def run_structure(suite: StructureSuite, out: Path, progress: bool = True, log=p
     write_results(out, results, format_structure_table(results))
     plot_structure(results, out / "structure.png")
     if any(h.get("curve") for h in healed):
-        plot_heal_curves(healed, out / "heal.png", f"{suite.name}: healing")
+        plot_heal_curves(healed, out / "heal.png", f"{suite.name}: healing", source.get("healing_text_bits_per_byte"))
     return results
 
 
@@ -308,8 +312,12 @@ def _previous_wall(out: Path) -> float:
 
 def _curve(suite: StructureSuite, heal_data: Path, run_dir: Path) -> list[dict[str, Any]]:
     """The run's validation losses in bits per byte of its validation rows (:mod:`.heal_curve`)."""
-    rows = suite.heal.get("training", {}).get("eval_rows")
-    return heal_curve(run_dir / "log.csv", bytes_per_predicted_token(heal_data, rows))
+    return heal_curve(run_dir / "log.csv", bytes_per_predicted_token(heal_data, _heal_eval_rows(suite)))
+
+
+def _heal_eval_rows(suite: StructureSuite) -> int | None:
+    """How many validation rows a healing run evaluates (``None``: all)."""
+    return suite.heal.get("training", {}).get("eval_rows")
 
 
 def _median_seconds_per_step(log_csv: Path, step_tokens: float) -> float | None:
@@ -351,9 +359,12 @@ def format_structure_table(results: dict[str, Any]) -> str:
             lines.append(f"| {h['label']} | {h['bits_per_byte_before']:.3f} | {h['bits_per_byte']:.3f} | "
                          f"{h['bits_per_byte'] / source['bits_per_byte']:.2f} | {h['tokens']:,} | "
                          f"{h['seconds_per_step']:.1f} | {h['wall_seconds'] / 60:.0f} min |")
+        reference = source.get("healing_text_bits_per_byte")
         for h in results["healed"]:
             if h.get("curve"):
-                points = ", ".join(f"{p['tokens']:,}: {p['bits_per_byte']:.4f}" for p in h["curve"])
+                points = ", ".join(f"{p['tokens']:,}: {p['bits_per_byte']:.4f}"
+                                   + (f" ({p['bits_per_byte'] / reference:.2f}x)" if reference else "") for p in h["curve"])
                 lines += ["", f"{h['label']}, bits per byte on the healing text's validation rows after each number "
-                          f"of healing tokens (heal.png): {points}"]
+                          f"of healing tokens (heal.png)" + (f"; the source there: {reference:.4f}" if reference else "")
+                          + f": {points}"]
     return "\n".join(lines)
