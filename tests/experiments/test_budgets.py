@@ -73,6 +73,26 @@ def test_differences_and_the_crossover_by_hand():
     assert "| small | -0.100 | -0.100 | -0.400 ± 0.040 | none in range |" in table
 
 
+def test_several_series_leads_share_one_plot_one_line_per_series_and_arm(tmp_path):
+    from kphi.experiments.budgets import differences, plot_series_leads
+
+    def series(subject, dense):
+        arms = {name: {"points": [{"budget": b, "val_loss": v, "val_loss_std": 0.0} for b, v in zip((100, 200), losses)]}
+                for name, losses in (("dense", dense), ("kphi", subject))}
+        results = {"baseline": "dense", "budgets": [100, 200], "tokens_per_parameter": {"100": 10, "200": 20}, "arms": arms}
+        return {**results, "differences": differences(results)}
+
+    for name, subject in (("w64", (4.0, 3.9)), ("w96", (3.8, 3.85))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(series(subject, (4.2, 3.8))))
+    drawn = plot_series_leads({"width 64": tmp_path / "w64", "width 96": tmp_path / "w96"}, tmp_path / "leads.png")
+    assert drawn["width 64"]["dense"] == [(10, pytest.approx(-0.2)), (20, pytest.approx(0.1))]
+    assert drawn["width 96"]["dense"] == [(10, pytest.approx(-0.4)), (20, pytest.approx(0.05))]
+    assert (tmp_path / "leads.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(CompareError, match="width 128: cannot read .*kphi compare --report"):
+        plot_series_leads({"width 128": tmp_path / "w128"}, tmp_path / "x.png")
+
+
 def test_the_largest_budget_runs_more_seeds_and_reruns_reuse_everything(series, monkeypatch):
     out, corpus, tmp, _ = series
     monkeypatch.setenv("KPHI_CACHE", str(tmp / "cache"))

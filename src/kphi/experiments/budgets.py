@@ -34,11 +34,11 @@ from ..params import training_flops_per_token
 from ..training.train_settings import training_value, whole_steps
 from .arms import non_embedding, resolve_arms
 from .compare import CompareError, Comparison, format_loss, run_plan, training_at_budget
-from .plots import plot_budgets, plot_compute, plot_differences
+from .plots import plot_budgets, plot_compute, plot_differences, plot_leads
 from .runs import command_line, write_results
 from .suites import Suite
 
-__all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences"]
+__all__ = ["run_budget_series", "plan_budget_series", "rebuild_series_outputs", "format_budget_table", "budgets_per_parameter", "differences", "plot_series_leads"]
 
 
 def run_budget_series(
@@ -137,6 +137,22 @@ def rebuild_series_outputs(suite: Suite, out: Path, budgets: list[int] | None = 
     results["differences"] = differences(results)
     _write_outputs(results, out)
     return results
+
+
+def plot_series_leads(outs: dict[str, str | Path], out_png: str | Path, title: str = "the lead over each arm") -> dict[str, Any]:
+    """One plot of several series' leads (``plot_leads``), read from each series' ``OUT/results.json``
+    (written when it finishes, or by ``kphi compare --report``): ``{"width 64": "runs/cpu-text-w64", ...}``.
+    Returns the points drawn."""
+    series = {}
+    for name, out in outs.items():
+        path = Path(out) / "results.json"
+        try:
+            series[name] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise CompareError(f"{name}: cannot read {path} ({err}); run kphi compare --report on it first") from None
+        if not series[name].get("differences"):
+            raise CompareError(f"{name}: {path} is not a budget series' results (no differences)")
+    return plot_leads(series, Path(out_png), title)
 
 
 def budgets_per_parameter(suite: Suite) -> list[int]:

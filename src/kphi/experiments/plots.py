@@ -139,6 +139,29 @@ def plot_differences(results: dict, out_png: Path) -> Path:
                    "difference in final validation loss", log_x=True, legend_size=8)
 
 
+def plot_leads(series: dict[str, dict], out_png: Path, title: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Several series' leads on one plot (e.g. one per width): each series' subject minus each other arm
+    against tokens per dense non-embedding parameter (training tokens where a series has no such ratios), one
+    colour per series and one line style per other arm, zero drawn. Returns the points drawn,
+    ``{series: {arm: [(x, difference), ...]}}``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles, colours = ["o-", "s--", "^:", "d-."], plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for n, (name, results) in enumerate(series.items()):
+        diff = results.get("differences") or {}
+        for m, (label, rows) in enumerate((diff.get("against") or {}).items()):
+            points = [(r["tokens_per_parameter"] or r["budget"], r["difference"]) for r in rows]
+            if points:
+                drawn.setdefault(name, {})[label] = points
+                ax.plot(*zip(*points), styles[m % len(styles)], color=colours[n % len(colours)], markersize=4,
+                        label=f"{name}: {diff['subject']} minus {label}")
+    ax.axhline(0.0, color="black", linewidth=1)
+    finish(fig, ax, out_png, title, "training tokens per dense non-embedding parameter",
+           "difference in final validation loss (below zero: lower)", log_x=True, legend_size=7)
+    return drawn
+
+
 def plot_compress(results: dict, out_png: Path) -> Path:
     """Two panels: validation loss right after each fit; after healing (plain and distilled), with the dense
     teacher and the from-scratch model as reference lines."""
