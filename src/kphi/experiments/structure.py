@@ -255,14 +255,14 @@ def _heal(suite: StructureSuite, spec: dict[str, Any], before: dict[str, Any], o
     name = slug(spec["label"], "fit")
     cached = out / f"{name}.json"
     fit_dir, run_dir = out / name / "fit", out / name / "run"
-    heal_data = _prepared(suite, progress, suite.heal.get("data"))  # what healing trains on (default: the same)
     if cached.is_file():
         row = json.loads(cached.read_text())
         if "curve" not in row and (run_dir / "log.csv").is_file():  # a row measured before curves were kept
-            row["curve"] = _curve(suite, heal_data, run_dir)
+            row["curve"] = _curve(suite, _prepared(suite, progress, suite.heal.get("data")), run_dir)
             atomic_write_text(cached, json.dumps(row, indent=2))
         return row
     prepared = _prepared(suite, progress)  # the fits' calibration data
+    heal_data = _prepared(suite, progress, suite.heal.get("data"))  # what healing trains on (default: the same)
     fit = spec.get("fit", "frobenius")
     if not (fit_dir / CONVERT_MARKER).is_file():
         log(f"heal {spec['label']}: writing the fit to {fit_dir}")
