@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -249,6 +250,15 @@ def test_report_summarises_the_budgets_a_series_has_finished_and_trains_nothing(
     assert summary["warnings"] == ["2,048 tokens: not finished yet (a series in progress)"]
     assert "| 512 tokens | 1,024 tokens |" in result.stdout and "warning: 2,048 tokens: not finished yet" in result.stdout
     assert (report / "differences.png").read_bytes()[:4] == b"\x89PNG" and finished_runs(out) == runs
+
+    # the missing budget finishes (a stand-in: 1,024's results under 2,048's name): the next report drops the warning
+    (report / "tokens-2048").mkdir()
+    (report / "tokens-2048" / "results.json").write_bytes((out / "tokens-1024" / "results.json").read_bytes())
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024,2048", "--out", str(report), "--report", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((report / "results.json").read_text())
+    assert summary["budgets"] == [512, 1024, 2048] and summary["warnings"] == [] and "warning:" not in result.stdout
+    shutil.rmtree(report / "tokens-2048")
 
     (report / "tokens-1024" / "results.json").unlink()
     (report / "results.json").unlink()

@@ -123,16 +123,19 @@ def rebuild_series_outputs(suite: Suite, out: Path, budgets: list[int] | None = 
         raise CompareError(f"{out} holds fewer than two finished budgets (tokens-N/results.json): nothing to summarise yet")
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     results = budget_results(suite, per_budget, previous.get("wall_seconds", 0.0))
-    for key in ("command", "warnings", "tokens_per_parameter", "train_split_tokens"):
+    for key in ("command", "train_split_tokens"):
         if key in previous:
             results[key] = previous[key]
-    if "tokens_per_parameter" not in previous and suite.budgets_per_parameter and not (budgets or suite.budgets):
-        planned = dict(zip(budgets_per_parameter(suite), suite.budgets_per_parameter))
-        results["tokens_per_parameter"] = {str(t): planned[t] for t in per_budget if t in planned}
+    ratios = dict(previous.get("tokens_per_parameter") or {})
+    if suite.budgets_per_parameter and not (budgets or suite.budgets):
+        per_parameter = dict(zip(budgets_per_parameter(suite), suite.budgets_per_parameter))
+        ratios.update({str(t): per_parameter[t] for t in per_budget if t in per_parameter})
+    if ratios:
+        results["tokens_per_parameter"] = ratios
     planned = sorted(set(budgets or suite.budgets or budgets_per_parameter(suite)))
-    results["warnings"] = [w for w in results.get("warnings", []) if "not finished yet" not in w]
-    results["warnings"] += [f"{tokens:,} tokens: not finished yet (a series in progress)"
-                            for tokens in planned if tokens not in per_budget]
+    kept = [w for w in previous.get("warnings", []) if "not finished yet" not in w]
+    results["warnings"] = list(dict.fromkeys(kept + results["warnings"])) + [
+        f"{tokens:,} tokens: not finished yet (a series in progress)" for tokens in planned if tokens not in per_budget]
     _add_compute(results, suite)
     results["differences"] = differences(results)
     _write_outputs(results, out)
