@@ -7,7 +7,9 @@
 import os
 import sys
 
-from ._version import __version__
+from . import _version
+
+__version__ = _version.__version__
 
 __all__ = [
     "GroupedLinear",
