@@ -1,18 +1,19 @@
-"""FSDP2 on two CPU processes (gloo) through kphi's own save and resume code (issue 19).
+"""FSDP2 on two CPU processes (gloo) through kphi's own save and resume code.
 
 accelerate shards only on accelerators, so here the model is sharded as accelerate's FSDP2 would shard it
-(``tests/fsdp_worker.py``) and kphi's end-of-run writer and resume check are run on it: the training losses
+(``tests/training/fsdp_worker.py``) and kphi's end-of-run writer and resume check are run on it: the training losses
 equal one process's on the whole batches, the written model directory loads with the same logits as the
 one-process model, and FSDP's sharded checkpoint layout is a resumable checkpoint.
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from processes import run_torchrun
+from processes import kphi_env, run_torchrun
 from sharding_setup import batches, build_model
 
 HERE = Path(__file__).parent
@@ -21,7 +22,9 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    result = run_torchrun(2, [str(HERE / "fsdp_worker.py"), str(out)], cwd=HERE)
+    # the worker imports the tests' shared helpers (tiny.py) from the folder above its own
+    path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+    result = run_torchrun(2, [str(HERE / "fsdp_worker.py"), str(out)], cwd=HERE, env=kphi_env({"PYTHONPATH": path}))
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 

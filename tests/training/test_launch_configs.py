@@ -40,7 +40,7 @@ def test_kphi_configs_prints_a_path_or_one_line_for_an_unknown_name():
 def test_the_wheel_carries_the_launch_files(tmp_path):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                             str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
     if build.returncode != 0 and "No module named" in build.stderr:

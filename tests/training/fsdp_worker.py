@@ -7,7 +7,7 @@ then hands the model to kphi's own end-of-run code: every process gathers the fu
 (:func:`kphi.train.write_model_dir`). It also writes a sharded checkpoint as accelerate's FSDP does
 (``checkpoint-3/pytorch_model_fsdp_0``, torch.distributed.checkpoint) for the resume check.
 
-    torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT
+    torchrun --nproc_per_node 2 tests/training/fsdp_worker.py OUT
 """
 
 import json
