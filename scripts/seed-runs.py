@@ -15,6 +15,7 @@ rebuilds its initial weights to compare their hash, and refuses a run that diffe
 results.json, results.md and plots when its table changed.
 """
 import filecmp
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -54,13 +55,23 @@ def collect(out: Path, results: Path) -> list[str]:
         changed.append(f"{budget.name}/{run_dir.name}")
     for table in sorted(out.glob("tokens-*/results.md")):
         budget = results / table.parent.name
-        if (budget / table.name).is_file() and filecmp.cmp(table, budget / table.name, shallow=False):
+        if (budget / table.name).is_file() and filecmp.cmp(table, budget / table.name, shallow=False) \
+                and _same_runs(table.with_name("results.json"), budget / "results.json"):
             continue
         budget.mkdir(parents=True, exist_ok=True)
         for made in [table, table.with_name("results.json"), *sorted(table.parent.glob("*.png"))]:
             shutil.copyfile(made, budget / made.name)
         changed.append(f"{budget.name}/results")
     return changed
+
+
+def _same_runs(made: Path, committed: Path) -> bool:
+    """Whether two comparisons' results hold the same arms and runs (a rate added to a grid changes them even
+    where the table of best rates stays the same; wall times and commands do not count)."""
+    try:
+        return json.loads(made.read_text())["arms"] == json.loads(committed.read_text())["arms"]
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def finished_series(out: Path) -> None:
     (arms / "kphi-3-lr0.004-seed42" / "metrics.json").write_text("{}")
     (out / "tokens-200").mkdir()
     (out / "tokens-200" / "results.md").write_text("| arm | loss |\n")
-    (out / "tokens-200" / "results.json").write_text("{}")
+    (out / "tokens-200" / "results.json").write_text(json.dumps({"arms": [{"label": "phi-3", "grid": {"0.001": 3.5}}], "wall_seconds": 9}))
     (out / "tokens-200" / "val_loss.png").write_bytes(b"png")
 
 
@@ -52,6 +52,12 @@ def test_collect_copies_finished_runs_and_tables_once(tmp_path, seed_runs):
     assert sorted(p.name for p in (results / "tokens-200").iterdir()) == ["results.json", "results.md", "val_loss.png"]
     assert seed_runs.collect(out, results) == []  # nothing new the second time
     (out / "tokens-200" / "results.md").write_text("| arm | loss |\n| phi-3 | 3.5 |\n")
+    assert seed_runs.collect(out, results) == ["tokens-200/results"]
+    # rewritten by a rerun that trained nothing (only its wall time differs): not collected
+    (out / "tokens-200" / "results.json").write_text(json.dumps({"arms": [{"label": "phi-3", "grid": {"0.001": 3.5}}], "wall_seconds": 1}))
+    assert seed_runs.collect(out, results) == []
+    # a rate added to the grid that is not the best: the table of best rates is the same, the results are not
+    (out / "tokens-200" / "results.json").write_text(json.dumps({"arms": [{"label": "phi-3", "grid": {"0.001": 3.5, "0.002": 3.6}}]}))
     assert seed_runs.collect(out, results) == ["tokens-200/results"]
 
 
