@@ -394,7 +394,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line for the command
             raise TrainError(f"cannot resume from {checkpoint}: {first_line}") from err
         raise
-    wall = time.perf_counter() - start
+    wall = watch.csv_logger.resumed_seconds + time.perf_counter() - start  # earlier invocations included
 
     if watch.guard.diverged_at is not None:
         last_good = _newest_complete_checkpoint(out)

@@ -1,5 +1,5 @@
 """Several processes and launchers: rank 0's clock stops every rank at the same step; experiments refuse torchrun;
-the launcher's precision and sharding requests are followed or refused, never silently changed."""
+the launcher's precision and sharding requests are followed or refused, never silently changed; the log's clock runs on across a resume."""
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -100,3 +100,31 @@ def test_sharding_asked_for_but_not_enabled_is_an_error():
         is_fsdp_enabled = True
 
     check_sharding_enabled(Sharded(), {"ACCELERATE_USE_FSDP": "true"})
+
+
+def test_the_log_clock_of_a_resumed_run_continues_from_the_step_it_resumed_at(tmp_path):
+    """A run resumed at step 4 starts its clock at the elapsed time the log recorded at step 4; the time an
+    earlier invocation spent past step 4 (lost with the interruption) is not counted."""
+    import csv
+    from types import SimpleNamespace
+
+    from kphi.training.callbacks import CsvLogger
+
+    log = tmp_path / "log.csv"
+    with open(log, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CsvLogger.FIELDS)
+        writer.writeheader()
+        for step, elapsed in ((2, 10.0), (4, 20.0), (6, 35.0)):
+            writer.writerow({"step": step, "elapsed_s": elapsed, "train_loss": 1.0})
+    logger = CsvLogger(log, tokens_per_step=8)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=4)
+    logger.on_train_begin(None, state, None)
+    assert logger.resumed_seconds == 20.0
+    state.global_step = 5
+    logger.on_log(None, state, None, logs={"loss": 0.9, "learning_rate": 1e-3})
+    with open(log, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[-1]["step"] == "5" and 20.0 <= float(rows[-1]["elapsed_s"]) < 35.0
+    fresh = CsvLogger(tmp_path / "new.csv", tokens_per_step=8)
+    fresh.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=0), None)
+    assert fresh.resumed_seconds == 0.0 and fresh.elapsed_seconds < 20.0

@@ -70,6 +70,10 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(prepared, full_run, tmp_
     assert set(got) == set(expected)
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    with open(out / "log.csv") as handle:  # one clock across both invocations
+        elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(handle)]
+    assert elapsed == sorted(elapsed)
+    assert json.loads((out / "metrics.json").read_text())["wall_seconds"] >= elapsed[-1] - 1.0
 
 
 def test_sigkill_mid_run_then_resume(prepared, full_run, tmp_path):

@@ -75,6 +75,10 @@ class CsvLogger(TrainerCallback):
     accumulation x processes). tokens/s in a row covers the steps since the previous training log;
     :attr:`tokens_per_second` covers the whole run. Both count training steps only (evaluation, saving and
     start-up excluded), timed from ``on_step_begin`` to ``on_step_end``.
+
+    ``elapsed_s`` is wall time since the run began, summed over its invocations: a run resumed at step ``s``
+    starts its clock at :attr:`resumed_seconds`, the ``elapsed_s`` the log last recorded at a step ``<= s``
+    (time spent past ``s`` before an interruption trained nothing the run kept, so it is not counted).
     """
 
     FIELDS = ["step", "tokens", "elapsed_s", "train_loss", "val_loss", "learning_rate", "tokens_per_second"]
@@ -84,6 +88,7 @@ class CsvLogger(TrainerCallback):
         self.tokens_per_step = tokens_per_step
         self._start = time.perf_counter()
         self._step_start: float | None = None
+        self.resumed_seconds = 0.0  # elapsed_s of earlier invocations up to the step this one resumed from
         self.train_seconds = 0.0  # summed step time of this process's run
         self.steps_timed = 0
         self._window_seconds = 0.0
@@ -94,9 +99,24 @@ class CsvLogger(TrainerCallback):
         return self.steps_timed * self.tokens_per_step / self.train_seconds if self.train_seconds else None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and not self.path.exists():
+        if not state.is_world_process_zero:
+            return
+        if not self.path.exists():
             with open(self.path, "w", newline="") as handle:
                 csv.writer(handle).writerow(self.FIELDS)
+        elif state.global_step > 0:
+            self.resumed_seconds = self._elapsed_at(state.global_step)
+
+    def _elapsed_at(self, step: int) -> float:
+        """The last ``elapsed_s`` the log holds for a step ``<= step`` (0.0 if none)."""
+        with open(self.path, newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r.get("elapsed_s") and int(r["step"]) <= step]
+        return float(rows[-1]["elapsed_s"]) if rows else 0.0
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Wall seconds of the run so far, earlier invocations included (see the class docstring)."""
+        return self.resumed_seconds + time.perf_counter() - self._start
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
@@ -114,7 +134,7 @@ class CsvLogger(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "tokens": state.global_step * self.tokens_per_step}
-        row["elapsed_s"] = round(time.perf_counter() - self._start, 3)
+        row["elapsed_s"] = round(self.elapsed_seconds, 3)
         if "loss" in logs:
             row["train_loss"] = logs["loss"]
             row["learning_rate"] = logs.get("learning_rate")
