@@ -123,8 +123,8 @@ def test_a_series_is_a_plan_of_comparisons_one_per_budget(tmp_path):
     assert [c.out for c in plan] == [tmp_path / "out" / f"tokens-{b}" for b in budgets]
     assert all("max_steps" not in c.suite.training and c.suite.arms == suite.arms for c in plan)
     assert [c.seeds for c in plan_budget_series(suite, tmp_path, [10_000, 5_000], seeds=3)] == [3, 2]
-    text_series = load_suite("cpu-text-w64")  # seeded_budgets: 2 -> the two largest budgets run seeds_at_largest
-    assert [c.seeds for c in plan_budget_series(text_series, tmp_path / "text")] == [1, 1, 1, 2, 2]
+    text_series = load_suite("cpu-text-w64")  # seeded_budgets: 3 -> the three largest budgets run seeds_at_largest
+    assert [c.seeds for c in plan_budget_series(text_series, tmp_path / "text")] == [1, 1, 2, 2, 2]
 
 
 def plan_rows(stdout: str) -> list[list[str]]:
