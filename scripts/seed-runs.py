@@ -7,7 +7,9 @@
 Each finished run of a series is committed as two small files beside its budget's results: NAME.json (the
 run's metrics.json; NAME.diverged.json for a run that diverged, its diverged.json) and NAME.run.json (its
 kphi-run.json: settings, identity and initial-weight hash).
-Seeding copies both into OUT/tokens-N/arms/NAME/; runs already there are left as they are. Nothing is trusted
+Each budget's comparison marker (kphi-compare.json: the data and training settings its runs share) is committed
+beside them, so that compare accepts the seeded directory as its own.
+Seeding copies them into OUT/tokens-N/arms/NAME/ and OUT/tokens-N/; what is already there is left as it is. Nothing is trusted
 on the copy's word: before reusing a run, compare checks its recorded identity against the suite's settings,
 rebuilds its initial weights to compare their hash, and refuses a run that differs.
 
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 RECORD = "kphi-run.json"
+MARKER = "kphi-compare.json"
 #: What marks a run finished (as kphi.experiments.runs reads it) -> its committed name's suffix.
 FINISHED = {"metrics.json": ".json", "diverged.json": ".diverged.json"}
 
@@ -38,6 +41,9 @@ def seed(results: Path, out: Path) -> int:
         shutil.copyfile(record, run_dir / RECORD)
         shutil.copyfile(finished[0][0], run_dir / finished[0][1])
         copied += 1
+    for marker in sorted(results.glob(f"tokens-*/{MARKER}")):
+        if (out / marker.parent.name).is_dir() and not (out / marker.parent.name / MARKER).exists():
+            shutil.copyfile(marker, out / marker.parent.name / MARKER)
     return copied
 
 
@@ -53,6 +59,12 @@ def collect(out: Path, results: Path) -> list[str]:
         shutil.copyfile(run_dir / finished[0], budget / (run_dir.name + FINISHED[finished[0]]))
         shutil.copyfile(record, budget / f"{run_dir.name}.run.json")
         changed.append(f"{budget.name}/{run_dir.name}")
+    for marker in sorted(out.glob(f"tokens-*/{MARKER}")):
+        budget = results / marker.parent.name
+        if not (budget / MARKER).is_file() or not filecmp.cmp(marker, budget / MARKER, shallow=False):
+            budget.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(marker, budget / MARKER)
+            changed.append(f"{budget.name}/{MARKER}")
     for table in sorted(out.glob("tokens-*/results.md")):
         budget = results / table.parent.name
         if (budget / table.name).is_file() and filecmp.cmp(table, budget / table.name, shallow=False) \

@@ -275,3 +275,34 @@ def test_report_refuses_a_suite_that_is_not_a_series_and_budgets_of_another_suit
     (tmp_path / "tokens-512" / "results.json").write_text(json.dumps({"suite": "cpu", "arms": []}))
     result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--out", str(tmp_path), "--report", cache=tmp / "cache")
     assert result.returncode == 2 and "a comparison of suite 'cpu', not 'smoke'" in result.stderr
+
+
+def test_a_series_carried_through_git_resumes_elsewhere_and_trains_nothing(series, tmp_path):
+    """scripts/seed-runs.py --collect keeps what a series needs in small committed files; seeding them into an
+    empty directory on another machine gives a series compare accepts as its own and finishes by reusing every
+    run, with the same results."""
+    import importlib.util
+    from pathlib import Path
+
+    out, corpus, tmp, _ = series
+    script = Path(__file__).resolve().parents[2] / "scripts" / "seed-runs.py"
+    spec = importlib.util.spec_from_file_location("seed_runs", script)
+    seed_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_runs)
+    committed, fresh = tmp_path / "committed", tmp_path / "fresh"
+    seed_runs.collect(out, committed)
+    assert not list(committed.rglob("*.safetensors")) and not list(committed.rglob("checkpoint-*"))
+    assert seed_runs.seed(committed, fresh) == len(finished_runs(out))
+    seeded = finished_runs(fresh)
+    assert seeded.keys() == finished_runs(out).keys()
+
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--data", str(corpus), "--out", str(fresh),
+                     "--quiet", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert finished_runs(fresh) == seeded  # no run added, none retrained
+    original = tmp_path / "original"  # the same command in a copy of the series where it ran: the same results
+    shutil.copytree(out, original)
+    result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--data", str(corpus), "--out", str(original),
+                     "--quiet", cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((fresh / "results.json").read_text())["arms"] == json.loads((original / "results.json").read_text())["arms"]

@@ -1,6 +1,7 @@
 """scripts/seed-runs.py carries a series' finished runs through git: --collect copies each finished run (its
-metrics or its divergence, and its run record) and each changed budget table into the committed results;
-seeding puts the runs back into a fresh output directory, leaving runs already there untouched."""
+metrics or its divergence, and its run record), each budget's comparison marker and each changed budget table
+into the committed results; seeding puts the runs and markers back into a fresh output directory, leaving what is
+already there untouched."""
 
 import importlib.util
 import json
@@ -34,6 +35,7 @@ def finished_series(out: Path) -> None:
     (arms / "kphi-3-lr0.002-seed42" / "kphi-run.json").write_text("{}")
     (arms / "kphi-3-lr0.004-seed42").mkdir()  # metrics without a record
     (arms / "kphi-3-lr0.004-seed42" / "metrics.json").write_text("{}")
+    (out / "tokens-100" / "kphi-compare.json").write_text(json.dumps({"identity": {"max_tokens": 100}}))
     (out / "tokens-200").mkdir()
     (out / "tokens-200" / "results.md").write_text("| arm | loss |\n")
     (out / "tokens-200" / "results.json").write_text(json.dumps({"arms": [{"label": "phi-3", "grid": {"0.001": 3.5}}], "wall_seconds": 9}))
@@ -44,11 +46,12 @@ def test_collect_copies_finished_runs_and_tables_once(tmp_path, seed_runs):
     out, results = tmp_path / "runs", tmp_path / "results"
     finished_series(out)
     assert seed_runs.collect(out, results) == ["tokens-100/phi-3-lr0.001-seed42", "tokens-100/phi-3-lr0.032-seed42",
-                                               "tokens-200/results"]
+                                               "tokens-100/kphi-compare.json", "tokens-200/results"]
     assert json.loads((results / "tokens-100" / "phi-3-lr0.001-seed42.json").read_text()) == {"final_val_loss": 3.5}
     assert json.loads((results / "tokens-100" / "phi-3-lr0.032-seed42.diverged.json").read_text()) == {"diverged": True}
     assert (results / "tokens-100" / "phi-3-lr0.001-seed42.run.json").is_file()
     assert not list((results / "tokens-100").glob("kphi-3*"))
+    assert json.loads((results / "tokens-100" / "kphi-compare.json").read_text()) == {"identity": {"max_tokens": 100}}
     assert sorted(p.name for p in (results / "tokens-200").iterdir()) == ["results.json", "results.md", "val_loss.png"]
     assert seed_runs.collect(out, results) == []  # nothing new the second time
     (out / "tokens-200" / "results.md").write_text("| arm | loss |\n| phi-3 | 3.5 |\n")
@@ -72,6 +75,7 @@ def test_seeding_restores_the_runs_and_keeps_what_is_there(tmp_path, seed_runs):
     run = fresh / "tokens-100" / "arms" / "phi-3-lr0.001-seed42"
     assert json.loads((run / "metrics.json").read_text()) == {"final_val_loss": 3.5}
     assert json.loads((run / "kphi-run.json").read_text()) == {"identity": {"seed": 42}}
+    assert json.loads((fresh / "tokens-100" / "kphi-compare.json").read_text()) == {"identity": {"max_tokens": 100}}
     (run / "metrics.json").write_text(json.dumps({"final_val_loss": 3.4}))
     assert seed_runs.seed(results, fresh) == 0
     assert json.loads((run / "metrics.json").read_text()) == {"final_val_loss": 3.4}
