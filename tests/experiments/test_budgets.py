@@ -12,6 +12,7 @@ from kphi.experiments.suites import load_suite
 
 from corpus import write_corpus
 from processes import finished_runs, run_cli
+from scripts_loader import load_script
 
 
 @pytest.fixture(scope="module")
@@ -281,14 +282,8 @@ def test_a_series_carried_through_git_resumes_elsewhere_and_trains_nothing(serie
     """scripts/seed-runs.py --collect keeps what a series needs in small committed files; seeding them into an
     empty directory on another machine gives a series compare accepts as its own and finishes by reusing every
     run, with the same results."""
-    import importlib.util
-    from pathlib import Path
-
     out, corpus, tmp, _ = series
-    script = Path(__file__).resolve().parents[2] / "scripts" / "seed-runs.py"
-    spec = importlib.util.spec_from_file_location("seed_runs", script)
-    seed_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seed_runs)
+    seed_runs = load_script("seed-runs")
     committed, fresh = tmp_path / "committed", tmp_path / "fresh"
     seed_runs.collect(out, committed)
     assert not list(committed.rglob("*.safetensors")) and not list(committed.rglob("checkpoint-*"))

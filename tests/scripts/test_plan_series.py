@@ -1,24 +1,19 @@
 """scripts/plan-series.py counts the runs a series has left the way compare plans them: every rate on the first
 seed, one run per further seed at the best rate; a committed run (NAME.json) is finished."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.fast
+from scripts_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "plan-series.py"
+pytestmark = pytest.mark.fast
 
 
 @pytest.fixture(scope="module")
 def plan_series():
-    spec = importlib.util.spec_from_file_location("plan_series", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("plan-series")
 
 
 def test_runs_left_match_compares_plan_and_shrink_as_runs_are_committed(tmp_path, plan_series):

@@ -3,23 +3,19 @@ metrics or its divergence, and its run record), each budget's comparison marker 
 into the committed results; seeding puts the runs and markers back into a fresh output directory, leaving what is
 already there untouched."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.fast
+from scripts_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "seed-runs.py"
+pytestmark = pytest.mark.fast
 
 
 @pytest.fixture(scope="module")
 def seed_runs():
-    spec = importlib.util.spec_from_file_location("seed_runs", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("seed-runs")
 
 
 def finished_series(out: Path) -> None:
