@@ -9,9 +9,9 @@ run's metrics.json; NAME.diverged.json for a run that diverged, its diverged.jso
 kphi-run.json: settings, identity and initial-weight hash).
 Each budget's comparison marker (kphi-compare.json: the data and training settings its runs share) is committed
 beside them, so that compare accepts the seeded directory as its own.
-Seeding copies them into OUT/tokens-N/arms/NAME/ and OUT/tokens-N/; what is already there is left as it is. Nothing is trusted
-on the copy's word: before reusing a run, compare checks its recorded identity against the suite's settings,
-rebuilds its initial weights to compare their hash, and refuses a run that differs.
+Seeding copies them into OUT/tokens-N/arms/NAME/ and OUT/tokens-N/; what is already there is left as it is.
+Nothing is trusted on the copy's word: before reusing a run, compare checks its recorded identity against the
+suite's settings, rebuilds its initial weights to compare their hash, and refuses a run that differs.
 
 ``--collect`` goes the other way: every finished run not yet committed, and each finished budget's
 results.json, results.md and plots when its table changed.
