@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from kphi.experiments.arms import arm_rates, resolve_arms, run_dir_name
+from kphi.experiments.arms import resolve_arms
 from kphi.experiments.budgets import plan_budget_series
+from kphi.experiments.compare import planned_runs
 from kphi.experiments.suites import load_suite
 from kphi.modeling.modeling_kphi3 import KPhi3ForCausalLM
 
@@ -67,17 +68,14 @@ def main() -> None:
 
 
 def _runs(arm, comparison, committed: Path | None) -> list[tuple[int, bool]]:
-    """``(tokens, finished)`` of each run an arm has in one comparison: every rate on seed 42, then one run per
-    further seed at the best rate (committed under any rate)."""
+    """``(tokens, finished)`` of each run an arm has in one comparison (compare's own plan); a run is finished
+    when its NAME.json or NAME.diverged.json is committed."""
     tokens = comparison.suite.training["max_tokens"]
 
     def finished(pattern: str) -> bool:
-        return committed is not None and any(committed.glob(pattern + ".json"))  # NAME.json or NAME.diverged.json
+        return committed is not None and any(any(committed.glob(pattern + suffix)) for suffix in (".json", ".diverged.json"))
 
-    runs = [(tokens, finished(run_dir_name(arm, rate, 42) + "*")) for rate in arm_rates(arm, comparison.suite)]
-    prefix = run_dir_name(arm, 1.0, 42).split("-lr")[0]
-    runs += [(tokens, finished(f"{prefix}-lr*-seed{seed}*")) for seed in range(43, 42 + (comparison.seeds or 1))]
-    return runs
+    return [(tokens, finished(pattern)) for pattern in planned_runs(comparison, arm)]
 
 
 if __name__ == "__main__":

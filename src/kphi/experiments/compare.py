@@ -239,6 +239,16 @@ def select_arms(arms: list[Arm], only_arms: list[str] | None, suite_name: str) -
     return [a for a in arms if a.label in only_arms]
 
 
+def planned_runs(comparison: Comparison, arm: Arm, learning_rates: list[float] | None = None) -> list[str]:
+    """The run directory names an arm has in ``comparison``, as glob patterns: every rate on the first seed (exact
+    names), then one run per further seed at the best rate (``NAME-lr*-seedN``: the rate is known only once the
+    first seed has finished)."""
+    seeds = comparison.seeds or comparison.suite.seeds
+    first = int(training_value(comparison.suite.training, "seed"))
+    names = [run_dir_name(arm, rate, first) for rate in arm_rates(arm, comparison.suite, learning_rates)]
+    return names + [f"{slug(arm.label, 'arm')}-lr*-seed{seed}" for seed in range(first + 1, first + seeds)]
+
+
 def format_plan(plan: list[Comparison], learning_rates: list[float] | None = None,
                 only_arms: list[str] | None = None) -> str:
     """What ``plan`` trains, as a table, without training (``kphi compare --dry-run``): per comparison and arm
@@ -250,14 +260,12 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
     planned_total = finished_total = 0
     for comparison in plan:
         seeds = comparison.seeds or comparison.suite.seeds
-        first = int(training_value(comparison.suite.training, "seed"))
         tokens = planned_tokens(comparison.suite.training)
         for arm in select_arms(resolve_arms(comparison.suite), only_arms, comparison.suite.name):
             rates = arm_rates(arm, comparison.suite, learning_rates)
             arms_dir = Path(comparison.out) / "arms"
-            done = [arms_dir / run_dir_name(arm, rate, first) for rate in rates]
-            done += [next(iter(sorted(arms_dir.glob(f"{slug(arm.label, 'arm')}-lr*-seed{seed}"))), arms_dir / "-")
-                     for seed in range(first + 1, first + seeds)]
+            done = [next(iter(sorted(arms_dir.glob(pattern))), arms_dir / "-")
+                    for pattern in planned_runs(comparison, arm, learning_rates)]
             finished = sum(finished_metrics_file(d) is not None for d in done)
             planned_total, finished_total = planned_total + len(done), finished_total + finished
             lines.append(f"| {comparison.label} | {arm.label} | {non_embedding(arm.config):,} | {tokens} | "
