@@ -16,6 +16,7 @@ from .errors import KphiError
 
 __all__ = [
     "cache_root", "atomic_write_bytes", "atomic_write_text", "slug", "refuse_foreign_dir", "staged_dir", "pip_download",
+    "exclusive_lock",
 ]
 
 
@@ -109,6 +110,37 @@ def staged_dir(target: Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, wait: bool = True):
+    """Hold an exclusive advisory lock on the file ``path`` (created empty if missing) for the ``with`` block;
+    yields whether it is held.
+
+    ``wait=False`` yields ``False`` at once when another process holds the lock; ``wait=True`` blocks until it
+    is free. The operating system drops a lock when its holder exits, killed or not, so a crashed process
+    never leaves a stale one. The lock file itself is kept: deleting it would let a process that opened it
+    just before the deletion lock a file no one else can see. Where ``fcntl`` is missing (Windows) every lock
+    is granted at once and processes do not coordinate.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
+        except BlockingIOError:
+            held = False
+        try:
+            yield held
+        finally:
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def pip_download(requirement: str, dest: Path, error: type[Exception], wheel: bool = False,

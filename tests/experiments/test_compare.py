@@ -3,6 +3,7 @@
 import json
 import re
 import math
+import time
 
 import pytest
 
@@ -163,6 +164,41 @@ def test_rerun_reuses_finished_arms_and_refuses_a_different_comparison(smoke_run
     other = run_cli("compare", "--suite", "smoke", "--data", str(tmp / "pairs.jsonl"), "--max-tokens", "999", "--out", str(out), "--quiet", cache=tmp / "cache")
     assert other.returncode == 2 and "different comparison" in other.stderr and "Traceback" not in other.stderr
     assert json.loads((out / "results.json").read_text())["arms"] == json.loads(before)["arms"]
+
+
+def test_processes_sharing_an_out_dir_each_train_other_runs_with_the_same_results(smoke_run, tmp_path, monkeypatch):
+    """Two ``kphi compare`` processes given one ``--out`` split its runs: a run another process holds (its lock
+    under ``.locks/``) is put off, the rest trained, then the held one waited for; once its holder lets go it is
+    trained (or read back), and every loss equals that of one process training everything alone."""
+    import shutil
+    import threading
+
+    from kphi.experiments.compare import run_compare
+    from kphi.files import exclusive_lock
+
+    pytest.importorskip("fcntl", reason="processes coordinate only where fcntl exists")
+    smoke, _, tmp = smoke_run
+    monkeypatch.setenv("KPHI_CACHE", str(tmp / "cache"))
+    out, suite = tmp_path / "shared", load_suite("smoke")
+    held = "kphi-3-lr0.003-seed42"
+    out.mkdir()
+    shutil.copy(smoke / "kphi-compare.json", out)  # the same comparison, as the first process would have claimed it
+    lines, done = [], []
+    other = threading.Thread(target=lambda: done.append(run_compare(
+        suite, out, data=str(tmp / "pairs.jsonl"), progress=False, log=lines.append)), daemon=True)
+    with exclusive_lock(out / ".locks" / f"{held}.lock"):
+        other.start()
+        deadline = time.monotonic() + 600
+        while len(list((out / "arms").glob("*/metrics.json"))) < 3 and other.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any(f"kphi-3, lr 0.003, seed 42: another process is training it" in line for line in lines)
+        assert sorted(p.parent.name for p in (out / "arms").glob("*/metrics.json")) == [
+            "low-rank-same-params-lr0.003-seed42", "phi-3-lr0.003-seed42", "phi-3-small-same-params-lr0.003-seed42"]
+        assert not (out / "arms" / held).exists() and other.is_alive()  # waiting, not training it
+    other.join(timeout=600)
+    assert done, "the comparison did not finish once the lock was released"
+    alone = {a["label"]: a["runs"][0]["val_loss"] for a in json.loads((smoke / "results.json").read_text())["arms"]}
+    assert {a["label"]: a["val_loss"] for a in done[0]["arms"]} == alone
 
 
 def test_a_run_that_started_from_other_initial_weights_is_not_reused(smoke_run, tmp_path):

@@ -39,7 +39,7 @@ import torch
 
 from ..data.prepare import PrepareSettings, prepare_dataset
 from ..errors import ExperimentError
-from ..files import atomic_write_text, refuse_foreign_dir, slug
+from ..files import atomic_write_text, exclusive_lock, refuse_foreign_dir, slug
 from ..sources.auto import config_fields
 from ..train import TrainError, resolve_settings
 from ..training.train_settings import tokens_per_step, training_value
@@ -151,7 +151,7 @@ def run_compare(
     extra_seeds = list(range(first_seed + 1, first_seed + seeds))
     tuning = [(arm, rate, first_seed) for arm in arms for rate in arm_rates(arm, suite, learning_rates)]
     total = len(tuning) + len(arms) * len(extra_seeds)
-    runs: dict[str, dict[float, list[dict[str, Any]]]] = {arm.label: {} for arm in arms}
+    metrics: dict[tuple[str, float, int], dict[str, Any]] = {}
 
     def run_one(n: int, arm: Arm, rate: float, seed: int) -> None:
         run_dir = out / "arms" / run_dir_name(arm, rate, seed)
@@ -171,21 +171,51 @@ def run_compare(
         elif not m.get("diverged"):
             log(f"    train loss {format_loss(m['train_loss'], None, 1)}, val loss {format_loss(m['val_loss'], None, 1)}, "
                 f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
-        runs[arm.label].setdefault(rate, []).append(m)
+        metrics[(arm.label, rate, seed)] = m
 
     # Every rate on the first seed (the same data order for all), then the other seeds at each arm's best rate.
-    for n, (arm, rate, seed) in enumerate(tuning, start=1):
-        run_one(n, arm, rate, seed)
-    n = len(tuning)
-    for seed in extra_seeds:
-        for arm in arms:
-            n += 1
-            run_one(n, arm, best_rate(runs[arm.label]), seed)
+    _run_shared(out, list(enumerate(tuning, start=1)), total, run_one, log)
+    runs = _by_rate(arms, tuning, metrics)
+    seeded = [(arm, best_rate(runs[arm.label]), seed) for seed in extra_seeds for arm in arms]
+    _run_shared(out, list(enumerate(seeded, start=len(tuning) + 1)), total, run_one, log)
+    runs = _by_rate(arms, tuning + seeded, metrics)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started, baseline_params)
     results["command"] = command_line()
     _write_outputs(results, out, suite)
     return results
+
+
+def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total: int, run_one, log) -> None:
+    """``run_one(n, arm, rate, seed)`` for every job, sharing them with other processes running the same comparison.
+
+    Each run is trained under an exclusive lock (``out/.locks/RUN.lock``), so several ``kphi compare``
+    processes given one ``--out`` each train different runs: a run another process holds is put off until the
+    others are done, then waited for and read back (or resumed from its checkpoints if that process died).
+    """
+    later = []
+    for n, (arm, rate, seed) in jobs:
+        with exclusive_lock(_lock_file(out, arm, rate, seed), wait=False) as held:
+            if held:
+                run_one(n, arm, rate, seed)
+            else:
+                log(f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}: another process is training it; coming back to it")
+                later.append((n, (arm, rate, seed)))
+    for n, (arm, rate, seed) in later:
+        with exclusive_lock(_lock_file(out, arm, rate, seed)):
+            run_one(n, arm, rate, seed)
+
+
+def _lock_file(out: Path, arm: Arm, rate: float, seed: int) -> Path:
+    return out / ".locks" / f"{run_dir_name(arm, rate, seed)}.lock"
+
+
+def _by_rate(arms: list[Arm], jobs: list[tuple[Arm, float, int]], metrics: dict) -> dict[str, dict[float, list[dict[str, Any]]]]:
+    """Each arm's runs by rate, in the order of ``jobs`` (whichever process trained them): label -> rate -> metrics."""
+    runs: dict[str, dict[float, list[dict[str, Any]]]] = {arm.label: {} for arm in arms}
+    for arm, rate, seed in jobs:
+        runs.setdefault(arm.label, {}).setdefault(rate, []).append(metrics[(arm.label, rate, seed)])
+    return runs
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..training.plots import finish, pyplot, save_panels
+from ..training.plots import finish, pyplot, save_figure, save_panels
 
 __all__ = [
     "plot_compare_curves", "plot_params_vs_loss", "plot_lr_sweep", "plot_scaling", "plot_budgets", "plot_compute",
@@ -39,9 +39,7 @@ def plot_params_vs_loss(points: list[dict], out_png: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def plot_lr_sweep(sweeps: dict[str, list[tuple[float, float, float]]], out_png: Path, title: str) -> Path:

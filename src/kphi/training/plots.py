@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
-__all__ = ["finish", "plot_loss_curve", "pyplot", "read_log", "save_panels"]
+from ..files import atomic_write_bytes
+
+__all__ = ["finish", "plot_loss_curve", "pyplot", "read_log", "save_figure", "save_panels"]
 
 
 def pyplot():
@@ -15,6 +18,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out_png: Path) -> Path:
+    """Write ``fig`` to ``out_png`` as a 120-dpi PNG, atomically (two processes finishing one comparison
+    may both draw it; a reader sees one whole figure), and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    pyplot().close(fig)
+    atomic_write_bytes(out_png, buffer.getvalue())
+    return out_png
 
 
 def finish(fig, ax, out_png: Path, title: str, xlabel: str, ylabel: str, log_x: bool = False, legend_size=None) -> Path:
@@ -27,18 +40,14 @@ def finish(fig, ax, out_png: Path, title: str, xlabel: str, ylabel: str, log_x: 
     ax.grid(alpha=0.3, which="both" if log_x else "major")
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    pyplot().close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def save_panels(fig, out_png: Path, title: str) -> Path:
     """A figure of several panels: one title above them all; save as PNG and close the figure."""
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    pyplot().close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def read_log(path: Path) -> dict[str, list[tuple[int, float]]]:
