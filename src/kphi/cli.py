@@ -409,7 +409,8 @@ def _compare_command(sub, command: str | None) -> None:
     p = sub.add_parser("compare", help="train the arms of a suite and print the report's table")
     p.add_argument("--suite", default="cpu", help="cpu (default, ~10 min on 2 cores) | smoke | paper | a suite YAML")
     p.add_argument("--seeds", type=int, help="repeat every arm with this many seeds (mean and spread)")
-    p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
+    p.add_argument("--out", help="output directory (default runs/compare-SUITE); several processes given the same "
+                   "--out share its runs, each training the ones no other holds")
     p.add_argument("--data", help="override the suite's data source: default | lamini | PATH")
     p.add_argument("--max-tokens", type=int, help="override the training budget per arm")
     p.add_argument("--learning-rates", metavar="LR,LR,...",
