@@ -214,7 +214,7 @@ def _by_rate(arms: list[Arm], jobs: list[tuple[Arm, float, int]], metrics: dict)
     """Each arm's runs by rate, in the order of ``jobs`` (whichever process trained them): label -> rate -> metrics."""
     runs: dict[str, dict[float, list[dict[str, Any]]]] = {arm.label: {} for arm in arms}
     for arm, rate, seed in jobs:
-        runs.setdefault(arm.label, {}).setdefault(rate, []).append(metrics[(arm.label, rate, seed)])
+        runs[arm.label].setdefault(rate, []).append(metrics[(arm.label, rate, seed)])
     return runs
 
 
