@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from kphi.cli import main
@@ -18,31 +19,61 @@ def kphi_env(extra=None) -> dict:
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(extra or {})}
 
 
-def run_torchrun(nproc: int, target: list[str], *, timeout: float = 600, env=None, cwd=None) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, target: list[str], *, timeout: float = 180, env=None, cwd=None) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node NPROC TARGET``: the rendezvous binds a port the system chooses
-    (no port picked here and freed for a race with another test's group). On timeout the launcher and every
-    worker are killed, so a hung rank never outlives the test."""
+    (no port picked here and freed for a race with another test's group).
+
+    A group that has not finished in ``timeout`` seconds (a run here takes about 15) is stopped: each worker gets
+    SIGABRT first, so Python's fault handler prints where every thread of every rank was, then the launcher and
+    every worker are killed, so a hung rank never outlives the test. A hang is tried once more, with the first
+    attempt's stacks given as a warning; a second hang fails the test with its stacks. A group that finishes,
+    whatever its exit status, is returned as it is: only a hang is retried."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    for attempt in (1, 2):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(command, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            err = _stop_hung_group(proc)
+        if attempt == 1:
+            warnings.warn(f"torchrun hung for {timeout} s; trying once more. Where its ranks were:\n{err[-6000:]}")
+    raise AssertionError(f"torchrun hung twice for {timeout} s. Where its ranks were:\n{err[-6000:]}")
+
+
+def _stop_hung_group(proc: subprocess.Popen) -> str:
+    """SIGABRT each worker of a hung torchrun (their fault handlers print every thread's stack), then SIGKILL
+    the launcher and whatever worker is left; returns the group's standard error."""
+    import psutil
+
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    _signal_all(workers, signal.SIGABRT)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        _, err = proc.communicate(timeout=30)  # the launcher sees its workers die and exits
     except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate(timeout=60)
-        raise AssertionError(f"torchrun did not finish in {timeout} s: {err[-3000:]}") from None
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+        _signal_all([psutil.Process(proc.pid)], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    _signal_all(workers, signal.SIGKILL)
+    return err
+
+
+def _signal_all(processes, signum: int) -> None:
+    import psutil  # accelerate's dependency, so present wherever the tests run
+
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants. torchrun starts each worker in a session of its own, so killing
     the launcher's process group would leave the workers running, holding the output pipes open."""
-    import psutil  # accelerate's dependency, so present wherever the tests run
+    import psutil
 
     root = psutil.Process(pid)
-    for process in [*root.children(recursive=True), root]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.send_signal(signal.SIGKILL)
+    _signal_all([*root.children(recursive=True), root], signal.SIGKILL)
 
 
 def run_cli(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:

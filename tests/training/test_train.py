@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corpus import prepare_small
-from processes import kill_after_checkpoint, run_cli, run_torchrun
+from processes import kill_after_checkpoint, kphi_env, run_cli, run_torchrun
 
 TINY = ["--preset", "tiny-kphi3", "--context-length", "32", "--batch-size", "4", "--logging-steps", "1", "--quiet"]
 
@@ -223,8 +222,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(prepared
               "--data", str(prepared), "--max-steps", "5", "--save-steps", "5"]
     single = run_cli(*common, "--batch-size", "4", "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    ddp = run_torchrun(2, ["-m", "kphi", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")], env=env)
+    ddp = run_torchrun(2, ["-m", "kphi", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                       env=kphi_env({"OMP_NUM_THREADS": "1"}))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     expected, got = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert set(got) == set(expected) == {1, 2, 3, 4, 5}
