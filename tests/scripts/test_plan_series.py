@@ -31,7 +31,7 @@ def test_runs_left_match_compares_plan_and_shrink_as_runs_are_committed(tmp_path
         return [tokens for c in plan for arm in arms for tokens, done in plan_series._runs(arm, c, committed / c.out.name) if not done]
 
     committed = tmp_path / "committed"
-    assert len(left(committed)) == planned == 50  # 4 budgets x 11 rates, 2 budgets x 3 arms of seed 43
+    assert len(left(committed)) == planned == 54  # 4 budgets x 12 rates, 2 budgets x 3 arms of seed 43
     largest = plan[-1]
     kphi = next(a for a in arms if a.label == "kphi-3")
     (committed / largest.out.name).mkdir(parents=True)
