@@ -20,16 +20,18 @@ def kphi_env(extra=None) -> dict:
 
 
 def run_torchrun(nproc: int, target: list[str], *, timeout: float = 180, env=None, cwd=None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node NPROC TARGET``: the rendezvous binds a port the system chooses
-    (no port picked here and freed for a race with another test's group).
+    """``torchrun --standalone --nproc_per_node NPROC TARGET`` on the loopback: the rendezvous binds a port the
+    system chooses (no port picked here and freed for a race with another test's group), and the ranks meet at
+    127.0.0.1 and talk over ``lo`` (gloo), not at whatever the machine's name resolves to.
 
     A group that has not finished in ``timeout`` seconds (a run here takes about 15) is stopped: each worker gets
     SIGABRT first, so Python's fault handler prints where every thread of every rank was, then the launcher and
     every worker are killed, so a hung rank never outlives the test. A hang is tried once more, with the first
     attempt's stacks given as a warning; a second hang fails the test with its stacks. A group that finishes,
     whatever its exit status, is returned as it is: only a hang is retried."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
-    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+               "--nproc_per_node", str(nproc), *target]
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1", **_loopback_for_gloo()}
     for attempt in (1, 2):
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                                 start_new_session=True)
@@ -41,6 +43,14 @@ def run_torchrun(nproc: int, target: list[str], *, timeout: float = 180, env=Non
         if attempt == 1:
             warnings.warn(f"torchrun hung for {timeout} s; trying once more. Where its ranks were:\n{err[-6000:]}")
     raise AssertionError(f"torchrun hung twice for {timeout} s. Where its ranks were:\n{err[-6000:]}")
+
+
+def _loopback_for_gloo() -> dict:
+    """``GLOO_SOCKET_IFNAME`` naming the loopback interface where there is one called ``lo`` (Linux); else
+    nothing, and gloo picks the interface of the machine's name."""
+    import socket
+
+    return {"GLOO_SOCKET_IFNAME": "lo"} if "lo" in {name for _, name in socket.if_nameindex()} else {}
 
 
 def _stop_hung_group(proc: subprocess.Popen) -> str:
