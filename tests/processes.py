@@ -55,7 +55,9 @@ def _loopback_for_gloo() -> dict:
 
 def _stop_hung_group(proc: subprocess.Popen) -> str:
     """SIGABRT each worker of a hung torchrun (their fault handlers print every thread's stack), then SIGKILL
-    the launcher and whatever worker is left; returns the group's standard error."""
+    the launcher and whatever worker is left; returns the group's standard error. Each process is signalled by
+    itself: torchrun starts every worker in a session of its own, so signalling the launcher's process group
+    would leave the workers running, holding the output pipes open."""
     import psutil
 
     workers = psutil.Process(proc.pid).children(recursive=True)
@@ -75,15 +77,6 @@ def _signal_all(processes, signum: int) -> None:
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(signum)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of its own, so killing
-    the launcher's process group would leave the workers running, holding the output pipes open."""
-    import psutil
-
-    root = psutil.Process(pid)
-    _signal_all([*root.children(recursive=True), root], signal.SIGKILL)
 
 
 def run_cli(*args, cache=None, input=None, timeout=900, env=None) -> subprocess.CompletedProcess:
