@@ -41,8 +41,8 @@ def run_torchrun(nproc: int, target: list[str], *, timeout: float = 180, env=Non
         except subprocess.TimeoutExpired:
             err = _stop_hung_group(proc)
         if attempt == 1:
-            warnings.warn(f"torchrun hung for {timeout} s; trying once more. Where its ranks were:\n{err[-6000:]}")
-    raise AssertionError(f"torchrun hung twice for {timeout} s. Where its ranks were:\n{err[-6000:]}")
+            warnings.warn(f"torchrun hung for {timeout} s; trying once more. Where its processes were:\n{err[-6000:]}")
+    raise AssertionError(f"torchrun hung twice for {timeout} s. Where its processes were:\n{err[-6000:]}")
 
 
 def _loopback_for_gloo() -> dict:
@@ -54,19 +54,25 @@ def _loopback_for_gloo() -> dict:
 
 
 def _stop_hung_group(proc: subprocess.Popen) -> str:
-    """SIGABRT each worker of a hung torchrun (their fault handlers print every thread's stack), then SIGKILL
-    the launcher and whatever worker is left; returns the group's standard error. Each process is signalled by
-    itself: torchrun starts every worker in a session of its own, so signalling the launcher's process group
-    would leave the workers running, holding the output pipes open."""
+    """SIGABRT each worker of a hung torchrun, then the launcher if it has not exited by itself (Python's fault
+    handler prints every thread's stack of each, so a hang before the workers start shows too), then SIGKILL
+    whatever is left; returns the group's standard error. Each process is signalled by itself: torchrun starts
+    every worker in a session of its own, so signalling the launcher's process group would leave the workers
+    running, holding the output pipes open."""
     import psutil
 
-    workers = psutil.Process(proc.pid).children(recursive=True)
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children(recursive=True)
     _signal_all(workers, signal.SIGABRT)
     try:
-        _, err = proc.communicate(timeout=30)  # the launcher sees its workers die and exits
+        _, err = proc.communicate(timeout=15)  # the launcher sees its workers die and exits
     except subprocess.TimeoutExpired:
-        _signal_all([psutil.Process(proc.pid)], signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        _signal_all([launcher], signal.SIGABRT)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            _signal_all([launcher], signal.SIGKILL)
+            _, err = proc.communicate(timeout=60)
     _signal_all(workers, signal.SIGKILL)
     return err
 

@@ -22,3 +22,4 @@ def test_a_finished_group_is_returned_as_it_is_whatever_its_status(tmp_path):
     result = run_torchrun(2, [str(worker)], timeout=60)
     assert result.returncode != 0
     assert "rank 0" in result.stdout or "rank 1" in result.stdout
+
