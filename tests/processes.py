@@ -63,16 +63,13 @@ def _stop_hung_group(proc: subprocess.Popen) -> str:
 
     launcher = psutil.Process(proc.pid)
     workers = launcher.children(recursive=True)
-    _signal_all(workers, signal.SIGABRT)
-    try:
-        _, err = proc.communicate(timeout=15)  # the launcher sees its workers die and exits
-    except subprocess.TimeoutExpired:
-        _signal_all([launcher], signal.SIGABRT)
-        try:
-            _, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            _signal_all([launcher], signal.SIGKILL)
-            _, err = proc.communicate(timeout=60)
+    # each step waits for the launcher to exit; the next escalates
+    for targets, signum, wait in ((workers, signal.SIGABRT, 15), ([launcher], signal.SIGABRT, 15),
+                                  ([launcher], signal.SIGKILL, 60)):
+        _signal_all(targets, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _, err = proc.communicate(timeout=wait)
+            break
     _signal_all(workers, signal.SIGKILL)
     return err
 
