@@ -14,7 +14,8 @@ Nothing is trusted on the copy's word: before reusing a run, compare checks its 
 suite's settings, rebuilds its initial weights to compare their hash, and refuses a run that differs.
 
 ``--collect`` goes the other way: every finished run not yet committed, and each finished budget's
-results.json, results.md and plots when its table changed.
+results.json, results.md and plots when its table changed, unless the new table lacks an arm the committed one
+has (a pass over some arms, ``kphi compare --arms``, rewrites each budget's table with those arms only).
 """
 import filecmp
 import json
@@ -70,11 +71,28 @@ def collect(out: Path, results: Path) -> list[str]:
         if (budget / table.name).is_file() and filecmp.cmp(table, budget / table.name, shallow=False) \
                 and _same_runs(table.with_name("results.json"), budget / "results.json"):
             continue
+        dropped = _dropped_arms(table.with_name("results.json"), budget / "results.json")
+        if dropped:  # written by a pass over some arms (kphi compare --arms): the committed table has more
+            print(f"{budget.name}/results: kept; the new table lacks {', '.join(dropped)}", file=sys.stderr)
+            continue
         budget.mkdir(parents=True, exist_ok=True)
         for made in [table, table.with_name("results.json"), *sorted(table.parent.glob("*.png"))]:
             shutil.copyfile(made, budget / made.name)
         changed.append(f"{budget.name}/results")
     return changed
+
+
+def _arm_labels(path: Path) -> list[str]:
+    return [arm["label"] for arm in json.loads(path.read_text())["arms"]]
+
+
+def _dropped_arms(made: Path, committed: Path) -> list[str]:
+    """The arms of the committed table that the new one lacks (none when either cannot be read)."""
+    try:
+        kept = set(_arm_labels(made))
+        return [label for label in _arm_labels(committed) if label not in kept]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def _same_runs(made: Path, committed: Path) -> bool:

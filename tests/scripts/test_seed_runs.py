@@ -60,6 +60,23 @@ def test_collect_copies_finished_runs_and_tables_once(tmp_path, seed_runs):
     assert seed_runs.collect(out, results) == ["tokens-200/results"]
 
 
+def test_collect_keeps_a_committed_table_that_a_pass_over_fewer_arms_rewrote(tmp_path, seed_runs, capsys):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    finished_series(out)
+    two_arms = {"arms": [{"label": "phi-3", "grid": {"0.001": 3.5}}, {"label": "control", "grid": {"0.002": 3.7}}]}
+    (out / "tokens-200" / "results.json").write_text(json.dumps(two_arms))
+    seed_runs.collect(out, results)
+    (out / "tokens-200" / "results.md").write_text("| arm | loss |\n| phi-3 | 3.5 |\n")  # kphi compare --arms phi-3
+    (out / "tokens-200" / "results.json").write_text(json.dumps({"arms": two_arms["arms"][:1]}))
+    assert seed_runs.collect(out, results) == []
+    assert "tokens-200/results: kept; the new table lacks control" in capsys.readouterr().err
+    assert json.loads((results / "tokens-200" / "results.json").read_text()) == two_arms
+    assert (results / "tokens-200" / "results.md").read_text() == "| arm | loss |\n"
+    # the whole comparison again, with one arm more: collected
+    (out / "tokens-200" / "results.json").write_text(json.dumps({"arms": [*two_arms["arms"], {"label": "kphi-3"}]}))
+    assert seed_runs.collect(out, results) == ["tokens-200/results"]
+
+
 def test_seeding_restores_the_runs_and_keeps_what_is_there(tmp_path, seed_runs):
     out, results = tmp_path / "runs", tmp_path / "results"
     finished_series(out)
