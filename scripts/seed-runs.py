@@ -82,15 +82,15 @@ def collect(out: Path, results: Path) -> list[str]:
     return changed
 
 
-def _arm_labels(path: Path) -> list[str]:
-    return [arm["label"] for arm in json.loads(path.read_text())["arms"]]
+def _arms(results_json: Path) -> list[dict]:
+    return json.loads(results_json.read_text())["arms"]
 
 
 def _dropped_arms(made: Path, committed: Path) -> list[str]:
     """The arms of the committed table that the new one lacks (none when either cannot be read)."""
     try:
-        kept = set(_arm_labels(made))
-        return [label for label in _arm_labels(committed) if label not in kept]
+        kept = {arm["label"] for arm in _arms(made)}
+        return [arm["label"] for arm in _arms(committed) if arm["label"] not in kept]
     except (OSError, ValueError, KeyError, TypeError):
         return []
 
@@ -99,7 +99,7 @@ def _same_runs(made: Path, committed: Path) -> bool:
     """Whether two comparisons' results hold the same arms and runs (a rate added to a grid changes them even
     where the table of best rates stays the same; wall times and commands do not count)."""
     try:
-        return json.loads(made.read_text())["arms"] == json.loads(committed.read_text())["arms"]
+        return _arms(made) == _arms(committed)
     except (OSError, ValueError, KeyError):
         return False
 

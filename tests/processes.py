@@ -63,6 +63,7 @@ def _stop_hung_group(proc: subprocess.Popen) -> str:
 
     launcher = psutil.Process(proc.pid)
     workers = launcher.children(recursive=True)
+    err = ""  # stays empty only if even SIGKILL's launcher does not exit within its wait
     # each step waits for the launcher to exit; the next escalates
     for targets, signum, wait in ((workers, signal.SIGABRT, 15), ([launcher], signal.SIGABRT, 15),
                                   ([launcher], signal.SIGKILL, 60)):
