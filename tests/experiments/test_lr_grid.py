@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kphi.experiments.compare import CompareError, run_compare
+from kphi.experiments.compare import CompareError, rate_past_edge, run_compare
 from kphi.experiments.arms import resolve_arms
 from kphi.experiments.suites import load_suite, parse_learning_rates
 from kphi.training.optim import grouped_lr_multipliers, scale_grouped_learning_rates
@@ -117,6 +117,58 @@ def test_rate_edges_are_flagged(grid_run):
         rates = sorted(float(r) for r in arm["grid"])
         assert arm["lr_at_edge"] == (arm["learning_rate"] in (rates[0], rates[-1]))
         assert any(w.startswith(arm["label"]) for w in results["warnings"]) == arm["lr_at_edge"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("runs, expected", [
+    ({1e-3: 3.0, 2e-3: 2.9, 4e-3: 3.1}, None),     # best interior: nothing to add
+    ({1e-3: 2.8, 2e-3: 2.9}, 5e-4),                 # best at the lowest: one grid step below
+    ({1e-3: 3.0, 2e-3: 2.9, 4e-3: 2.7}, 8e-3),      # best at the highest: one step above
+    ({1e-3: 2.0, 3e-3: 2.1}, 3.33333e-4),           # the step is the ratio at that edge, to six figures
+    ({1e-3: None, 1e-2: None}, 1e-4),               # all diverged: the lowest "wins", so go lower
+    ({1e-3: 2.0, 1e30: None}, 1e-36),               # a diverged highest never holds the best
+    ({1e-3: 2.0}, None),                            # no grid, no edge
+])
+def test_the_grid_grows_one_step_past_the_edge_that_holds_the_best(runs, expected):
+    assert rate_past_edge({rate: [{"val_loss": loss}] for rate, loss in runs.items()}) == expected
+
+
+def _walk_reference(losses: dict[float, float], start: list[float], limit: int) -> set[float]:
+    """The rates a grid grown by ``extend_grid: limit`` ends with, given every rate's loss, written out plainly."""
+    rates = sorted(start)
+    for _ in range(limit):
+        best = min(rates, key=lambda r: (losses[r], r))
+        if best == rates[0]:
+            rates.insert(0, float(f"{rates[0] / (rates[1] / rates[0]):.6g}"))
+        elif best == rates[-1]:
+            rates.append(float(f"{rates[-1] * (rates[-1] / rates[-2]):.6g}"))
+        else:
+            break
+    return set(rates)
+
+
+def test_extend_grid_trains_past_an_edge_until_the_best_is_interior(grid_setup, tmp_path):
+    _, corpus, _ = grid_setup
+    (tmp_path / "walk.yaml").write_text(SUITE + "extend_grid: 2\nlearning_rates: [1.0e-3, 1.0e+30]\n")
+    lines = []
+    results = run_compare(load_suite(str(tmp_path / "walk.yaml")), tmp_path / "out", data=corpus, progress=False,
+                          log=lines.append)
+    for arm in results["arms"]:
+        grid = {float(r) for r in arm["grid"]}
+        assert 1e-36 in grid  # 1e30 diverges, so 1e-3 is the best and the lowest: one step (x 1e-33) below it
+        losses = {r: _disk_val_loss(tmp_path / "out", arm["label"], r) for r in grid}
+        assert grid == _walk_reference(losses, [1e-3, 1e30], limit=2)
+        assert arm["lr_at_edge"] == (arm["learning_rate"] in (min(grid), max(grid)))
+        assert any(line.startswith(f"{arm['label']}: the best rate is at the edge of 0.001, 1e+30; extending the grid to 1e-36")
+                   for line in lines)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("value", [-1, "two", True, 1.5])
+def test_a_bad_extend_grid_is_refused_by_name(tmp_path, value):
+    (tmp_path / "s.yaml").write_text(SUITE + f"extend_grid: {value}\n")
+    with pytest.raises(CompareError, match="extend_grid must be a whole number"):
+        load_suite(str(tmp_path / "s.yaml"))
 
 
 @pytest.mark.fast

@@ -19,7 +19,8 @@ every rate on identical data and order, its row reports its best rate, ``results
 grid per arm (``grid``: rate -> losses and runs) and ``lr_sweep.png`` plots final validation loss against
 rate. Rates are compared on the first seed; with ``--seeds N`` the other seeds train only at each arm's
 best rate, and the row gives their mean and spread. A best rate at the edge of the grid is flagged
-(``warnings``). Runs are keyed by arm, rate and seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed
+(``warnings``); a suite's ``extend_grid: N`` instead grows each such arm's grid by up to N rates, one step
+past that edge at a time (:func:`rate_past_edge`), until its best is interior. Runs are keyed by arm, rate and seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed
 list can be extended in the same ``--out`` and only the new runs train.
 """
 
@@ -48,7 +49,7 @@ from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
 from .runs import command_line, finished_metrics_file, get_or_train, write_results
 from .suites import Suite
 
-__all__ = ["Comparison", "CompareError", "best_rate", "format_plan", "format_table", "run_compare", "run_plan"]
+__all__ = ["Comparison", "CompareError", "best_rate", "format_plan", "format_table", "rate_past_edge", "run_compare", "run_plan"]
 
 
 #: A comparison cannot run as asked: the experiment layer's one error (:class:`kphi.errors.ExperimentError`), under
@@ -173,8 +174,20 @@ def run_compare(
                 f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
         metrics[(arm.label, rate, seed)] = m
 
-    # Every rate on the first seed (the same data order for all), then the other seeds at each arm's best rate.
+    # Every rate on the first seed (the same data order for all), the grids grown past an edge that holds an
+    # arm's best (extend_grid), then the other seeds at each arm's best rate.
     _run_shared(out, list(enumerate(tuning, start=1)), total, run_one, log)
+    for _ in range(suite.extend_grid):
+        runs = _by_rate(arms, tuning, metrics)
+        grown = [(arm, rate, first_seed) for arm in arms if (rate := rate_past_edge(runs[arm.label])) is not None]
+        if not grown:
+            break
+        for arm, rate, _seed in grown:
+            log(f"{arm.label}: the best rate is at the edge of {', '.join(f'{r:g}' for r in sorted(runs[arm.label]))}; "
+                f"extending the grid to {rate:g}")
+        total += len(grown)
+        _run_shared(out, list(enumerate(grown, start=len(tuning) + 1)), total, run_one, log)
+        tuning = tuning + grown
     runs = _by_rate(arms, tuning, metrics)
     seeded = [(arm, best_rate(runs[arm.label]), seed) for seed in extra_seeds for arm in arms]
     _run_shared(out, list(enumerate(seeded, start=len(tuning) + 1)), total, run_one, log)
@@ -298,8 +311,9 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
                     for pattern in planned_runs(comparison, arm, learning_rates)]
             finished = sum(finished_metrics_file(d) is not None for d in done)
             planned_total, finished_total = planned_total + len(done), finished_total + finished
+            grows = f" (+ up to {comparison.suite.extend_grid} past an edge)" if comparison.suite.extend_grid else ""
             lines.append(f"| {comparison.label} | {arm.label} | {non_embedding(arm.config):,} | {tokens} | "
-                         f"{', '.join(f'{r:g}' for r in rates)} | {seeds} | {len(done)} | {finished} |")
+                         f"{', '.join(f'{r:g}' for r in rates)}{grows} | {seeds} | {len(done)} | {finished} |")
     lines.append(f"\n{planned_total} runs, {finished_total} of them finished (reused); nothing was trained.")
     return "\n".join(lines)
 
@@ -332,6 +346,24 @@ def best_rate(runs_by_rate: dict[float, list[dict[str, Any]]]) -> float:
         return loss if loss is not None and math.isfinite(loss) else math.inf
 
     return min(sorted(runs_by_rate), key=key)
+
+
+def rate_past_edge(runs_by_rate: dict[float, list[dict[str, Any]]]) -> float | None:
+    """The next rate to try when the best (:func:`best_rate`) is the lowest or highest of two or more rates: one
+    step past that edge, the step being the ratio of the two rates there (rates ``r1 < r2 < ...`` with the best at
+    ``r1`` give ``r1**2 / r2``; at ``rn``, ``rn**2 / r(n-1)``), to six significant figures; ``None`` when the best
+    is interior or there is no grid."""
+    rates = sorted(runs_by_rate)
+    if len(rates) < 2:
+        return None
+    best = best_rate(runs_by_rate)
+    if best == rates[0]:
+        edge, inner = rates[0], rates[1]
+    elif best == rates[-1]:
+        edge, inner = rates[-1], rates[-2]
+    else:
+        return None
+    return float(f"{edge * edge / inner:.6g}")
 
 
 def _results(suite: Suite, arms: list[Arm], runs: dict[str, dict[float, list[dict]]], seeds: int, wall: float,

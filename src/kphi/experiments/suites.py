@@ -60,6 +60,9 @@ class Suite:
     # budgets stated as tokens per non-embedding parameter of the baseline arm (kphi.experiments.budgets turns them into
     # token counts, whole optimizer steps): ``budgets_per_parameter: [2.5, 5, 10, 20, 40]``
     budgets_per_parameter: list[float] | None = None
+    # how many rates each arm's grid may grow by, one at a time, while its best first-seed rate is the lowest or
+    # highest it has tried (kphi.experiments.compare.rate_past_edge); 0: the grid as listed
+    extend_grid: int = 0
 
 
 def positive_rates(rates, where: str, what: str = "learning rates") -> list[float] | None:
@@ -150,6 +153,7 @@ def load_suite(name_or_path: str) -> Suite:
         seeds_at_largest=data.get("seeds_at_largest"),
         seeded_budgets=int(data.get("seeded_budgets", 1)),
         budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
+        extend_grid=_count(data.get("extend_grid", 0), f"suite {path}: extend_grid"),
     )
 
 
@@ -182,6 +186,12 @@ def suite_training(section: Any, where: str) -> dict[str, Any]:
     if unknown:
         raise ExperimentError(f"{where}: training has no setting {', '.join(map(repr, unknown))} (see kphi train --help)")
     return dict(section)
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ExperimentError(f"{where} must be a whole number of rates, 0 or more, got {value!r}")
+    return value
 
 
 def _positive_budgets(budgets, where: str) -> list[int] | None:
