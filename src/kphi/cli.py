@@ -92,7 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     options = dict(
         seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=_log(args),
         learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates else None,
-        only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None,
+        only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None, wait=not args.no_wait,
     )
     out = args.out or f"runs/compare-{suite.name}"
     series = bool(args.budgets or suite.budgets or suite.budgets_per_parameter)
@@ -117,11 +117,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"warning: {warning}")
         print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
         return 0
+    results = run_budget_series(suite, out, budgets=budgets, **options) if series else run_compare(suite, out, **options)
+    if results is None:
+        print(f"left to the processes training the rest of {out}: the last of them writes its results")
+        return 0
     if series:
-        print(format_budget_table(run_budget_series(suite, out, budgets=budgets, **options)))
+        print(format_budget_table(results))
         print(f"\nresults: {out}/results.json, {out}/results.md, plot: {out}/budgets.png")
         return 0
-    print(format_table(run_compare(suite, out, **options)))
+    print(format_table(results))
     plots = [p.name for p in sorted(Path(out).glob("*.png"))]
     print(f"\nresults: {out}/results.json, {out}/results.md, plots: {', '.join(plots)}")
     return 0
@@ -425,6 +429,9 @@ def _compare_command(sub, command: str | None) -> None:
     p.add_argument("--report", action="store_true",
                    help="a budget series: rewrite its table, results and plots from the budgets --out has finished so "
                    "far (a series still running included); train nothing")
+    p.add_argument("--no-wait", action="store_true",
+                   help="with other processes sharing --out: train every run no other process holds, then exit instead "
+                   "of waiting for theirs (the process that trains the last run writes the results)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 

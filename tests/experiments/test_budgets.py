@@ -110,6 +110,70 @@ def test_the_largest_budget_runs_more_seeds_and_reruns_reuse_everything(series, 
         assert arm["points"][0]["seeds"] == [42] and arm["points"][1]["seeds"] == [42, 43]
 
 
+def test_a_process_sharing_a_series_goes_on_to_the_next_budget_instead_of_waiting(series, tmp_path, monkeypatch):
+    """A budget whose run another process holds is put off, not waited for: the next budget is trained first,
+    then the held run is waited for, and the series' results are those of one process training everything."""
+    import threading
+    import time
+
+    from kphi.files import exclusive_lock
+
+    pytest.importorskip("fcntl", reason="processes coordinate only where fcntl exists")
+    out, corpus, tmp, _ = series
+    monkeypatch.setenv("KPHI_CACHE", str(tmp / "cache"))
+    shared = tmp_path / "shared"
+    shutil.copytree(out, shared)
+    held, later = shared / "tokens-512/arms/kphi-3-lr0.003-seed42", shared / "tokens-1024/arms/phi-3-lr0.003-seed42"
+    shutil.rmtree(held)
+    shutil.rmtree(later)
+    lines, done = [], []
+    other = threading.Thread(target=lambda: done.append(run_budget_series(
+        load_suite("smoke"), shared, budgets=[512, 1024], data=str(corpus), progress=False, log=lines.append)), daemon=True)
+    with exclusive_lock(shared / "tokens-512/.locks/kphi-3-lr0.003-seed42.lock"):
+        other.start()
+        deadline = time.monotonic() + 600
+        while not (later / "metrics.json").is_file() and other.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (later / "metrics.json").is_file(), "the next budget was not trained while the first waited"
+        assert not held.exists() and other.is_alive()  # the held run is left to its holder, then waited for
+        assert "== 512 tokens per run, 1 seed(s): runs another process holds; coming back to it after the others" in lines
+    other.join(timeout=600)
+    assert done and "== 512 tokens per run, 1 seed(s) (back to it)" in lines
+    def seed_42_losses(where):
+        return {str(m.parent.relative_to(where)): json.loads(m.read_text())["val_loss"]
+                for m in where.glob("tokens-*/arms/*-seed42/metrics.json")}
+
+    assert seed_42_losses(shared) == seed_42_losses(out) and len(seed_42_losses(out)) == 8
+    assert [p["val_loss"] for p in done[0]["arms"]["kphi-3"]["points"]] == [
+        seed_42_losses(out)[f"tokens-{n}/arms/kphi-3-lr0.003-seed42"] for n in (512, 1024)]
+
+
+def test_no_wait_trains_what_no_other_process_holds_and_leaves_the_results_to_the_last(series, tmp_path):
+    """``--no-wait`` exits once only held runs are left, writing no series results; the process that later
+    finishes the rest writes them."""
+    from kphi.files import exclusive_lock
+
+    pytest.importorskip("fcntl", reason="processes coordinate only where fcntl exists")
+    out, corpus, tmp, _ = series
+    shared = tmp_path / "shared"
+    shutil.copytree(out, shared)
+    (shared / "results.json").unlink()
+    for run in ("tokens-512/arms/kphi-3-lr0.003-seed42", "tokens-1024/arms/phi-3-lr0.003-seed42"):
+        shutil.rmtree(shared / run)
+    command = ("compare", "--suite", "smoke", "--budgets", "512,1024", "--data", str(corpus), "--out", str(shared),
+               "--quiet", "--no-wait")
+    with exclusive_lock(shared / "tokens-512/.locks/kphi-3-lr0.003-seed42.lock"):
+        result = run_cli(*command, cache=tmp / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left to the processes training the rest of" in result.stdout
+    assert (shared / "tokens-1024/arms/phi-3-lr0.003-seed42/metrics.json").is_file()
+    assert not (shared / "tokens-512/arms/kphi-3-lr0.003-seed42").exists() and not (shared / "results.json").exists()
+    result = run_cli(*command, cache=tmp / "cache")  # the holder's turn: it trains the last run and writes the series
+    assert result.returncode == 0 and "left to" not in result.stdout
+    assert json.loads((shared / "results.json").read_text())["arms"]["kphi-3"]["points"][0]["val_loss"] == \
+        json.loads((out / "tokens-512/arms/kphi-3-lr0.003-seed42/metrics.json").read_text())["val_loss"]
+
+
 @pytest.mark.fast
 def test_a_series_is_a_plan_of_comparisons_one_per_budget(tmp_path):
     """``plan_budget_series`` is the series without training: one comparison per budget, smallest first, in

@@ -52,8 +52,10 @@ def run_budget_series(
     learning_rates: list[float] | None = None,
     max_tokens: int | None = None,
     only_arms: list[str] | None = None,
-) -> dict[str, Any]:
-    """Every arm of ``suite`` at every budget; returns ``results.json``'s content.
+    wait: bool = True,
+) -> dict[str, Any] | None:
+    """Every arm of ``suite`` at every budget; returns ``results.json``'s content (``None`` when ``wait`` is false
+    and a budget is left to the other processes that hold its runs: the last of them writes the series).
 
     ``seeds`` overrides the suite's seeds. ``learning_rates`` and ``max_tokens`` are refused (they exist so
     that a caller forwarding a single comparison's options gets a clear answer): every arm trains at its
@@ -72,7 +74,9 @@ def run_budget_series(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    per_budget = dict(zip(budgets, run_plan(plan, data=data, progress=progress, log=log, only_arms=only_arms)))
+    per_budget = dict(zip(budgets, run_plan(plan, data=data, progress=progress, log=log, only_arms=only_arms, wait=wait)))
+    if None in per_budget.values():
+        return None
     results = budget_results(suite, per_budget, time.perf_counter() - started)
     results["tokens_per_parameter"] = {str(tokens): ratio for tokens, ratio in per_parameter.items()}
     _add_compute(results, suite)

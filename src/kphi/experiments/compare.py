@@ -127,11 +127,14 @@ def run_compare(
     progress: bool = True,
     log=print,
     only_arms: list[str] | None = None,
-) -> dict[str, Any]:
+    wait: bool = True,
+) -> dict[str, Any] | None:
     """Train every arm of ``suite`` at each of its rates and seeds, write the results; returns ``results.json``.
 
     ``only_arms`` (labels) trains and reports only those arms; the others still size the controls that
     match them and the baseline still sets the percentages (e.g. to re-run the arms a code change affected).
+    ``wait=False`` trains what it can and returns ``None`` instead of waiting for a run another process holds
+    (:func:`run_plan` then goes on to its next comparison and comes back).
     """
 
     seeds = seeds or suite.seeds
@@ -176,7 +179,8 @@ def run_compare(
 
     # Every rate on the first seed (the same data order for all), the grids grown past an edge that holds an
     # arm's best (extend_grid), then the other seeds at each arm's best rate.
-    _run_shared(out, list(enumerate(tuning, start=1)), total, run_one, log)
+    if not _run_shared(out, list(enumerate(tuning, start=1)), total, run_one, log, wait):
+        return None
     for _ in range(suite.extend_grid):
         runs = _by_rate(arms, tuning, metrics)
         grown = [(arm, rate, first_seed) for arm in arms if (rate := rate_past_edge(runs[arm.label])) is not None]
@@ -186,11 +190,13 @@ def run_compare(
             log(f"{arm.label}: the best rate is at the edge of {', '.join(f'{r:g}' for r in sorted(runs[arm.label]))}; "
                 f"extending the grid to {rate:g}")
         total += len(grown)
-        _run_shared(out, list(enumerate(grown, start=len(tuning) + 1)), total, run_one, log)
+        if not _run_shared(out, list(enumerate(grown, start=len(tuning) + 1)), total, run_one, log, wait):
+            return None
         tuning = tuning + grown
     runs = _by_rate(arms, tuning, metrics)
     seeded = [(arm, best_rate(runs[arm.label]), seed) for seed in extra_seeds for arm in arms]
-    _run_shared(out, list(enumerate(seeded, start=len(tuning) + 1)), total, run_one, log)
+    if not _run_shared(out, list(enumerate(seeded, start=len(tuning) + 1)), total, run_one, log, wait):
+        return None
     runs = _by_rate(arms, tuning + seeded, metrics)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started, baseline_params)
@@ -199,24 +205,40 @@ def run_compare(
     return results
 
 
-def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total: int, run_one, log) -> None:
-    """``run_one(n, arm, rate, seed)`` for every job, sharing them with other processes running the same comparison.
+def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total: int, run_one, log,
+                wait: bool = True) -> bool:
+    """``run_one(n, arm, rate, seed)`` for every job, sharing them with other processes running the same comparison;
+    whether every job was run (``False`` only with ``wait=False``).
 
     Each run is trained under an exclusive lock (``out/.locks/RUN.lock``), so several ``kphi compare``
     processes given one ``--out`` each train different runs: a run another process holds is put off until the
-    others are done, then waited for and read back (or resumed from its checkpoints if that process died).
+    others are done, then waited for and read back (or resumed from its checkpoints if that process died) --
+    unless ``wait`` is false: then a put-off run still held is left to its holder.
     """
     later = []
-    for n, (arm, rate, seed) in jobs:
-        with exclusive_lock(_lock_file(out, arm, rate, seed), wait=False) as held:
-            if held:
-                run_one(n, arm, rate, seed)
-            else:
-                log(f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}: another process is training it; coming back to it")
-                later.append((n, (arm, rate, seed)))
+    for n, job in jobs:
+        if not _run_unless_held(out, n, job, run_one):
+            log(f"[{n}/{total}] {job[0].label}, lr {job[1]:g}, seed {job[2]}: another process is training it; coming back to it")
+            later.append((n, job))
+    if not wait:
+        return all(_run_unless_held(out, n, job, run_one) for n, job in later)
     for n, (arm, rate, seed) in later:
         with exclusive_lock(_lock_file(out, arm, rate, seed)):
             run_one(n, arm, rate, seed)
+    return True
+
+
+def _run_unless_held(out: Path, n: int, job: tuple[Arm, float, int], run_one) -> bool:
+    """``run_one`` for ``job`` unless another process holds its lock (``False`` then). A finished run is read back
+    without taking the lock, so a held lock always means a run in training."""
+    arm, rate, seed = job
+    if finished_metrics_file(out / "arms" / run_dir_name(arm, rate, seed)) is not None:
+        run_one(n, arm, rate, seed)
+        return True
+    with exclusive_lock(_lock_file(out, arm, rate, seed), wait=False) as held:
+        if held:
+            run_one(n, arm, rate, seed)
+        return held
 
 
 def _lock_file(out: Path, arm: Arm, rate: float, seed: int) -> Path:
@@ -245,15 +267,47 @@ class Comparison:
 
 
 def run_plan(plan: list[Comparison], *, data: str | None = None, learning_rates: list[float] | None = None,
-             progress: bool = True, log=print, only_arms: list[str] | None = None) -> list[dict[str, Any]]:
+             progress: bool = True, log=print, only_arms: list[str] | None = None,
+             wait: bool = True) -> list[dict[str, Any] | None]:
     """Run each comparison of ``plan`` in order (each resumes and reuses its runs as any comparison does);
-    returns their ``results.json`` contents, in plan order."""
-    results = []
-    for comparison in plan:
-        log(f"== {comparison.label}")
-        results.append(run_compare(comparison.suite, comparison.out, seeds=comparison.seeds, data=data,
-                                   learning_rates=learning_rates, progress=progress, log=log, only_arms=only_arms))
-    return results
+    returns their ``results.json`` contents, in plan order.
+
+    Processes sharing a plan do not wait inside it: a comparison whose next step needs a run another process is
+    training is put off (after training the runs it can), and the plan is gone through again while any run
+    finishes, here or elsewhere. When nothing moves, the first comparison put off is finished, waiting for
+    its runs; with ``wait=False`` the process stops there instead, its place ``None``: the process that trains a
+    comparison's last run writes its results."""
+    results: dict[int, dict[str, Any]] = {}
+
+    def compare(i: int, wait_here: bool) -> None:
+        result = run_compare(plan[i].suite, plan[i].out, seeds=plan[i].seeds, data=data, wait=wait_here,
+                             learning_rates=learning_rates, progress=progress, log=log, only_arms=only_arms)
+        if result is None:
+            log(f"== {plan[i].label}: runs another process holds; coming back to it after the others")
+        else:
+            results[i] = result
+
+    visited: set[int] = set()
+    while len(results) < len(plan):
+        moved = (len(results), _finished_runs(plan))
+        for i in (i for i in range(len(plan)) if i not in results):
+            log(f"== {plan[i].label}" + (" (back to it)" if i in visited else ""))
+            visited.add(i)
+            compare(i, False)
+        if len(results) == len(plan) or (len(results), _finished_runs(plan)) != moved:
+            continue
+        pending = [i for i in range(len(plan)) if i not in results]
+        if not wait:
+            log(f"== left to the processes that hold their runs: {', '.join(plan[i].label for i in pending)}")
+            break
+        log(f"== {plan[pending[0]].label} (waiting for its runs)")
+        compare(pending[0], True)
+    return [results.get(i) for i in range(len(plan))]
+
+
+def _finished_runs(plan: list[Comparison]) -> int:
+    """How many runs of ``plan`` have finished (or diverged), whoever trained them."""
+    return sum(finished_metrics_file(run) is not None for c in plan for run in (Path(c.out) / "arms").glob("*"))
 
 
 def training_at_budget(training: dict[str, Any], tokens: int) -> dict[str, Any]:
