@@ -20,8 +20,9 @@ grid per arm (``grid``: rate -> losses and runs) and ``lr_sweep.png`` plots fina
 rate. Rates are compared on the first seed; with ``--seeds N`` the other seeds train only at each arm's
 best rate, and the row gives their mean and spread. A best rate at the edge of the grid is flagged
 (``warnings``); a suite's ``extend_grid: N`` instead grows each such arm's grid by up to N rates, one step
-past that edge at a time (:func:`rate_past_edge`), until its best is interior. Runs are keyed by arm, rate and seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed
-list can be extended in the same ``--out`` and only the new runs train.
+past that edge at a time (:func:`rate_past_edge`), until its best is interior. Runs are keyed by arm, rate and
+seed (``arms/LABEL-lrRATE-seedSEED``), so a grid or a seed list can be extended in the same ``--out`` and only
+the new runs train.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total
             log(f"[{n}/{total}] {job[0].label}, lr {job[1]:g}, seed {job[2]}: another process is training it; coming back to it")
             later.append((n, job))
     if not wait:
-        return all(_run_unless_held(out, n, job, run_one) for n, job in later)
+        return all([_run_unless_held(out, n, job, run_one) for n, job in later])  # each tried: no short circuit
     for n, (arm, rate, seed) in later:
         with exclusive_lock(_lock_file(out, arm, rate, seed)):
             run_one(n, arm, rate, seed)
