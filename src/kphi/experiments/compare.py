@@ -33,9 +33,9 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -155,50 +155,17 @@ def run_compare(
     first_seed = int(training_value(training, "seed"))
     extra_seeds = list(range(first_seed + 1, first_seed + seeds))
     tuning = [(arm, rate, first_seed) for arm in arms for rate in arm_rates(arm, suite, learning_rates)]
-    total = len(tuning) + len(arms) * len(extra_seeds)
-    metrics: dict[tuple[str, float, int], dict[str, Any]] = {}
-
-    def run_one(n: int, arm: Arm, rate: float, seed: int) -> None:
-        run_dir = out / "arms" / run_dir_name(arm, rate, seed)
-        try:
-            settings = resolve_settings(
-                None,
-                **{**training, **arm.training, "learning_rate": rate, "out": str(run_dir), "data": str(prepared),
-                   "seed": seed, "progress": progress},
-            )
-        except (TrainError, ValueError) as err:
-            raise CompareError(f"arm {arm.label!r}: {err}") from None
-        head = f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}"
-        m, reused = get_or_train(settings, arm.config, label=f"arm {arm.label!r} (lr {rate:g}, seed {seed})", log=log,
-                                 announce=f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
-        if reused:
-            log(f"{head}: already trained, reusing {run_dir}")
-        elif not m.get("diverged"):
-            log(f"    train loss {format_loss(m['train_loss'], None, 1)}, val loss {format_loss(m['val_loss'], None, 1)}, "
-                f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
-        metrics[(arm.label, rate, seed)] = m
-
+    trainer = _Runs(out, training, prepared, progress, log, wait, total=len(tuning) + len(arms) * len(extra_seeds))
     # Every rate on the first seed (the same data order for all), the grids grown past an edge that holds an
     # arm's best (extend_grid), then the other seeds at each arm's best rate.
-    if not _run_shared(out, list(enumerate(tuning, start=1)), total, run_one, log, wait):
+    tuning = _tune(trainer, arms, tuning, suite.extend_grid)
+    if tuning is None:
         return None
-    for _ in range(suite.extend_grid):
-        runs = _by_rate(arms, tuning, metrics)
-        grown = [(arm, rate, first_seed) for arm in arms if (rate := rate_past_edge(runs[arm.label])) is not None]
-        if not grown:
-            break
-        for arm, rate, _seed in grown:
-            log(f"{arm.label}: the best rate is at the edge of {', '.join(f'{r:g}' for r in sorted(runs[arm.label]))}; "
-                f"extending the grid to {rate:g}")
-        total += len(grown)
-        if not _run_shared(out, list(enumerate(grown, start=len(tuning) + 1)), total, run_one, log, wait):
-            return None
-        tuning = tuning + grown
-    runs = _by_rate(arms, tuning, metrics)
-    seeded = [(arm, best_rate(runs[arm.label]), seed) for seed in extra_seeds for arm in arms]
-    if not _run_shared(out, list(enumerate(seeded, start=len(tuning) + 1)), total, run_one, log, wait):
+    best = trainer.by_rate(arms, tuning)
+    seeded = [(arm, best_rate(best[arm.label]), seed) for seed in extra_seeds for arm in arms]
+    if not trainer.run(seeded):
         return None
-    runs = _by_rate(arms, tuning + seeded, metrics)
+    runs = trainer.by_rate(arms, tuning + seeded)
 
     results = _results(suite, arms, runs, seeds, time.perf_counter() - started, baseline_params)
     results["command"] = command_line()
@@ -206,7 +173,79 @@ def run_compare(
     return results
 
 
-def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total: int, run_one, log,
+Job = tuple[Arm, float, int]  # an arm, a learning rate, a seed: one run
+
+
+@dataclass
+class _Runs:
+    """The runs of one comparison: numbered as they start (``[n/total]``), each trained or read back in its run
+    directory, shared with other processes through their locks (:func:`_run_shared`), their metrics kept by
+    ``(label, rate, seed)``."""
+
+    out: Path
+    training: dict[str, Any]
+    prepared: Path
+    progress: bool
+    log: Callable[[str], None]
+    wait: bool
+    total: int
+    started: int = 0
+    metrics: dict[tuple[str, float, int], dict[str, Any]] = field(default_factory=dict)
+
+    def run(self, jobs: list[Job], *, more: bool = False) -> bool:
+        """Train (or read back) ``jobs``, ``more`` if ``total`` did not count them; ``False`` when some are left to
+        the other processes holding them (only without ``wait``)."""
+        self.total += len(jobs) if more else 0
+        numbered = list(enumerate(jobs, start=self.started + 1))
+        self.started += len(jobs)
+        return _run_shared(self.out, numbered, self.total, self._run_one, self.log, self.wait)
+
+    def by_rate(self, arms: list[Arm], jobs: list[Job]) -> dict[str, dict[float, list[dict[str, Any]]]]:
+        return _by_rate(arms, jobs, self.metrics)
+
+    def _run_one(self, n: int, arm: Arm, rate: float, seed: int) -> None:
+        run_dir = self.out / "arms" / run_dir_name(arm, rate, seed)
+        try:
+            settings = resolve_settings(
+                None,
+                **{**self.training, **arm.training, "learning_rate": rate, "out": str(run_dir),
+                   "data": str(self.prepared), "seed": seed, "progress": self.progress},
+            )
+        except (TrainError, ValueError) as err:
+            raise CompareError(f"arm {arm.label!r}: {err}") from None
+        head = f"[{n}/{self.total}] {arm.label}, lr {rate:g}, seed {seed}"
+        m, reused = get_or_train(settings, arm.config, label=f"arm {arm.label!r} (lr {rate:g}, seed {seed})",
+                                 log=self.log, announce=f"{head}: {non_embedding(arm.config):,} non-embedding parameters")
+        if reused:
+            self.log(f"{head}: already trained, reusing {run_dir}")
+        elif not m.get("diverged"):
+            self.log(f"    train loss {format_loss(m['train_loss'], None, 1)}, val loss {format_loss(m['val_loss'], None, 1)}, "
+                     f"{m['tokens_per_second'] or 0:,.0f} tokens/s, {m['wall_seconds']:.0f} s")
+        self.metrics[(arm.label, rate, seed)] = m
+
+
+def _tune(trainer: _Runs, arms: list[Arm], tuning: list[Job], extend_grid: int) -> list[Job] | None:
+    """Train every rate of ``tuning`` (the first seed), then grow each arm's grid past the edge that holds its best
+    (:func:`rate_past_edge`), up to ``extend_grid`` rates; the jobs trained, or ``None`` when some are left to
+    other processes."""
+    if not trainer.run(tuning):
+        return None
+    for _ in range(extend_grid):
+        runs = trainer.by_rate(arms, tuning)
+        first_seed = tuning[0][2]
+        grown = [(arm, rate, first_seed) for arm in arms if (rate := rate_past_edge(runs[arm.label])) is not None]
+        if not grown:
+            break
+        for arm, rate, _seed in grown:
+            tried = ", ".join(f"{r:g}" for r in sorted(runs[arm.label]))
+            trainer.log(f"{arm.label}: the best rate is at the edge of {tried}; extending the grid to {rate:g}")
+        if not trainer.run(grown, more=True):
+            return None
+        tuning = tuning + grown
+    return tuning
+
+
+def _run_shared(out: Path, jobs: list[tuple[int, Job]], total: int, run_one, log,
                 wait: bool = True) -> bool:
     """``run_one(n, arm, rate, seed)`` for every job, sharing them with other processes running the same comparison;
     whether every job was run (``False`` only with ``wait=False``).
@@ -219,7 +258,8 @@ def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total
     later = []
     for n, job in jobs:
         if not _run_unless_held(out, n, job, run_one):
-            log(f"[{n}/{total}] {job[0].label}, lr {job[1]:g}, seed {job[2]}: another process is training it; coming back to it")
+            arm, rate, seed = job
+            log(f"[{n}/{total}] {arm.label}, lr {rate:g}, seed {seed}: another process is training it; coming back to it")
             later.append((n, job))
     if not wait:
         return all([_run_unless_held(out, n, job, run_one) for n, job in later])  # each tried: no short circuit
@@ -229,7 +269,7 @@ def _run_shared(out: Path, jobs: list[tuple[int, tuple[Arm, float, int]]], total
     return True
 
 
-def _run_unless_held(out: Path, n: int, job: tuple[Arm, float, int], run_one) -> bool:
+def _run_unless_held(out: Path, n: int, job: Job, run_one) -> bool:
     """``run_one`` for ``job`` unless another process holds its lock (``False`` then). A finished run is read back
     without taking the lock, so a held lock always means a run in training."""
     arm, rate, seed = job
@@ -246,7 +286,7 @@ def _lock_file(out: Path, arm: Arm, rate: float, seed: int) -> Path:
     return out / ".locks" / f"{run_dir_name(arm, rate, seed)}.lock"
 
 
-def _by_rate(arms: list[Arm], jobs: list[tuple[Arm, float, int]], metrics: dict) -> dict[str, dict[float, list[dict[str, Any]]]]:
+def _by_rate(arms: list[Arm], jobs: list[Job], metrics: dict) -> dict[str, dict[float, list[dict[str, Any]]]]:
     """Each arm's runs by rate, in the order of ``jobs`` (whichever process trained them): label -> rate -> metrics."""
     runs: dict[str, dict[float, list[dict[str, Any]]]] = {arm.label: {} for arm in arms}
     for arm, rate, seed in jobs:
