@@ -174,6 +174,25 @@ def test_no_wait_trains_what_no_other_process_holds_and_leaves_the_results_to_th
         json.loads((out / "tokens-512/arms/kphi-3-lr0.003-seed42/metrics.json").read_text())["val_loss"]
 
 
+def test_a_finished_run_is_read_back_even_while_its_lock_is_held(series, tmp_path, monkeypatch):
+    """Only a run in training holds its lock: a finished one is read back without it, so a lock left held by a
+    process that is slow to let go never makes another process put a finished run off."""
+    from kphi.experiments.budgets import plan_budget_series
+    from kphi.experiments.compare import run_compare
+    from kphi.files import exclusive_lock
+
+    pytest.importorskip("fcntl", reason="processes coordinate only where fcntl exists")
+    out, corpus, tmp, _ = series
+    monkeypatch.setenv("KPHI_CACHE", str(tmp / "cache"))
+    shutil.copytree(out, tmp_path / "series")
+    budget = plan_budget_series(load_suite("smoke"), tmp_path / "series", [512, 1024])[0]
+    shared, lines = budget.out, []
+    with exclusive_lock(shared / ".locks/kphi-3-lr0.003-seed42.lock"):
+        result = run_compare(budget.suite, shared, data=str(corpus), progress=False, log=lines.append, wait=False)
+    assert result is not None and not any("another process" in line for line in lines)
+    assert any(line.endswith(f"already trained, reusing {shared / 'arms/kphi-3-lr0.003-seed42'}") for line in lines)
+
+
 @pytest.mark.fast
 def test_a_series_is_a_plan_of_comparisons_one_per_budget(tmp_path):
     """``plan_budget_series`` is the series without training: one comparison per budget, smallest first, in

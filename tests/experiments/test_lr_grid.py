@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kphi.experiments.compare import CompareError, rate_past_edge, run_compare
+from kphi.experiments.compare import CompareError, _tune, rate_past_edge, run_compare
 from kphi.experiments.arms import resolve_arms
 from kphi.experiments.suites import load_suite, parse_learning_rates
 from kphi.training.optim import grouped_lr_multipliers, scale_grouped_learning_rates
@@ -161,6 +161,37 @@ def test_extend_grid_trains_past_an_edge_until_the_best_is_interior(grid_setup, 
         assert arm["lr_at_edge"] == (arm["learning_rate"] in (min(grid), max(grid)))
         assert any(line.startswith(f"{arm['label']}: the best rate is at the edge of 0.001, 1e+30; extending the grid to 1e-36")
                    for line in lines)
+
+
+class _LossFallsWithRate:
+    """A stand-in for a comparison's runs: every run "trains" at once to a loss that falls as the rate rises, so
+    the best is always the highest rate tried."""
+
+    def __init__(self):
+        self.trained, self.lines, self.metrics = [], [], {}
+
+    def run(self, jobs, *, more=False):
+        self.trained.append([rate for _arm, rate, _seed in jobs])
+        self.metrics.update({(arm.label, rate, seed): {"val_loss": -math.log(rate)} for arm, rate, seed in jobs})
+        return True
+
+    def by_rate(self, arms, jobs):
+        return {arm.label: {r: [self.metrics[(a.label, r, s)]] for a, r, s in jobs if a is arm} for arm in arms}
+
+    def log(self, line):
+        self.lines.append(line)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("limit", [0, 1, 3])
+def test_a_grid_grows_by_at_most_extend_grid_rates_one_step_at_a_time(tmp_path, limit):
+    (tmp_path / "s.yaml").write_text(SUITE)
+    arm = resolve_arms(load_suite(str(tmp_path / "s.yaml")))[0]
+    trainer = _LossFallsWithRate()
+    jobs = _tune(trainer, [arm], [(arm, 1e-3, 42), (arm, 2e-3, 42)], extend_grid=limit)
+    assert trainer.trained == [[1e-3, 2e-3]] + [[2e-3 * 2 ** k] for k in range(1, limit + 1)]
+    assert [rate for _arm, rate, _seed in jobs] == [1e-3, 2e-3] + [2e-3 * 2 ** k for k in range(1, limit + 1)]
+    assert len(trainer.lines) == limit and all("extending the grid to" in line for line in trainer.lines)
 
 
 @pytest.mark.fast
