@@ -230,9 +230,9 @@ def _tune(trainer: _Runs, arms: list[Arm], tuning: list[Job], extend_grid: int) 
     other processes."""
     if not trainer.run(tuning):
         return None
+    first_seed = tuning[0][2]
     for _ in range(extend_grid):
         runs = trainer.by_rate(arms, tuning)
-        first_seed = tuning[0][2]
         grown = [(arm, rate, first_seed) for arm in arms if (rate := rate_past_edge(runs[arm.label])) is not None]
         if not grown:
             break
