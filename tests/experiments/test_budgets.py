@@ -231,6 +231,36 @@ def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
     assert finished_runs(out) == before and not (out / "tokens-2048").exists()  # nothing trained, nothing written
 
 
+def test_the_dry_run_names_the_runs_another_process_is_training(series, tmp_path):
+    """An unfinished run whose lock another process holds is counted as in training and named with the tokens
+    its ``log.csv`` has logged; a free lock, or the held lock of a finished run, is not; nothing is written."""
+    from kphi.files import exclusive_lock
+
+    pytest.importorskip("fcntl", reason="processes coordinate only where fcntl exists")
+    out, corpus, tmp, _ = series
+    shared = tmp_path / "shared"
+    shutil.copytree(out, shared)
+    run = shared / "tokens-512/arms/kphi-3-lr0.003-seed42"
+    (run / "metrics.json").unlink()
+    (run / "log.csv").write_text("step,tokens,elapsed_s,train_loss,val_loss,learning_rate,tokens_per_second\n"
+                                 "1,256,0.1,5.0,,0.003,100\n2,384,0.2,4.5,,0.003,100\n3,384,0.3,,4.4,,\n")
+    files = sorted(shared.rglob("*"))
+    command = ("compare", "--suite", "smoke", "--budgets", "512,1024", "--data", str(corpus), "--out", str(shared),
+               "--dry-run")
+    with exclusive_lock(shared / "tokens-512/.locks/kphi-3-lr0.003-seed42.lock"), \
+            exclusive_lock(shared / "tokens-1024/.locks/phi-3-lr0.003-seed42.lock"):
+        held = run_cli(*command, cache=tmp / "cache")
+    free = run_cli(*command, cache=tmp / "cache")
+    assert held.returncode == free.returncode == 0, held.stderr[-2000:] + free.stderr[-2000:]
+    in_training = {(row[0].strip().split(" tokens")[0], row[1].strip()): int(row[8]) for row in plan_rows(held.stdout)}
+    assert in_training.pop(("512", "kphi-3")) == 1 and set(in_training.values()) == {0}
+    assert "1 in training by another process" in held.stdout
+    assert "- in training: tokens-512/arms/kphi-3-lr0.003-seed42: 384 tokens trained so far" in held.stdout
+    assert "0 in training" in free.stdout and "- in training" not in free.stdout
+    assert {int(row[8]) for row in plan_rows(free.stdout)} == {0}
+    assert sorted(shared.rglob("*")) == files
+
+
 def test_the_dry_run_shows_only_the_arms_that_arms_selects(tmp_path):
     """``--dry-run`` lists what the same command without it would train: with ``--arms``, those arms only."""
     result = run_cli("compare", "--suite", "smoke", "--budgets", "512,1024", "--arms", "phi-3 small (same params)",

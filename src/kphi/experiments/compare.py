@@ -44,6 +44,7 @@ from ..errors import ExperimentError
 from ..files import atomic_write_text, exclusive_lock, refuse_foreign_dir, slug
 from ..sources.auto import config_fields
 from ..train import TrainError, resolve_settings
+from ..training.plots import read_log
 from ..training.train_settings import tokens_per_step, training_value
 from .arms import Arm, arm_rates, non_embedding, resolve_arms, run_dir_name
 from .plots import plot_compare_curves, plot_lr_sweep, plot_params_vs_loss
@@ -391,11 +392,13 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
                 only_arms: list[str] | None = None) -> str:
     """What ``plan`` trains, as a table, without training (``kphi compare --dry-run``): per comparison and arm
     (``only_arms`` as ``--arms`` selects them) its non-embedding parameters, tokens per run, rates (all on the
-    first seed), seeds (the others at the best rate), runs, and how many of those runs its directory already
-    holds finished (they will be reused)."""
-    lines = ["| comparison | arm | non-emb. params | tokens per run | learning rates | seeds | runs | finished |",
-             "|:--|:--|--:|--:|:--|--:|--:|--:|"]
+    first seed), seeds (the others at the best rate), runs, how many of those runs its directory already
+    holds finished (they will be reused) and how many another process is training now (each named below the
+    table with the tokens its ``log.csv`` has logged), so a series shared by several processes can be watched."""
+    lines = ["| comparison | arm | non-emb. params | tokens per run | learning rates | seeds | runs | finished | in training |",
+             "|:--|:--|--:|--:|:--|--:|--:|--:|--:|"]
     planned_total = finished_total = 0
+    training_now: list[str] = []
     for comparison in plan:
         seeds = comparison.seeds or comparison.suite.seeds
         tokens = planned_tokens(comparison.suite.training)
@@ -405,12 +408,32 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
             done = [next(iter(sorted(arms_dir.glob(pattern))), arms_dir / "-")
                     for pattern in planned_runs(comparison, arm, learning_rates)]
             finished = sum(finished_metrics_file(d) is not None for d in done)
+            held = [_in_training(Path(comparison.out), d) for d in done if finished_metrics_file(d) is None]
+            training_now += [line for line in held if line]
             planned_total, finished_total = planned_total + len(done), finished_total + finished
             grows = f" (+ up to {comparison.suite.extend_grid} past an edge)" if comparison.suite.extend_grid else ""
             lines.append(f"| {comparison.label} | {arm.label} | {non_embedding(arm.config):,} | {tokens} | "
-                         f"{', '.join(f'{r:g}' for r in rates)}{grows} | {seeds} | {len(done)} | {finished} |")
-    lines.append(f"\n{planned_total} runs, {finished_total} of them finished (reused); nothing was trained.")
-    return "\n".join(lines)
+                         f"{', '.join(f'{r:g}' for r in rates)}{grows} | {seeds} | {len(done)} | {finished} | "
+                         f"{sum(map(bool, held))} |")
+    lines.append(f"\n{planned_total} runs, {finished_total} of them finished (reused), {len(training_now)} in training "
+                 "by another process; nothing was trained.")
+    return "\n".join(lines + [f"- in training: {line}" for line in training_now])
+
+
+def _in_training(out: Path, run_dir: Path) -> str | None:
+    """``run_dir`` and the tokens it has trained so far (the last row of its ``log.csv``) while another process
+    holds its lock; ``None`` when none does. Only an existing lock file is tried, so a dry run writes nothing."""
+    lock = out / ".locks" / f"{run_dir.name}.lock"
+    if not lock.is_file():
+        return None
+    with exclusive_lock(lock, wait=False) as free:
+        if free:
+            return None
+    try:
+        trained = f"{read_log(run_dir / 'log.csv')['train_loss'][-1][0]:,} tokens trained so far"
+    except (OSError, IndexError, ValueError):  # not logged yet, or a row half-written this instant
+        trained = "no step logged yet"
+    return f"{run_dir.relative_to(out.parent)}: {trained}"
 
 
 def _summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
