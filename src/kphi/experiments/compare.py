@@ -422,7 +422,8 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
 
 def _in_training(out: Path, run_dir: Path) -> str | None:
     """``run_dir`` and the tokens it has trained so far (the last row of its ``log.csv``) while another process
-    holds its lock; ``None`` when none does. Only an existing lock file is tried, so a dry run writes nothing."""
+    holds its lock; ``None`` when none does. Only an existing lock file is tried, so a dry run writes nothing; a
+    free lock is held for an instant, and a process that finds it held then comes back to the run later."""
     lock = out / ".locks" / f"{run_dir.name}.lock"
     if not lock.is_file():
         return None
