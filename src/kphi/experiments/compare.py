@@ -265,7 +265,7 @@ def _run_shared(out: Path, jobs: list[tuple[int, Job]], total: int, run_one, log
     if not wait:
         return all([_run_unless_held(out, n, job, run_one) for n, job in later])  # each tried: no short circuit
     for n, (arm, rate, seed) in later:
-        with exclusive_lock(_lock_file(out, arm, rate, seed)):
+        with exclusive_lock(_lock_file(out, run_dir_name(arm, rate, seed))):
             run_one(n, arm, rate, seed)
     return True
 
@@ -277,14 +277,15 @@ def _run_unless_held(out: Path, n: int, job: Job, run_one) -> bool:
     if finished_metrics_file(out / "arms" / run_dir_name(arm, rate, seed)) is not None:
         run_one(n, arm, rate, seed)
         return True
-    with exclusive_lock(_lock_file(out, arm, rate, seed), wait=False) as held:
+    with exclusive_lock(_lock_file(out, run_dir_name(arm, rate, seed)), wait=False) as held:
         if held:
             run_one(n, arm, rate, seed)
         return held
 
 
-def _lock_file(out: Path, arm: Arm, rate: float, seed: int) -> Path:
-    return out / ".locks" / f"{run_dir_name(arm, rate, seed)}.lock"
+def _lock_file(out: Path, run_name: str) -> Path:
+    """The lock a process holds while it trains ``out/arms/RUN_NAME``."""
+    return out / ".locks" / f"{run_name}.lock"
 
 
 def _by_rate(arms: list[Arm], jobs: list[Job], metrics: dict) -> dict[str, dict[float, list[dict[str, Any]]]]:
@@ -407,8 +408,9 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
             arms_dir = Path(comparison.out) / "arms"
             done = [next(iter(sorted(arms_dir.glob(pattern))), arms_dir / "-")
                     for pattern in planned_runs(comparison, arm, learning_rates)]
-            finished = sum(finished_metrics_file(d) is not None for d in done)
-            held = [_in_training(Path(comparison.out), d) for d in done if finished_metrics_file(d) is None]
+            unfinished = [d for d in done if finished_metrics_file(d) is None]
+            finished = len(done) - len(unfinished)
+            held = [_in_training(Path(comparison.out), d) for d in unfinished]
             training_now += [line for line in held if line]
             planned_total, finished_total = planned_total + len(done), finished_total + finished
             grows = f" (+ up to {comparison.suite.extend_grid} past an edge)" if comparison.suite.extend_grid else ""
@@ -424,7 +426,7 @@ def _in_training(out: Path, run_dir: Path) -> str | None:
     """``run_dir`` and the tokens it has trained so far (the last row of its ``log.csv``) while another process
     holds its lock; ``None`` when none does. Only an existing lock file is tried, so a dry run writes nothing; a
     free lock is held for an instant, and a process that finds it held then comes back to the run later."""
-    lock = out / ".locks" / f"{run_dir.name}.lock"
+    lock = _lock_file(out, run_dir.name)
     if not lock.is_file():
         return None
     with exclusive_lock(lock, wait=False) as free:
