@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kphi.experiments.compare import CompareError, _tune, rate_past_edge, run_compare
+from kphi.experiments.compare import Comparison, CompareError, _tune, format_plan, rate_past_edge, run_compare
 from kphi.experiments.arms import resolve_arms
 from kphi.experiments.suites import load_suite, parse_learning_rates
 from kphi.training.optim import grouped_lr_multipliers, scale_grouped_learning_rates
@@ -161,6 +161,15 @@ def test_extend_grid_trains_past_an_edge_until_the_best_is_interior(grid_setup, 
         assert arm["lr_at_edge"] == (arm["learning_rate"] in (min(grid), max(grid)))
         assert any(line.startswith(f"{arm['label']}: the best rate is at the edge of 0.001, 1e+30; extending the grid to 1e-36")
                    for line in lines)
+    # A dry run of the finished comparison counts the grown runs as planned and finished, and names their rates.
+    suite = load_suite(str(tmp_path / "walk.yaml"))
+    rows = {row.split("|")[2].strip(): row.split("|")[5:9] for row in
+            format_plan([Comparison("walk", suite, tmp_path / "out")]).splitlines() if row.startswith("| walk |")}
+    for arm in results["arms"]:
+        rates, _seeds, runs, finished = (cell.strip() for cell in rows[arm["label"]])
+        grown = sorted(float(r) for r in arm["grid"])[:-2]  # below 1e-3, which beat a diverged 1e30
+        assert rates == f"0.001, 1e+30 (+ up to 2 past an edge: {', '.join(f'{r:g}' for r in reversed(grown))})"
+        assert int(runs) == int(finished) == len(arm["grid"])
 
 
 class _LossFallsWithRate:

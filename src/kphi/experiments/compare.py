@@ -381,19 +381,40 @@ def select_arms(arms: list[Arm], only_arms: list[str] | None, suite_name: str) -
 
 def planned_runs(comparison: Comparison, arm: Arm, learning_rates: list[float] | None = None) -> list[str]:
     """The run directory names an arm has in ``comparison``, as glob patterns: every rate on the first seed (exact
-    names), then one run per further seed at the best rate (``NAME-lr*-seedN``: the rate is known only once the
-    first seed has finished)."""
+    names; with ``extend_grid``, the rates :func:`grown_rates` finds too), then one run per further seed at the
+    best rate (``NAME-lr*-seedN``: the rate is known only once the first seed has finished)."""
     seeds = comparison.seeds or comparison.suite.seeds
     first = int(training_value(comparison.suite.training, "seed"))
-    names = [run_dir_name(arm, rate, first) for rate in arm_rates(arm, comparison.suite, learning_rates)]
+    rates = arm_rates(arm, comparison.suite, learning_rates)
+    names = [run_dir_name(arm, rate, first) for rate in rates + grown_rates(comparison, arm, rates)]
     return names + [f"{slug(arm.label, 'arm')}-lr*-seed{seed}" for seed in range(first + 1, first + seeds)]
+
+
+def grown_rates(comparison: Comparison, arm: Arm, rates: list[float]) -> list[float]:
+    """The rates ``extend_grid`` has added to ``arm``'s first-seed grid of ``rates`` so far, found as :func:`_tune`
+    finds them: while every rate of the grid has a finished run in ``comparison.out``, the next is
+    :func:`rate_past_edge` of their losses, up to ``extend_grid`` of them. Nothing is guessed from other run
+    directories, so a run kept out of the grid is never counted."""
+    first = int(training_value(comparison.suite.training, "seed"))
+    grown: list[float] = []
+    for _ in range(comparison.suite.extend_grid):
+        files = {rate: finished_metrics_file(Path(comparison.out) / "arms" / run_dir_name(arm, rate, first))
+                 for rate in rates + grown}
+        if None in files.values():
+            break
+        rate = rate_past_edge({rate: [json.loads(path.read_text())] for rate, path in files.items()})
+        if rate is None:
+            break
+        grown.append(rate)
+    return grown
 
 
 def format_plan(plan: list[Comparison], learning_rates: list[float] | None = None,
                 only_arms: list[str] | None = None) -> str:
     """What ``plan`` trains, as a table, without training (``kphi compare --dry-run``): per comparison and arm
     (``only_arms`` as ``--arms`` selects them) its non-embedding parameters, tokens per run, rates (all on the
-    first seed), seeds (the others at the best rate), runs, how many of those runs its directory already
+    first seed; those ``extend_grid`` has added so far named after them), seeds (the others at the best rate),
+    runs, how many of those runs its directory already
     holds finished (they will be reused) and how many another process is training now (each named below the
     table with the tokens its ``log.csv`` has logged), so a series shared by several processes can be watched."""
     lines = ["| comparison | arm | non-emb. params | tokens per run | learning rates | seeds | runs | finished | in training |",
@@ -405,6 +426,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
         tokens = planned_tokens(comparison.suite.training)
         for arm in select_arms(resolve_arms(comparison.suite), only_arms, comparison.suite.name):
             rates = arm_rates(arm, comparison.suite, learning_rates)
+            grown = grown_rates(comparison, arm, rates)
             arms_dir = Path(comparison.out) / "arms"
             done = [next(iter(sorted(arms_dir.glob(pattern))), arms_dir / "-")
                     for pattern in planned_runs(comparison, arm, learning_rates)]
@@ -413,7 +435,8 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
             held = [_in_training(Path(comparison.out), d) for d in unfinished]
             training_now += [line for line in held if line]
             planned_total, finished_total = planned_total + len(done), finished_total + finished
-            grows = f" (+ up to {comparison.suite.extend_grid} past an edge)" if comparison.suite.extend_grid else ""
+            grows = (f" (+ up to {comparison.suite.extend_grid} past an edge{': ' if grown else ''}"
+                     f"{', '.join(f'{r:g}' for r in grown)})") if comparison.suite.extend_grid else ""
             lines.append(f"| {comparison.label} | {arm.label} | {non_embedding(arm.config):,} | {tokens} | "
                          f"{', '.join(f'{r:g}' for r in rates)}{grows} | {seeds} | {len(done)} | {finished} | "
                          f"{sum(map(bool, held))} |")
