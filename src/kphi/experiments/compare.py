@@ -383,10 +383,15 @@ def planned_runs(comparison: Comparison, arm: Arm, learning_rates: list[float] |
     """The run directory names an arm has in ``comparison``, as glob patterns: every rate on the first seed (exact
     names; with ``extend_grid``, the rates :func:`grown_rates` finds too), then one run per further seed at the
     best rate (``NAME-lr*-seedN``: the rate is known only once the first seed has finished)."""
+    rates = arm_rates(arm, comparison.suite, learning_rates)
+    return _run_patterns(comparison, arm, rates + grown_rates(comparison, arm, rates))
+
+
+def _run_patterns(comparison: Comparison, arm: Arm, rates: list[float]) -> list[str]:
+    """:func:`planned_runs` for a first-seed grid of ``rates`` already grown."""
     seeds = comparison.seeds or comparison.suite.seeds
     first = int(training_value(comparison.suite.training, "seed"))
-    rates = arm_rates(arm, comparison.suite, learning_rates)
-    names = [run_dir_name(arm, rate, first) for rate in rates + grown_rates(comparison, arm, rates)]
+    names = [run_dir_name(arm, rate, first) for rate in rates]
     return names + [f"{slug(arm.label, 'arm')}-lr*-seed{seed}" for seed in range(first + 1, first + seeds)]
 
 
@@ -396,16 +401,18 @@ def grown_rates(comparison: Comparison, arm: Arm, rates: list[float]) -> list[fl
     :func:`rate_past_edge` of their losses, up to ``extend_grid`` of them. Nothing is guessed from other run
     directories, so a run kept out of the grid is never counted."""
     first = int(training_value(comparison.suite.training, "seed"))
+    runs: dict[float, list[dict[str, Any]]] = {}
     grown: list[float] = []
-    for _ in range(comparison.suite.extend_grid):
-        files = {rate: finished_metrics_file(Path(comparison.out) / "arms" / run_dir_name(arm, rate, first))
-                 for rate in rates + grown}
-        if None in files.values():
+    for rate in rates + [None] * comparison.suite.extend_grid:
+        if rate is None:  # every rate so far finished: one step past the edge, if the best is on one
+            rate = rate_past_edge(runs)
+            if rate is None:
+                break
+            grown.append(rate)
+        path = finished_metrics_file(Path(comparison.out) / "arms" / run_dir_name(arm, rate, first))
+        if path is None:
             break
-        rate = rate_past_edge({rate: [json.loads(path.read_text())] for rate, path in files.items()})
-        if rate is None:
-            break
-        grown.append(rate)
+        runs[rate] = [json.loads(path.read_text())]
     return grown
 
 
@@ -414,9 +421,9 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
     """What ``plan`` trains, as a table, without training (``kphi compare --dry-run``): per comparison and arm
     (``only_arms`` as ``--arms`` selects them) its non-embedding parameters, tokens per run, rates (all on the
     first seed; those ``extend_grid`` has added so far named after them), seeds (the others at the best rate),
-    runs, how many of those runs its directory already
-    holds finished (they will be reused) and how many another process is training now (each named below the
-    table with the tokens its ``log.csv`` has logged), so a series shared by several processes can be watched."""
+    runs, how many of those runs its directory already holds finished (they will be reused) and how many another
+    process is training now (each named below the table with the tokens its ``log.csv`` has logged), so a series
+    shared by several processes can be watched."""
     lines = ["| comparison | arm | non-emb. params | tokens per run | learning rates | seeds | runs | finished | in training |",
              "|:--|:--|--:|--:|:--|--:|--:|--:|--:|"]
     planned_total = finished_total = 0
@@ -429,7 +436,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
             grown = grown_rates(comparison, arm, rates)
             arms_dir = Path(comparison.out) / "arms"
             done = [next(iter(sorted(arms_dir.glob(pattern))), arms_dir / "-")
-                    for pattern in planned_runs(comparison, arm, learning_rates)]
+                    for pattern in _run_patterns(comparison, arm, rates + grown)]
             unfinished = [d for d in done if finished_metrics_file(d) is None]
             finished = len(done) - len(unfinished)
             held = [_in_training(Path(comparison.out), d) for d in unfinished]
