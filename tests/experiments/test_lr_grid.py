@@ -13,6 +13,7 @@ from kphi.training.optim import grouped_lr_multipliers, scale_grouped_learning_r
 
 from corpus import write_corpus
 from processes import finished_runs, run_cli
+from summaries import assert_two_seed_summary
 
 SUITE = """
 name: grid
@@ -98,7 +99,8 @@ def test_extending_the_grid_and_seeds_trains_only_new_runs(grid_setup, grid_run)
         assert "0.003" in arm["grid"]
         second_seed = sorted(p.name for p in (out / "arms").glob(f"{arm['label']}-lr*-seed43"))
         assert second_seed == [f"{arm['label']}-lr{arm['learning_rate']:g}-seed43"]  # only at the best rate
-        assert arm["seeds"] == [42, 43] and arm["val_loss_std"] >= 0
+        assert arm["seeds"] == [42, 43] and [run["seed"] for run in arm["runs"]] == [42, 43]
+        assert_two_seed_summary(arm)
         assert len(arm["grid"][f"{arm['learning_rate']:g}"]["runs"]) == 2
 
 
