@@ -2,6 +2,11 @@
 
 import json
 
+import pytest
+
+from kphi.experiments.compare import CompareError, run_compare
+from kphi.experiments.suites import load_suite
+
 from processes import run_cli
 
 
@@ -111,3 +116,49 @@ def test_import_kphi_still_registers_the_model_type():
     code = "import kphi, transformers; print(transformers.AutoConfig.for_model('kphi3').model_type)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "kphi3", run.stderr[-2000:]
+
+
+# flag values that must be refused before any work: (arguments after `kphi`, the words of the one error line)
+BAD_FLAG_VALUES = {
+    "no seeds": (["compare", "--seeds", "0"], "argument --seeds: must be a whole number of at least 1, got '0'"),
+    "negative seeds": (["compare", "--seeds", "-1"], "argument --seeds: must be a whole number of at least 1"),
+    "a zero budget": (["compare", "--max-tokens", "0"], "argument --max-tokens: must be a whole number of at least 1"),
+    "a negative budget": (["compare", "--max-tokens", "-5"], "argument --max-tokens: must be a whole number"),
+    "a doubled comma in the rates": (["compare", "--learning-rates", "1e-3,,2e-3"], "--learning-rates has an empty item"),
+    "empty rates": (["compare", "--learning-rates", ""], "--learning-rates has an empty item in ''"),
+    "a doubled comma in the budgets": (["compare", "--budgets", "1000,,2000"], "--budgets has an empty item"),
+    "a dry run that also reports": (["compare", "--dry-run", "--report"], "argument --report: not allowed with argument --dry-run"),
+    "no scaling seeds": (["scale", "--seeds", "0"], "argument --seeds: must be a whole number of at least 1"),
+    "empty widths": (["scale", "--widths", "64,"], "--widths has an empty item"),
+    "a zero context": (["eval", "nothing", "--context", "0"], "argument --context: must be a whole number of at least 1"),
+    "a fractional stride": (["eval", "nothing", "--stride", "1.5"], "argument --stride: must be a whole number"),
+    "negative reconstruction steps": (["convert", "nothing", "--out", "o", "--reconstruct-steps", "-1"],
+                                      "argument --reconstruct-steps: must be a whole number of at least 0"),
+    "a negative reconstruction rate": (["convert", "nothing", "--out", "o", "--reconstruct-lr=-1e-3"],
+                                       "argument --reconstruct-lr: must be a number above 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FLAG_VALUES)
+def test_a_bad_flag_value_is_one_error_line_and_exit_2(case, tmp_path, monkeypatch):
+    arguments, words = BAD_FLAG_VALUES[case]
+    monkeypatch.chdir(tmp_path)
+    extra = ["--suite", "smoke", "--dry-run", "--out", "c"] if arguments[0] == "compare" and "--dry-run" not in arguments else []
+    extra += ["--suite", "scaling-smoke", "--dry-run"] if arguments[0] == "scale" else []
+    result = run_cli(*arguments, *extra)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert words in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_dry_run_refuses_an_out_that_is_a_file(tmp_path):
+    (tmp_path / "results").write_text("a file the user keeps")
+    result = run_cli("compare", "--suite", "smoke", "--dry-run", "--out", tmp_path / "results")
+    assert result.returncode == 2 and result.stderr.strip() == f"kphi: error: {tmp_path / 'results'} exists and is not a directory"
+    assert (tmp_path / "results").read_text() == "a file the user keeps"
+
+
+def test_compare_from_python_refuses_zero_seeds_before_writing(tmp_path):
+    with pytest.raises(CompareError, match="--seeds must be at least 1, got 0"):
+        run_compare(load_suite("smoke"), tmp_path / "c", seeds=0)
+    assert not (tmp_path / "c").exists()

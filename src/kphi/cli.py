@@ -65,6 +65,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole_number(least: int):
+    """An argparse type for counts: a whole number of at least ``least``, anything else refused by argparse (one
+    error line naming the flag, status 2) before any work starts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    """An argparse type for rates: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
 def _log(args: argparse.Namespace):
     """``print``, or nothing with ``--quiet``."""
     return (lambda *a, **k: None) if args.quiet else print
@@ -91,17 +116,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     options = dict(
         seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=_log(args),
-        learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates else None,
+        learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates is not None else None,
         only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None, wait=not args.no_wait,
     )
     out = args.out or f"runs/compare-{suite.name}"
-    series = bool(args.budgets or suite.budgets or suite.budgets_per_parameter)
-    budgets = parse_counts(args.budgets, "--budgets") if args.budgets else None
+    series = bool(args.budgets is not None or suite.budgets or suite.budgets_per_parameter)
+    budgets = parse_counts(args.budgets, "--budgets") if args.budgets is not None else None
     if args.dry_run:
         from .experiments.budgets import plan_budget_series
         from .experiments.compare import Comparison, format_plan, training_at_budget
+        from .files import refuse_foreign_dir
 
-        if not series and args.max_tokens:
+        refuse_foreign_dir(Path(out), True, "kphi comparison")  # the one refusal a dry run can see: a file
+        if not series and args.max_tokens is not None:
             suite = dataclasses.replace(suite, training=training_at_budget(suite.training, args.max_tokens))
         plan = plan_budget_series(suite, out, budgets, args.seeds) if series else [Comparison(suite.name, suite, Path(out), args.seeds)]
         print(format_plan(plan, options["learning_rates"], options["only_arms"]))
@@ -137,12 +164,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     _single_process("scale")
     suite = load_scaling_suite(args.suite)
-    if args.widths:
+    if args.widths is not None:
         suite.widths = parse_counts(args.widths, "--widths")
     if args.dry_run:
         print(format_dry_run(suite))
         return 0
-    rates = parse_learning_rates(args.learning_rates) if args.learning_rates else None
+    rates = parse_learning_rates(args.learning_rates) if args.learning_rates is not None else None
     out = args.out or f"runs/scale-{suite.name}"
     results = run_scaling(
         suite, out, seeds=args.seeds, learning_rates=rates, data=args.data, progress=not args.quiet, log=_log(args)
@@ -333,10 +360,10 @@ def _eval_command(sub, command: str | None) -> None:
                         "(default: kphi's held-out English text)")
     p.add_argument("--data", metavar="PREPARED", help="also score a prepared corpus's validation split (the model's tokenizer)")
     p.add_argument("--tasks", metavar="NAME,...", help="lm-evaluation-harness tasks, e.g. kphi_next_sentence (needs kphi[eval])")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N examples per lm_eval task")
-    p.add_argument("--max-bytes", type=int, metavar="N", help="score only the first N bytes of each text (a quick look)")
-    p.add_argument("--context", type=int, help="tokens per window (default: min(1024, the model's context))")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: context // 2)")
+    p.add_argument("--limit", type=_whole_number(1), metavar="N", help="at most N examples per lm_eval task")
+    p.add_argument("--max-bytes", type=_whole_number(1), metavar="N", help="score only the first N bytes of each text (a quick look)")
+    p.add_argument("--context", type=_whole_number(1), help="tokens per window (default: min(1024, the model's context))")
+    p.add_argument("--stride", type=_whole_number(1), help="tokens between window starts (default: context // 2)")
     p.add_argument("--json", action="store_true", help="print every number as JSON on standard output")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -366,8 +393,8 @@ def _tokenizer_command(sub, command: str | None) -> None:
     t.add_argument("--source", default="default")
     from .data.recipe import DEFAULT_VOCAB_SIZE
 
-    t.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    t.add_argument("--max-rows", type=int)
+    t.add_argument("--vocab-size", type=_whole_number(1), default=DEFAULT_VOCAB_SIZE)
+    t.add_argument("--max-rows", type=_whole_number(1))
     t.add_argument("--out", required=True)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_tokenizer_train)
@@ -405,30 +432,31 @@ def _bench_command(sub, command: str | None) -> None:
     p.add_argument("--generate", nargs="+", metavar="MODEL",
                    help="instead: time greedy generation of these models (directories, .gguf, known models) in turns, "
                    "e.g. a source and its conversion; the first is the reference")
-    p.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --generate: tokens generated (default 64)")
+    p.add_argument("--new-tokens", type=_whole_number(1), default=64, metavar="N", help="with --generate: tokens generated (default 64)")
     p.set_defaults(func=cmd_bench)
 
 
 def _compare_command(sub, command: str | None) -> None:
     p = sub.add_parser("compare", help="train the arms of a suite and print the report's table")
     p.add_argument("--suite", default="cpu", help="cpu (default, ~10 min on 2 cores) | smoke | paper | a suite YAML")
-    p.add_argument("--seeds", type=int, help="repeat every arm with this many seeds (mean and spread)")
+    p.add_argument("--seeds", type=_whole_number(1), help="repeat every arm with this many seeds (mean and spread)")
     p.add_argument("--out", help="output directory (default runs/compare-SUITE); several processes given the same "
                    "--out share its runs, each training the ones no other holds")
     p.add_argument("--data", help="override the suite's data source: default | lamini | PATH")
-    p.add_argument("--max-tokens", type=int, help="override the training budget per arm")
+    p.add_argument("--max-tokens", type=_whole_number(1), help="override the training budget per arm")
     p.add_argument("--learning-rates", metavar="LR,LR,...",
                    help="train every arm at each of these peak rates and report each arm at its best (e.g. 1e-3,2e-3,4e-3)")
     p.add_argument("--budgets", metavar="TOKENS,TOKENS,...",
                    help="a budget series: every arm at each of these token budgets (e.g. 716800,3e6), one comparison each")
     p.add_argument("--arms", metavar="LABEL,LABEL,...",
                    help="train and report only these arms of the suite (the others still size its controls)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print every comparison, arm, budget, rate and seed the command would train, and how many of "
-                   "those runs --out already holds; train nothing")
-    p.add_argument("--report", action="store_true",
-                   help="a budget series: rewrite its table, results and plots from the budgets --out has finished so "
-                   "far (a series still running included); train nothing")
+    look = p.add_mutually_exclusive_group()
+    look.add_argument("--dry-run", action="store_true",
+                      help="print every comparison, arm, budget, rate and seed the command would train, and how many of "
+                      "those runs --out already holds; train nothing")
+    look.add_argument("--report", action="store_true",
+                      help="a budget series: rewrite its table, results and plots from the budgets --out has finished "
+                      "so far (a series still running included); train nothing")
     p.add_argument("--no-wait", action="store_true",
                    help="with other processes sharing --out: train every run no other process holds, then exit instead "
                    "of waiting for theirs (the process that trains the last run writes the results)")
@@ -439,7 +467,7 @@ def _compare_command(sub, command: str | None) -> None:
 def _scale_command(sub, command: str | None) -> None:
     p = sub.add_parser("scale", help="scaling curves: model families at several widths, tuned, fitted, compared")
     p.add_argument("--suite", default="scaling-cpu", help="a scaling suite: scaling-cpu (default) | scaling-smoke | a YAML file")
-    p.add_argument("--seeds", type=int, help="seeds per point (the first tunes the rate, the others run at the best)")
+    p.add_argument("--seeds", type=_whole_number(1), help="seeds per point (the first tunes the rate, the others run at the best)")
     p.add_argument("--widths", metavar="W,W,...", help="override the suite's widths")
     p.add_argument("--data", help="override the suite's data source: default | lamini | PATH")
     p.add_argument("--learning-rates", metavar="LR,LR,...", help="override the suite's learning-rate grid")
@@ -544,7 +572,7 @@ def _convert_command(sub, command: str | None) -> None:
                    "v_proj dense; '.*layers\\.0\\..*=low_rank:fraction=0.9' gives layer 0 its own ratio")
     p.add_argument("--calibration-data", metavar="DIR", help="a prepared data directory (kphi data prepare) tokenised "
                    "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
-    p.add_argument("--heldout-bytes", type=int, default=8192, metavar="N",
+    p.add_argument("--heldout-bytes", type=_whole_number(0), default=8192, metavar="N",
                    help="report bits per byte before and after on N bytes of held-out text (default 8192; 0: skip)")
     p.add_argument("--keep", type=float, metavar="F", help="choose each projection's kind and size from --candidates so "
                    "that OUT keeps at most this fraction of SRC's non-embedding parameters (instead of --kind)")
@@ -553,13 +581,13 @@ def _convert_command(sub, command: str | None) -> None:
                    "per byte on held-out text; uniform gives every projection the same candidate")
     p.add_argument("--candidates", default="low-rank", metavar="NAME|FILE",
                    help="with --keep: what a projection may become besides dense: low-rank (default), grouped, or a YAML list")
-    p.add_argument("--sensitivity-bytes", type=int, default=4096, metavar="N",
+    p.add_argument("--sensitivity-bytes", type=_whole_number(1), default=4096, metavar="N",
                    help="with --keep: the last N bytes of the held-out text score each candidate (default 4096; the "
                    "scores after conversion read its first bytes; cached)")
-    p.add_argument("--reconstruct-steps", type=int, default=0, metavar="N",
+    p.add_argument("--reconstruct-steps", type=_whole_number(0), default=0, metavar="N",
                    help="after the fit, train each decoder layer N steps to reproduce the source's outputs on "
                    "--calibration-data (default 0: off)")
-    p.add_argument("--reconstruct-lr", type=float, default=1e-3, metavar="LR", help="Adam learning rate of the reconstruction (default 1e-3)")
+    p.add_argument("--reconstruct-lr", type=_positive_number, default=1e-3, metavar="LR", help="Adam learning rate of the reconstruction (default 1e-3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if command in (None, "convert"):  # flags whose choices and defaults are the model code's (imports torch)
         from .convert import CALIBRATION_TOKENS, FITS
@@ -569,7 +597,7 @@ def _convert_command(sub, command: str | None) -> None:
         p.add_argument("--fit", default="auto", choices=FITS,
                        help="frobenius: closest in weights (default with weights); activations: closest on calibration "
                        "inputs; none: fresh initialisation")
-        p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+        p.add_argument("--calibration-tokens", type=_whole_number(1), default=CALIBRATION_TOKENS,
                        help=f"calibration tokens read (default {CALIBRATION_TOKENS})")
     p.set_defaults(func=cmd_convert)
 

@@ -139,7 +139,7 @@ def run_compare(
     (:func:`run_plan` then goes on to its next comparison and comes back).
     """
 
-    seeds = seeds or suite.seeds
+    seeds = suite.seeds if seeds is None else seeds
     if seeds < 1:
         raise CompareError(f"--seeds must be at least 1, got {seeds}")
     arms = resolve_arms(suite)
@@ -389,7 +389,7 @@ def planned_runs(comparison: Comparison, arm: Arm, learning_rates: list[float] |
 
 def _run_patterns(comparison: Comparison, arm: Arm, rates: list[float]) -> list[str]:
     """:func:`planned_runs` for a first-seed grid of ``rates`` already grown."""
-    seeds = comparison.seeds or comparison.suite.seeds
+    seeds = comparison.suite.seeds if comparison.seeds is None else comparison.seeds
     first = int(training_value(comparison.suite.training, "seed"))
     names = [run_dir_name(arm, rate, first) for rate in rates]
     return names + [f"{slug(arm.label, 'arm')}-lr*-seed{seed}" for seed in range(first + 1, first + seeds)]
@@ -429,7 +429,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
     planned_total = finished_total = 0
     training_now: list[str] = []
     for comparison in plan:
-        seeds = comparison.seeds or comparison.suite.seeds
+        seeds = comparison.suite.seeds if comparison.seeds is None else comparison.seeds
         tokens = planned_tokens(comparison.suite.training)
         for arm in select_arms(resolve_arms(comparison.suite), only_arms, comparison.suite.name):
             rates = arm_rates(arm, comparison.suite, learning_rates)

@@ -80,7 +80,7 @@ def positive_rates(rates, where: str, what: str = "learning rates") -> list[floa
 def parse_counts(text: str, flag: str) -> list[int]:
     """``"716800,3e6"`` -> ``[716800, 3000000]``: positive whole numbers for flags like ``--budgets``."""
     try:
-        values = [float(t) for t in text.split(",") if t.strip()]
+        values = [float(t) for t in _list_items(text, flag)]
     except ValueError:
         values = []
     if not values or any(v <= 0 or v != int(v) for v in values):
@@ -90,7 +90,16 @@ def parse_counts(text: str, flag: str) -> list[int]:
 
 def parse_learning_rates(text: str) -> list[float]:
     """``"1e-3,2e-3,4e-3"`` -> ``[0.001, 0.002, 0.004]`` (the ``--learning-rates`` flag)."""
-    return positive_rates([t for t in text.split(",") if t.strip()], "--learning-rates")
+    return positive_rates(_list_items(text, "--learning-rates"), "--learning-rates")
+
+
+def _list_items(text: str, flag: str) -> list[str]:
+    """The items of a comma-separated flag value. An empty item (``"1e-3,,2e-3"``, ``""``) is a typo, not a
+    request for the default, so it is refused rather than dropped."""
+    items = [t.strip() for t in text.split(",")]
+    if "" in items:
+        raise ExperimentError(f"{flag} has an empty item in {text!r}; separate the values by single commas")
+    return items
 
 
 def _suite_dir() -> Path:
