@@ -233,7 +233,8 @@ def test_the_dry_run_shows_the_plan_and_what_is_already_trained(series):
 
 def test_the_dry_run_names_the_runs_another_process_is_training(series, tmp_path):
     """An unfinished run whose lock another process holds is counted as in training and named with the tokens
-    its ``log.csv`` has logged; a free lock, or the held lock of a finished run, is not; nothing is written."""
+    its ``log.csv`` has logged, of its budget, and its latest validation loss; a free lock, or the held lock of a
+    finished run, is not; nothing is written."""
     from kphi.files import exclusive_lock
 
     pytest.importorskip("fcntl", reason="processes coordinate only where fcntl exists")
@@ -255,7 +256,8 @@ def test_the_dry_run_names_the_runs_another_process_is_training(series, tmp_path
     in_training = {(row[0].strip().split(" tokens")[0], row[1].strip()): int(row[8]) for row in plan_rows(held.stdout)}
     assert in_training.pop(("512", "kphi-3")) == 1 and set(in_training.values()) == {0}
     assert "1 in training by another process" in held.stdout
-    assert "- in training: tokens-512/arms/kphi-3-lr0.003-seed42: 384 tokens trained so far" in held.stdout
+    assert ("- in training: tokens-512/arms/kphi-3-lr0.003-seed42: 384 of 512 tokens (75%) trained so far; "
+            "validation loss 4.400 at 384 tokens") in held.stdout.splitlines()
     assert "0 in training" in free.stdout and "- in training" not in free.stdout
     assert {int(row[8]) for row in plan_rows(free.stdout)} == {0}
     assert sorted(shared.rglob("*")) == files

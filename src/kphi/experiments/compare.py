@@ -359,12 +359,21 @@ def training_at_budget(training: dict[str, Any], tokens: int) -> dict[str, Any]:
     return {**{k: v for k, v in training.items() if k != "max_steps"}, "max_tokens": tokens}
 
 
-def planned_tokens(training: dict[str, Any]) -> str:
-    """A suite's budget per run in words: its ``max_tokens``, else ``max_steps`` whole steps in tokens, else minutes."""
+def planned_token_count(training: dict[str, Any]) -> int | None:
+    """A suite's budget per run in tokens: its ``max_tokens``, else ``max_steps`` whole steps; ``None`` for a
+    budget in minutes."""
     if training.get("max_tokens"):
-        return f"{int(training['max_tokens']):,}"
+        return int(training["max_tokens"])
     if training.get("max_steps"):
-        return f"{int(training['max_steps']) * tokens_per_step(training):,}"
+        return int(training["max_steps"]) * tokens_per_step(training)
+    return None
+
+
+def planned_tokens(training: dict[str, Any]) -> str:
+    """A suite's budget per run in words: :func:`planned_token_count`, else minutes."""
+    count = planned_token_count(training)
+    if count is not None:
+        return f"{count:,}"
     return f"{training.get('max_minutes')} min" if training.get("max_minutes") else "?"
 
 
@@ -430,7 +439,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
     training_now: list[str] = []
     for comparison in plan:
         seeds = comparison.suite.seeds if comparison.seeds is None else comparison.seeds
-        tokens = planned_tokens(comparison.suite.training)
+        tokens, budget = planned_tokens(comparison.suite.training), planned_token_count(comparison.suite.training)
         for arm in select_arms(resolve_arms(comparison.suite), only_arms, comparison.suite.name):
             rates = arm_rates(arm, comparison.suite, learning_rates)
             grown = grown_rates(comparison, arm, rates)
@@ -439,7 +448,7 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
                     for pattern in _run_patterns(comparison, arm, rates + grown)]
             unfinished = [d for d in done if finished_metrics_file(d) is None]
             finished = len(done) - len(unfinished)
-            held = [_in_training(Path(comparison.out), d) for d in unfinished]
+            held = [_in_training(Path(comparison.out), d, budget) for d in unfinished]
             training_now += [line for line in held if line]
             planned_total, finished_total = planned_total + len(done), finished_total + finished
             grows = (f" (+ up to {comparison.suite.extend_grid} past an edge{': ' if grown else ''}"
@@ -452,10 +461,11 @@ def format_plan(plan: list[Comparison], learning_rates: list[float] | None = Non
     return "\n".join(lines + [f"- in training: {line}" for line in training_now])
 
 
-def _in_training(out: Path, run_dir: Path) -> str | None:
-    """``run_dir`` and the tokens it has trained so far (the last row of its ``log.csv``) while another process
-    holds its lock; ``None`` when none does. Only an existing lock file is tried, so a dry run writes nothing; a
-    free lock is held for an instant, and a process that finds it held then comes back to the run later."""
+def _in_training(out: Path, run_dir: Path, budget: int | None) -> str | None:
+    """``run_dir``, the tokens it has trained so far of its ``budget`` and its latest validation loss (from its
+    ``log.csv``) while another process holds its lock; ``None`` when none does. Only an existing lock file is
+    tried, so a dry run writes nothing; a free lock is held for an instant, and a process that finds it held then
+    comes back to the run later."""
     lock = _lock_file(out, run_dir.name)
     if not lock.is_file():
         return None
@@ -463,9 +473,15 @@ def _in_training(out: Path, run_dir: Path) -> str | None:
         if free:
             return None
     try:
-        trained = f"{read_log(run_dir / 'log.csv')['train_loss'][-1][0]:,} tokens trained so far"
+        log = read_log(run_dir / "log.csv")
+        tokens = log["train_loss"][-1][0]
     except (OSError, IndexError, ValueError):  # not logged yet, or a row half-written this instant
-        trained = "no step logged yet"
+        return f"{run_dir.relative_to(out.parent)}: no step logged yet"
+    of = f" of {budget:,} tokens ({tokens / budget:.0%})" if budget else " tokens"
+    trained = f"{tokens:,}{of} trained so far"
+    if log["val_loss"]:
+        at, loss = log["val_loss"][-1]
+        trained += f"; validation loss {loss:.3f} at {at:,} tokens"
     return f"{run_dir.relative_to(out.parent)}: {trained}"
 
 
