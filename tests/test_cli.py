@@ -151,6 +151,11 @@ def test_a_bad_flag_value_is_one_error_line_and_exit_2(case, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_counts_may_be_written_as_budgets_are(tmp_path):
+    result = run_cli("compare", "--suite", "smoke", "--dry-run", "--out", tmp_path / "c", "--max-tokens", "3e3")
+    assert result.returncode == 0 and "| 3,000 |" in result.stdout
+
+
 def test_a_dry_run_refuses_an_out_that_is_a_file(tmp_path):
     (tmp_path / "results").write_text("a file the user keeps")
     result = run_cli("compare", "--suite", "smoke", "--dry-run", "--out", tmp_path / "results")

@@ -69,14 +69,25 @@ def _whole_number(least: int):
     """An argparse type for counts: a whole number of at least ``least``, anything else refused by argparse (one
     error line naming the flag, status 2) before any work starts."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
+        value = _as_whole_number(text)
         if value is None or value < least:
             raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, got {text!r}")
         return value
     return parse
+
+
+def _as_whole_number(text: str) -> int | None:
+    """``text`` as a whole number written out (``3000000``) or, as ``--budgets`` takes it, with an exponent
+    (``3e6``); ``None`` for anything else."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def _positive_number(text: str) -> float:
