@@ -167,3 +167,64 @@ def test_compare_from_python_refuses_zero_seeds_before_writing(tmp_path):
     with pytest.raises(CompareError, match="--seeds must be at least 1, got 0"):
         run_compare(load_suite("smoke"), tmp_path / "c", seeds=0)
     assert not (tmp_path / "c").exists()
+
+
+TINY_RUN = ["--max-steps", "2", "--validation-rows", "10", "--batch-size", "2", "--context-length", "32",
+            "--eval-rows", "4", "--quiet"]
+
+# train flags refused before anything is written: (flags, the words of the one error line)
+BAD_TRAIN_FLAGS = {
+    "a seed below 0": (["--seed", "-1"], "seed must be in [0, 4294967295], got -1"),
+    "a misspelled config field": (["--config-overrides", '{"hiden_size": 32}'],
+                                  "--config-overrides: 'hiden_size' is not a field of the model's config"),
+    "a config value its checks refuse": (["--config-overrides", '{"hidden_size": 0}'],
+                                         "--config-overrides: hidden_size must be a positive integer, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_FLAGS)
+def test_bad_train_settings_are_one_line_and_write_nothing(case, tmp_path):
+    from corpus import write_corpus
+
+    flags, words = BAD_TRAIN_FLAGS[case]
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
+    result = run_cli("train", "--preset", "tiny-kphi3", "--data", corpus, "--out", tmp_path / "run", *TINY_RUN, *flags,
+                     cache=tmp_path / "cache")
+    assert result.returncode == 2 and result.stderr.strip() == f"kphi: error: {words}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_cannot_start_leaves_its_out_free_for_the_next_try(tmp_path):
+    """An optimizer setting torch refuses fails before the first step: one line, and the run directory holds no
+    record of an unfinished run, so the corrected command trains in the same --out without --resume."""
+    from corpus import write_corpus
+
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
+    command = ["train", "--preset", "tiny-kphi3", "--data", corpus, "--out", tmp_path / "run", *TINY_RUN]
+    bad = run_cli(*command, "--training-arguments", '{"adam_beta2": -5}', cache=tmp_path / "cache")
+    assert bad.returncode == 2 and bad.stderr.strip() == "kphi: error: cannot start training: Invalid beta parameter at index 1: -5"
+    assert list((tmp_path / "run").iterdir()) == []
+    good = run_cli(*command, cache=tmp_path / "cache")
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_train_without_a_model_named_builds_the_default_preset(tmp_path):
+    from corpus import write_corpus
+
+    corpus = write_corpus(tmp_path / "pairs.jsonl", pairs=100)
+    result = run_cli("train", "--data", corpus, "--out", tmp_path / "run", *TINY_RUN, cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "kphi-run.json").read_text())["settings"]["preset"] == "tiny-kphi3"
+
+
+def test_an_empty_or_blank_source_is_named(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"instruction": "", "response": ""}\n{"instruction": " ", "response": " "}\n')
+    for command in (["data", "prepare", "--out", tmp_path / "d"], ["tokenizer", "train", "--out", tmp_path / "t"]):
+        result = run_cli(*command, "--source", tmp_path / "empty.jsonl", "--quiet", cache=tmp_path / "cache")
+        assert result.returncode == 2 and result.stderr.strip() == f"kphi: error: {tmp_path / 'empty.jsonl'} is empty"
+    result = run_cli("tokenizer", "train", "--out", tmp_path / "t", "--source", tmp_path / "blank.jsonl", "--quiet",
+                     cache=tmp_path / "cache")
+    assert result.returncode == 2 and "has no usable rows" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()

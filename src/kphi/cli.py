@@ -53,7 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in fields and k != "preset"}
     if args.quiet:
         overrides["progress"] = False
-    settings = resolve_settings(getattr(args, "preset", None), **overrides)
+    preset = getattr(args, "preset", None)
+    if preset is None and overrides.get("init_from") is None:
+        preset = TrainSettings.preset  # the default --help shows, when no model is named
+    settings = resolve_settings(preset, **overrides)
     result = train(settings, resume=args.resume)
     m = result.metrics
     if m:

@@ -71,7 +71,7 @@ class SamplingSettings:
     model's; 0.5 for kphi runs)."""
     repetition_penalty: float | None = setting(None, above=0)
     """Divides the logits of tokens already in the sequence; 1.0: none (default: the model's; 1.2 for kphi runs)."""
-    seed: int | None = setting(None)
+    seed: int | None = setting(None, minimum=0, maximum=2**32 - 1)
     """Seed for sampling (same seed, same model, same prompt: same reply)."""
 
     def validate(self) -> None:

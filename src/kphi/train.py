@@ -58,6 +58,7 @@ from .training.run_records import IDENTITY_VERSION, identity_differences, record
 from .training.sharding import full_state_dict, is_sharded_checkpoint
 from .training.train_settings import (  # TrainError, TrainSettings and resolve_settings stay importable from here
     DivergedError,
+    check_model_config,
     TrainError,
     TrainSettings,
     model_config_fields,
@@ -351,6 +352,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     settings.validate()
     if settings.preset is None and settings.init_from is None and config is None:
         raise TrainError("give --preset (a model to build) or --init-from MODEL (a model to start from)")
+    check_model_config(settings, config)
     out = Path(settings.out)
     args = trainer_arguments(settings, out, max_steps=1)  # also joins the process group when launched distributed
     is_main = args.process_index == 0
@@ -390,10 +392,14 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
             trainer.train(resume_from_checkpoint=checkpoint)
     except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
-        if checkpoint is not None and not watch.steps_begun.begun:  # Trainer was still loading the checkpoint
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line for the command
+        if watch.steps_begun.begun:
+            raise
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line for the command
+        if checkpoint is not None:  # Trainer was still loading the checkpoint
             raise TrainError(f"cannot resume from {checkpoint}: {first_line}") from err
-        raise
+        if is_main:  # nothing was trained: the run record goes, so the same --out can be used again
+            _release_run_dir(out)
+        raise TrainError(f"cannot start training: {first_line}") from err
     wall = watch.csv_logger.resumed_seconds + time.perf_counter() - start  # earlier invocations included
 
     if watch.guard.diverged_at is not None:
@@ -458,6 +464,15 @@ def _evaluation_rows(train_rows, val_rows, settings: TrainSettings, args):
     if len(eval_rows) < args.per_device_eval_batch_size * args.world_size:
         args.per_device_eval_batch_size = max(1, len(eval_rows) // args.world_size)
     return eval_rows
+
+
+def _release_run_dir(out: Path) -> None:
+    """Remove what a run that failed before its first step wrote to ``out`` (its record, its empty log), leaving
+    ``out`` as a fresh run would find it; a directory with a checkpoint is left alone."""
+    if any(out.glob("checkpoint-*")):
+        return
+    for name in (RUN_FILE, "log.csv"):
+        (out / name).unlink(missing_ok=True)
 
 
 class _RunWatch:

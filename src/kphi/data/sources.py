@@ -174,6 +174,10 @@ class DatasetSource(PairSource):
         self.total = total
 
     def _open(self, path: str, kwargs: dict, label: str):
+        files = kwargs.get("data_files") or []
+        empty = [f for f in ([files] if isinstance(files, str) else files) if Path(f).is_file() and Path(f).stat().st_size == 0]
+        if empty:  # datasets answers an empty file with a bare StopIteration
+            raise DataError(f"{empty[0]} is empty")
         try:
             ds = _load_hf(path, **kwargs)
         except DataError:

@@ -308,6 +308,8 @@ def train_bpe_on_source(source: str = "default", vocab_size: int = DEFAULT_VOCAB
     from itertools import islice
 
     texts = [format_sample(instruction, response) for instruction, response in islice(open_source(source), max_rows)]
+    if not texts:
+        raise TokenizerError(f"{source} has no usable rows (every instruction or response empty) to train a tokenizer on")
     return train_bpe_tokenizer(texts, vocab_size=vocab_size, show_progress=show_progress), len(texts)
 
 

@@ -86,7 +86,7 @@ class TrainSettings(CorpusSettings):
     """Checkpoints kept (the newest ones)."""
     logging_steps: int = setting(10, minimum=1)
     """Log the training loss (log.csv, TensorBoard) every this many steps."""
-    seed: int = 42
+    seed: int = setting(42, minimum=0, maximum=2**32 - 1)
     """Seed of initialisation and data order; runs with equal seeds see the data in the same order."""
     precision: str = setting("auto", choices=("auto", "fp32", "bf16", "fp16"))
     """``auto`` (bf16 on a GPU that supports it, else float32), ``fp32``, ``bf16`` or ``fp16``."""
@@ -166,6 +166,33 @@ def model_config_fields(settings: TrainSettings, config: KPhi3Config | None = No
     from ..sources.auto import with_overrides
 
     return with_overrides(config, settings.config_overrides)
+
+
+def check_model_config(settings: TrainSettings, config: KPhi3Config | None = None) -> None:
+    """Build the model a run trains once, before anything is written: a value its checks refuse, or a
+    ``config_overrides`` key that is none of the config's fields (a typo, which transformers would keep as a
+    loose attribute), is one :class:`TrainError` naming it. A run from ``--init-from`` alone (no preset, no
+    config) has its model checked when it is loaded."""
+    if config is None and settings.preset is None:
+        return
+    import inspect
+
+    from huggingface_hub.errors import StrictDataclassError
+
+    from ..modeling.configuration_kphi3 import LEGACY_PROJECTION_FIELDS
+    from ..sources.auto import KPhi3Config
+
+    try:
+        built = KPhi3Config(**model_config_fields(settings, config))
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        raise TrainError(f"--config-overrides: {cause}") from None
+    fields = set(inspect.signature(KPhi3Config.__init__).parameters) | set(LEGACY_PROJECTION_FIELDS)
+    folded = set(built.rope_parameters or {})  # rope_theta, partial_rotary_factor: RoPE settings it folds in
+    default = KPhi3Config()
+    unknown = sorted(k for k in settings.config_overrides if k not in fields | folded and not hasattr(default, k))
+    if unknown:
+        raise TrainError(f"--config-overrides: {', '.join(map(repr, unknown))} is not a field of the model's config")
 
 
 def model_fields(settings: TrainSettings, config: KPhi3Config | None = None) -> dict[str, Any]:
