@@ -383,6 +383,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         atomic_write_text(out / RUN_FILE, json.dumps(record, indent=2))
         return str(checkpoint) if checkpoint else None
 
+    found_before = set(out.iterdir()) if out.is_dir() else set()
     checkpoint = _main_process_first(is_main, claim_run_dir, lambda found: found)
 
     watch = _RunWatch(out, step_tokens, settings.max_minutes)
@@ -397,8 +398,8 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line for the command
         if checkpoint is not None:  # Trainer was still loading the checkpoint
             raise TrainError(f"cannot resume from {checkpoint}: {first_line}") from err
-        if is_main:  # nothing was trained: the run record goes, so the same --out can be used again
-            _release_run_dir(out)
+        if is_main:  # nothing was trained: what this call wrote goes, so the same --out can be used again
+            _release_run_dir(out, found_before)
         raise TrainError(f"cannot start training: {first_line}") from err
     wall = watch.csv_logger.resumed_seconds + time.perf_counter() - start  # earlier invocations included
 
@@ -466,13 +467,17 @@ def _evaluation_rows(train_rows, val_rows, settings: TrainSettings, args):
     return eval_rows
 
 
-def _release_run_dir(out: Path) -> None:
-    """Remove what a run that failed before its first step wrote to ``out`` (its record, its empty log), leaving
-    ``out`` as a fresh run would find it; a directory with a checkpoint is left alone."""
-    if any(out.glob("checkpoint-*")):
+def _release_run_dir(out: Path, found_before: set[Path]) -> None:
+    """Remove what a new run that failed before its first step wrote to ``out`` (its record, log and TensorBoard
+    folder): every entry not in ``found_before``, so ``out`` is as this call found it. An ``out`` that already held a
+    run record (an earlier invocation's run, resumed or not) is left untouched."""
+    if out / RUN_FILE in found_before:
         return
-    for name in (RUN_FILE, "log.csv"):
-        (out / name).unlink(missing_ok=True)
+    for entry in set(out.iterdir()) - found_before:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 class _RunWatch:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -416,3 +417,10 @@ def test_a_series_carried_through_git_resumes_elsewhere_and_trains_nothing(serie
                      "--quiet", cache=tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((fresh / "results.json").read_text())["arms"] == json.loads((original / "results.json").read_text())["arms"]
+
+
+def test_a_series_refuses_fewer_than_one_seed():
+    from kphi.experiments.budgets import plan_budget_series
+
+    with pytest.raises(CompareError, match="--seeds must be at least 1, got 0"):
+        plan_budget_series(load_suite("smoke"), Path("unused"), [512, 1024], seeds=0)

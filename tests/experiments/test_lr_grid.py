@@ -271,6 +271,7 @@ def test_grouped_learning_rates_scale_by_the_group_count():
 @pytest.mark.fast
 @pytest.mark.parametrize("text, words", [("x", "must be positive whole numbers"), ("512,-1", "must be positive whole numbers"),
                                          ("1.5", "must be positive whole numbers"), ("0", "must be positive whole numbers"),
+                                         ("nan", "must be positive whole numbers"), ("inf", "must be positive whole numbers"),
                                          ("", "has an empty item"), ("512,,1024", "has an empty item")])
 def test_bad_counts_are_refused(text, words):
     from kphi.experiments.suites import parse_counts

@@ -330,3 +330,45 @@ def test_fewer_eval_rows_than_a_batch_still_evaluates_and_keeps_the_model(prepar
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_loss"] > 0 and metrics["steps"] == 2
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_new_run_failing_before_its_first_step_takes_back_only_what_it_wrote(tmp_path):
+    """What the failed call wrote (record, log, TensorBoard folder) goes; what was there before stays."""
+    from kphi.train import RUN_FILE, _release_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    found_before = set(out.iterdir())
+    (out / RUN_FILE).write_text("{}")
+    (out / "log.csv").write_text("step,tokens\n")
+    (out / "runs" / "host").mkdir(parents=True)
+    (out / "runs" / "host" / "events").write_text("tb")
+    _release_run_dir(out, found_before)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_a_resumed_run_failing_before_its_first_step_is_left_as_it_was(tmp_path):
+    """An earlier invocation's record and log (a run killed before its first checkpoint) are never removed."""
+    from kphi.train import RUN_FILE, _release_run_dir
+
+    out = tmp_path / "run"
+    (out / "runs").mkdir(parents=True)
+    (out / RUN_FILE).write_text("{}")
+    (out / "log.csv").write_text("step,tokens\n1,256\n")
+    found_before = set(out.iterdir())
+    (out / "runs" / "second-try").mkdir()
+    _release_run_dir(out, found_before)
+    assert (out / "log.csv").read_text() == "step,tokens\n1,256\n" and (out / RUN_FILE).is_file()
+    assert (out / "runs" / "second-try").is_dir()
+
+
+@pytest.mark.parametrize("overrides", [None, {}, {"rope_theta": 5000.0}, {"attn_implementation": "eager"},
+                                       {"min_channels_per_group": 8}, {"hidden_size": 64, "projection": None}])
+def test_config_overrides_that_transformers_or_kphi_take_are_accepted(overrides):
+    from kphi.train import resolve_settings
+    from kphi.training.train_settings import check_model_config
+
+    settings = resolve_settings("tiny-kphi3")
+    settings.config_overrides = overrides
+    check_model_config(settings)  # raises TrainError for a key or value it refuses

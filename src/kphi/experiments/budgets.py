@@ -63,8 +63,7 @@ def run_budget_series(
     """
     if learning_rates or max_tokens:
         raise CompareError("a budget series takes neither --learning-rates nor --max-tokens: arms train at their own rates")
-    if seeds:
-        suite = dataclasses.replace(suite, seeds=seeds)
+    suite = _with_seeds(suite, seeds)
     per_parameter = {}
     if not (budgets or suite.budgets):  # computed once, here, and handed to the plan
         budgets = budgets_per_parameter(suite)
@@ -90,12 +89,20 @@ def run_budget_series(
     return results
 
 
+def _with_seeds(suite: Suite, seeds: int | None) -> Suite:
+    """``suite`` with ``seeds`` seeds (``None``: its own); fewer than one is refused."""
+    if seeds is None:
+        return suite
+    if seeds < 1:
+        raise CompareError(f"--seeds must be at least 1, got {seeds}")
+    return dataclasses.replace(suite, seeds=seeds)
+
+
 def plan_budget_series(suite: Suite, out: Path, budgets: list[int] | None = None, seeds: int | None = None) -> list[Comparison]:
     """The comparisons a series is made of, one per budget (``budgets``, else the suite's ``budgets`` or
     ``budgets_per_parameter``), smallest first, each in ``OUT/tokens-N/`` with ``max_tokens: N`` and the suite's
     seeds (``seeds_at_largest`` at the ``seeded_budgets`` largest); nothing is trained (``kphi compare --dry-run`` shows it)."""
-    if seeds:
-        suite = dataclasses.replace(suite, seeds=seeds)
+    suite = _with_seeds(suite, seeds)
     budgets = sorted(set(budgets or suite.budgets or budgets_per_parameter(suite)))
     if len(budgets) < 2:
         raise CompareError("a budget series needs at least two budgets (suite 'budgets:', 'budgets_per_parameter:' or --budgets)")

@@ -83,7 +83,7 @@ def parse_counts(text: str, flag: str) -> list[int]:
         values = [float(t) for t in _list_items(text, flag)]
     except ValueError:
         values = []
-    if not values or any(v <= 0 or v != int(v) for v in values):
+    if not values or any(not math.isfinite(v) or v <= 0 or v != int(v) for v in values):
         raise ExperimentError(f"{flag} must be positive whole numbers separated by commas, got {text!r}")
     return sorted({int(v) for v in values})
 

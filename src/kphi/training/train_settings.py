@@ -188,9 +188,10 @@ def check_model_config(settings: TrainSettings, config: KPhi3Config | None = Non
         cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
         raise TrainError(f"--config-overrides: {cause}") from None
     fields = set(inspect.signature(KPhi3Config.__init__).parameters) | set(LEGACY_PROJECTION_FIELDS)
+    fields.add("attn_implementation")  # taken by transformers' base config, kept as _attn_implementation
     folded = set(built.rope_parameters or {})  # rope_theta, partial_rotary_factor: RoPE settings it folds in
     default = KPhi3Config()
-    unknown = sorted(k for k in settings.config_overrides if k not in fields | folded and not hasattr(default, k))
+    unknown = sorted(k for k in settings.config_overrides or {} if k not in fields | folded and not hasattr(default, k))
     if unknown:
         raise TrainError(f"--config-overrides: {', '.join(map(repr, unknown))} is not a field of the model's config")
 
