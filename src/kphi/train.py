@@ -395,12 +395,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
     except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
         if watch.steps_begun.begun:
             raise
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line for the command
-        if checkpoint is not None:  # Trainer was still loading the checkpoint
-            raise TrainError(f"cannot resume from {checkpoint}: {first_line}") from err
-        if is_main:  # nothing was trained: what this call wrote goes, so the same --out can be used again
-            _release_run_dir(out, found_before)
-        raise TrainError(f"cannot start training: {first_line}") from err
+        raise _before_first_step(err, checkpoint, out, found_before if is_main else None) from err
     wall = watch.csv_logger.resumed_seconds + time.perf_counter() - start  # earlier invocations included
 
     if watch.guard.diverged_at is not None:
@@ -465,6 +460,18 @@ def _evaluation_rows(train_rows, val_rows, settings: TrainSettings, args):
     if len(eval_rows) < args.per_device_eval_batch_size * args.world_size:
         args.per_device_eval_batch_size = max(1, len(eval_rows) // args.world_size)
     return eval_rows
+
+
+def _before_first_step(err: Exception, checkpoint: str | None, out: Path, found_before: set[Path] | None) -> TrainError:
+    """The one-line error for a run that failed before its first step: a resume whose checkpoint would not load,
+    or a new run that could not start, whose files are taken back (:func:`_release_run_dir`, on the main process:
+    ``found_before`` given) so the same ``--out`` can be used again."""
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if checkpoint is not None:  # Trainer was still loading the checkpoint
+        return TrainError(f"cannot resume from {checkpoint}: {first_line}")
+    if found_before is not None:
+        _release_run_dir(out, found_before)
+    return TrainError(f"cannot start training: {first_line}")
 
 
 def _release_run_dir(out: Path, found_before: set[Path]) -> None:
