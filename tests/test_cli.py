@@ -127,6 +127,8 @@ BAD_FLAG_VALUES = {
     "a doubled comma in the rates": (["compare", "--learning-rates", "1e-3,,2e-3"], "--learning-rates has an empty item"),
     "empty rates": (["compare", "--learning-rates", ""], "--learning-rates has an empty item in ''"),
     "a doubled comma in the budgets": (["compare", "--budgets", "1000,,2000"], "--budgets has an empty item"),
+    "empty arms": (["compare", "--arms", ""], "--arms has an empty item in ''"),
+    "a doubled comma in the arms": (["compare", "--arms", "phi-3,,kphi-3"], "--arms has an empty item"),
     "a dry run that also reports": (["compare", "--dry-run", "--report"], "argument --report: not allowed with argument --dry-run"),
     "no scaling seeds": (["scale", "--seeds", "0"], "argument --seeds: must be a whole number of at least 1"),
     "empty widths": (["scale", "--widths", "64,"], "--widths has an empty item"),
@@ -179,6 +181,9 @@ BAD_TRAIN_FLAGS = {
                                   "--config-overrides: 'hiden_size' is not a field of the model's config"),
     "a config value its checks refuse": (["--config-overrides", '{"hidden_size": 0}'],
                                          "--config-overrides: hidden_size must be a positive integer, got 0"),
+    "a read-only config property": (["--config-overrides", '{"use_return_dict": false}'],
+                                    "--config-overrides: property 'use_return_dict' of 'KPhi3Config' object has no "
+                                    "setter; it is derived from other fields, not set"),
 }
 
 

@@ -125,13 +125,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     _single_process("compare")
     from .experiments.compare import CompareError, format_table, run_compare
-    from .experiments.suites import load_suite, parse_counts, parse_learning_rates
+    from .experiments.suites import load_suite, parse_arm_labels, parse_counts, parse_learning_rates
 
     suite = load_suite(args.suite)
     options = dict(
         seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=_log(args),
         learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates is not None else None,
-        only_arms=[label.strip() for label in args.arms.split(",")] if args.arms else None, wait=not args.no_wait,
+        only_arms=parse_arm_labels(args.arms) if args.arms is not None else None, wait=not args.no_wait,
     )
     out = args.out or f"runs/compare-{suite.name}"
     series = bool(args.budgets is not None or suite.budgets or suite.budgets_per_parameter)

@@ -184,6 +184,8 @@ def check_model_config(settings: TrainSettings, config: KPhi3Config | None = Non
 
     try:
         built = KPhi3Config(**model_config_fields(settings, config))
+    except AttributeError as err:  # a key naming a read-only property of the config (use_return_dict)
+        raise TrainError(f"--config-overrides: {err}; it is derived from other fields, not set") from None
     except (TypeError, ValueError, StrictDataclassError) as err:
         cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
         raise TrainError(f"--config-overrides: {cause}") from None
