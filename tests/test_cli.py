@@ -233,3 +233,14 @@ def test_an_empty_or_blank_source_is_named(tmp_path):
                      cache=tmp_path / "cache")
     assert result.returncode == 2 and "has no usable rows" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_malformed_json_line_is_named_by_its_line_number(tmp_path):
+    """The second line (as an editor numbers it) is broken: that line is named, in one line on stderr."""
+    source = tmp_path / "pairs.jsonl"
+    source.write_text('{"instruction": "a", "response": "b"}\n\n{"instruction": oops}\n')
+    for command in (["data", "prepare", "--out", tmp_path / "d"], ["tokenizer", "train", "--out", tmp_path / "t"]):
+        result = run_cli(*command, "--source", source, "--quiet", cache=tmp_path / "cache")
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"kphi: error: {source} line 3, column 17 is not valid JSON: Expecting value"
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -171,7 +172,7 @@ def test_corrupt_file_is_one_clear_error(tmp_path):
         list(open_source(bad))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "a", "response": "b"}\n{broken\n')
-    with pytest.raises(DataError, match="could not read"):
+    with pytest.raises(DataError, match=re.escape(f"{broken} line 2, column 2 is not valid JSON: Expecting property name")):
         list(open_source(broken))
 
 

@@ -27,7 +27,6 @@ into place at the end, so a failure never leaves a half-written result.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,7 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..files import cache_root, refuse_foreign_dir, slug, staged_dir, stat_fingerprint
 from ..settings import invalid_setting, setting
@@ -44,7 +43,7 @@ from . import recipe
 from .corpora import is_corpus, open_corpus
 from .prepare_text import build_text_corpus, format_text_stats
 from .recipe import DEFAULT_FILTERS, DEFAULT_VOCAB_SIZE, EOS, FORMAT_VERSION, IGNORE_INDEX, packed_features
-from .sources import DEFAULT_COLUMNS, DataError, PairSource, open_source
+from .sources import DEFAULT_COLUMNS, DataError, PairSource, datasets_bars, open_source
 
 PACKINGS = ("tokens", "reference")
 LOSS_ON = ("all", "assistant")
@@ -453,21 +452,6 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
     return stats
 
 
-@contextlib.contextmanager
-def _datasets_bars(enabled: bool) -> Iterator[None]:
-    """Silence the progress bars of ``datasets`` itself when ``enabled`` is False."""
-    import datasets as ds_tqdm
-
-    was_enabled = not ds_tqdm.are_progress_bars_disabled()
-    if not enabled and was_enabled:
-        ds_tqdm.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not enabled and was_enabled:
-            ds_tqdm.enable_progress_bars()
-
-
 def _publish(target: Path, fill) -> Path:
     """``fill`` a staged sibling of ``target`` and swap it into place (:func:`kphi.files.staged_dir`): on any
     failure or interrupt nothing appears at ``target``."""
@@ -509,7 +493,7 @@ def prepare_dataset(settings: PrepareSettings, out_dir: Path | None = None, cach
     cached = cache_root / _entry_name(settings, key)
 
     def build(work: Path) -> None:
-        with _datasets_bars(progress):
+        with datasets_bars(progress):
             builder(settings, source, key, work, progress)
 
     if out_dir is None:

@@ -40,6 +40,7 @@ and counted as malformed; they never raise. Every other problem raises
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -144,6 +145,48 @@ def _load_hf(path: str, **kwargs: Any):
     return datasets.load_dataset(path, **kwargs)
 
 
+@contextlib.contextmanager
+def datasets_bars(enabled: bool) -> Iterator[None]:
+    """Silence the progress bars of ``datasets`` itself (``Generating train split``) when ``enabled`` is False."""
+    import datasets
+
+    was_enabled = not datasets.are_progress_bars_disabled()
+    if not enabled and was_enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def _quiet_json_builder():
+    """Hush the log line ``datasets``' JSON reader writes before it raises: the raised error says it, once."""
+    import logging
+
+    logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """``"PATH line N, column C is not valid JSON: ..."`` for the first line of a JSON-lines file that does not parse
+    (numbered from 1, as editors number them; blank lines are allowed), ``None`` when every line parses."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    return f"{path} line {number}, column {err.colno} is not valid JSON: {err.msg}"
+    return None
+
+
 def _describe_error(exc: BaseException) -> str:
     parts = []
     seen = set()
@@ -175,15 +218,18 @@ class DatasetSource(PairSource):
 
     def _open(self, path: str, kwargs: dict, label: str):
         files = kwargs.get("data_files") or []
-        empty = [f for f in ([files] if isinstance(files, str) else files) if Path(f).is_file() and Path(f).stat().st_size == 0]
+        local = [Path(f) for f in ([files] if isinstance(files, str) else files) if Path(f).is_file()]
+        empty = [f for f in local if f.stat().st_size == 0]
         if empty:  # datasets answers an empty file with a bare StopIteration
             raise DataError(f"{empty[0]} is empty")
         try:
-            ds = _load_hf(path, **kwargs)
+            with _quiet_json_builder():
+                ds = _load_hf(path, **kwargs)
         except DataError:
             raise
         except Exception as exc:  # datasets / pyarrow / network errors of many kinds
-            raise DataError(f"could not read {label}: {_describe_error(exc)}") from exc
+            bad = next(filter(None, (_first_bad_json_line(f) for f in local if f.suffix == ".jsonl")), None)
+            raise DataError(bad or f"could not read {label}: {_describe_error(exc)}") from exc
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict
             raise DataError(f"{label} loaded as several splits {list(ds.keys())}; name one split")
         found = list(ds.column_names or [])

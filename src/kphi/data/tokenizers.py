@@ -47,7 +47,7 @@ from ..errors import KphiError
 from ..files import atomic_write_bytes, cache_root, pip_download, refuse_foreign_dir, staged_dir
 from ..sources import known_models, resolve_model_dir
 from .recipe import DEFAULT_VOCAB_SIZE, END, format_sample
-from .sources import open_source
+from .sources import datasets_bars, open_source
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -307,7 +307,8 @@ def train_bpe_on_source(source: str = "default", vocab_size: int = DEFAULT_VOCAB
     formatted as training formats them; returns the tokenizer and the number of samples it saw."""
     from itertools import islice
 
-    texts = [format_sample(instruction, response) for instruction, response in islice(open_source(source), max_rows)]
+    with datasets_bars(show_progress):
+        texts = [format_sample(instruction, response) for instruction, response in islice(open_source(source), max_rows)]
     if not texts:
         raise TokenizerError(f"{source} has no usable rows (every instruction or response empty) to train a tokenizer on")
     return train_bpe_tokenizer(texts, vocab_size=vocab_size, show_progress=show_progress), len(texts)
