@@ -136,6 +136,9 @@ BAD_FLAG_VALUES = {
     "a fractional stride": (["eval", "nothing", "--stride", "1.5"], "argument --stride: must be a whole number"),
     "negative reconstruction steps": (["convert", "nothing", "--out", "o", "--reconstruct-steps", "-1"],
                                       "argument --reconstruct-steps: must be a whole number of at least 0"),
+    "keeping nothing": (["convert", "nothing", "--out", "o", "--keep", "0"],
+                        "argument --keep: must be a number between 0 and 1, got '0'"),
+    "keeping everything": (["convert", "nothing", "--out", "o", "--keep", "1.5"], "argument --keep: must be a number between 0"),
     "a negative reconstruction rate": (["convert", "nothing", "--out", "o", "--reconstruct-lr=-1e-3"],
                                        "argument --reconstruct-lr: must be a number above 0"),
 }

@@ -104,6 +104,17 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """An argparse type for shares of a whole: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+    return value
+
+
 def _log(args: argparse.Namespace):
     """``print``, or nothing with ``--quiet``."""
     return (lambda *a, **k: None) if args.quiet else print
@@ -588,7 +599,7 @@ def _convert_command(sub, command: str | None) -> None:
                    "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
     p.add_argument("--heldout-bytes", type=_whole_number(0), default=8192, metavar="N",
                    help="report bits per byte before and after on N bytes of held-out text (default 8192; 0: skip)")
-    p.add_argument("--keep", type=float, metavar="F", help="choose each projection's kind and size from --candidates so "
+    p.add_argument("--keep", type=_fraction, metavar="F", help="choose each projection's kind and size from --candidates so "
                    "that OUT keeps at most this fraction of SRC's non-embedding parameters (instead of --kind)")
     p.add_argument("--allocate", default="sensitivity", choices=("sensitivity", "uniform"),
                    help="with --keep: sensitivity (default) spends the parameters where structuring costs most bits "
