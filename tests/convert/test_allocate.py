@@ -133,6 +133,13 @@ def test_allocate_counts_the_whole_model_and_honours_pinned_projections():
     assert 0.7 * non_embedding < after <= 0.8 * non_embedding
 
 
+@pytest.mark.parametrize("keep", [0.0, 1.0, 1.5])
+def test_allocate_refuses_a_share_outside_zero_to_one(keep):
+    """From Python as from the command line (where argparse refuses it first): only 0 < keep < 1 is a budget."""
+    with pytest.raises(ConvertError, match=r"--keep must be in \(0, 1\)"):
+        allocate(tiny_llama(), ["model.layers.0.self_attn.q_proj"], keep, lambda m: 0.0)
+
+
 @pytest.mark.fast
 @pytest.mark.parametrize("text, message", [("[1, 2", "expected a list"), ("- {kind: nope}", "expected a list")])
 def test_bad_candidate_files_are_one_clear_error(tmp_path, text, message):
@@ -185,8 +192,7 @@ def test_the_command_prints_the_allocation_table_and_refuses_bad_input(llama_dir
                    "--heldout-bytes", "1024", "--sensitivity-bytes", "512", "--quiet")
     assert done.returncode == 0, done.stderr
     assert "uniform allocation to keep 0.6" in done.stdout and "layer" in done.stdout and "q_proj" in done.stdout
-    for flags, message in ((["--keep", "1.5"], "--keep must be in (0, 1)"),
-                           (["--keep", "0.6", "--candidates", "nothing-such"], "no such bundled list"),
+    for flags, message in ((["--keep", "0.6", "--candidates", "nothing-such"], "no such bundled list"),
                            (["--keep", "0.6", "--min-channels-per-group", "8"], "drop the kind's own settings")):
         bad = run_cli("convert", str(src), "--out", str(tmp_path / "bad"), *flags, "--quiet")
         assert bad.returncode == 2 and message in bad.stderr, (flags, bad.stderr)
