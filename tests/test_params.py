@@ -1,5 +1,7 @@
 """Parameter accounting and presets."""
 
+import re
+
 import pytest
 
 from kphi.modeling.block import GroupedPointwiseBlock
@@ -90,7 +92,10 @@ def test_unknown_preset_and_bad_yaml_name_the_problem(tmp_path):
         load_preset("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("config:\n  hidden_size: 65\n  num_attention_heads: 4\n")
-    with pytest.raises(PresetError, match="divisible by num_attention_heads"):
+    with pytest.raises(PresetError, match=f"invalid model configuration in {re.escape(str(bad))}: .*divisible by num_attention_heads"):
+        load_preset(bad)
+    bad.write_text("config:\n  use_return_dict: false\n")
+    with pytest.raises(PresetError, match="'use_return_dict' is derived from the config's other fields, not set"):
         load_preset(bad)
     with pytest.raises(PresetError, match="not a model directory: it has no config.json"):
         resolve_config(tmp_path)

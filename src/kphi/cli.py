@@ -111,7 +111,7 @@ def _fraction(text: str) -> float:
     except ValueError:
         value = float("nan")
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text!r}")
     return value
 
 

@@ -27,7 +27,7 @@ from huggingface_hub.errors import StrictDataclassError
 from .errors import KphiError
 from .modeling.configuration_kphi3 import KPhi3Config, config_fields
 
-__all__ = ["Preset", "PresetError", "list_presets", "load_preset", "resolve_config"]
+__all__ = ["Preset", "PresetError", "build_config", "list_presets", "load_preset", "resolve_config"]
 
 
 class PresetError(KphiError, ValueError):
@@ -56,13 +56,20 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in _preset_dir().glob("*.yaml"))
 
 
-def _build_config(fields: dict[str, Any], where: str) -> KPhi3Config:
+def build_config(fields: dict[str, Any], what: str, error: type[KphiError] = PresetError) -> KPhi3Config:
+    """``KPhi3Config(**fields)``, or one ``error`` whose message starts with ``what`` (where the fields came
+    from): a value the config's checks refuse, or a key naming one of its derived, read-only properties
+    (``use_return_dict``), which the config cannot take."""
+    derived = sorted(k for k in fields if isinstance(getattr(KPhi3Config, k, None), property)
+                     and getattr(KPhi3Config, k).fset is None)
+    if derived:
+        raise error(f"{what}: {', '.join(map(repr, derived))} is derived from the config's other fields, not set")
     try:
         return KPhi3Config(**fields)
     except (TypeError, ValueError, StrictDataclassError) as err:
         # a strict dataclass wraps the validator's own error (its cause), whose message names the field
         cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
-        raise PresetError(f"invalid model configuration in {where}: {cause}") from err
+        raise error(f"{what}: {cause}") from None
 
 
 def _read_yaml(path: Path) -> Preset:
@@ -74,7 +81,7 @@ def _read_yaml(path: Path) -> Preset:
         raise PresetError(f"preset {path} must be a mapping with a 'config' mapping")
     return Preset(
         name=str(data.get("name", path.stem)),
-        config=_build_config(dict(data["config"]), str(path)),
+        config=build_config(dict(data["config"]), f"invalid model configuration in {path}"),
         description=str(data.get("description", "")),
         model=str(data.get("model", "")),
         baseline=data.get("baseline"),
@@ -117,7 +124,7 @@ def resolve_config(spec: str | Path) -> Preset:
             raise PresetError(f"{path}: model_type {model_type!r} is not kphi3 or phi3")
         if model_type == "phi3":
             fields.setdefault("projection", {"kind": "dense"})
-        config = _build_config(config_fields(fields), str(path))
+        config = build_config(config_fields(fields), f"invalid model configuration in {path}")
         return Preset(name=path.parent.name, config=config, model="kphi-3" if config.is_grouped else "phi-3", path=path)
     if path.suffix not in (".yaml", ".yml") and len(path.parts) > 1 and not path.exists():
         raise PresetError(f"{spec} does not exist (expected a preset name, a preset YAML, a config.json or a model directory)")

@@ -81,6 +81,19 @@ def test_bad_suites_name_the_problem(tmp_path):
         resolve_arms(load_suite(str(bad)))
 
 
+@pytest.mark.parametrize("config, message", [
+    ("{hidden_size: 0}", "arm 'b': config: hidden_size must be a positive integer, got 0"),
+    ("{use_return_dict: false}", "arm 'b': config: 'use_return_dict' is derived from the config's other fields, not set"),
+])
+def test_an_arms_config_the_model_refuses_is_named(tmp_path, config, message):
+    """A preset arm's and a control's ``config:`` are both checked, each error naming its arm."""
+    bad = tmp_path / "bad.yaml"
+    for arm in (f"{{label: b, preset: tiny-phi3, config: {config}}}", f"{{label: b, control: dense, base: tiny-phi3, match: a, config: {config}}}"):
+        bad.write_text(f"arms:\n  - {{label: a, preset: tiny-kphi3}}\n  - {arm}\n")
+        with pytest.raises(CompareError, match=re.escape(message)):
+            resolve_arms(load_suite(str(bad)))
+
+
 @pytest.mark.fast
 @pytest.mark.parametrize("text, message", [
     ("learning_rate: 0.01\narms:\n  - {label: a, preset: tiny-phi3}\n", "no setting 'learning_rate' (a suite has"),
@@ -195,7 +208,7 @@ def test_processes_sharing_an_out_dir_each_train_other_runs_with_the_same_result
         deadline = time.monotonic() + 600
         while len(list((out / "arms").glob("*/metrics.json"))) < 3 and other.is_alive() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert any(f"kphi-3, lr 0.003, seed 42: another process is training it" in line for line in lines)
+        assert any("kphi-3, lr 0.003, seed 42: another process is training it" in line for line in lines)
         assert sorted(p.parent.name for p in (out / "arms").glob("*/metrics.json")) == [
             "low-rank-same-params-lr0.003-seed42", "phi-3-lr0.003-seed42", "phi-3-small-same-params-lr0.003-seed42"]
         assert not (out / "arms" / held).exists() and other.is_alive()  # waiting, not training it

@@ -228,7 +228,7 @@ class DatasetSource(PairSource):
         except DataError:
             raise
         except Exception as exc:  # datasets / pyarrow / network errors of many kinds
-            bad = next(filter(None, (_first_bad_json_line(f) for f in local if f.suffix == ".jsonl")), None)
+            bad = next(filter(None, (_first_bad_json_line(f) for f in local if f.suffix.lower() == ".jsonl")), None)
             raise DataError(bad or f"could not read {label}: {_describe_error(exc)}") from exc
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict
             raise DataError(f"{label} loaded as several splits {list(ds.keys())}; name one split")

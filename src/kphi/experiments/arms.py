@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ExperimentError
 from ..files import slug
 from ..params import count_parameters
-from ..presets import load_preset
+from ..presets import build_config, load_preset
 from ..sources.auto import KPhi3Config, config_fields, with_overrides
 from ..training.train_settings import training_value
 from .suites import ArmSpec, Suite, positive_rates
@@ -95,7 +95,7 @@ def resolve_arms(suite: Suite) -> list[Arm]:
     for spec in suite.arms:
         if spec.preset is not None:
             preset = load_preset(spec.preset)
-            config = KPhi3Config(**with_overrides(preset.config, spec.config))
+            config = build_config(with_overrides(preset.config, spec.config), f"arm {spec.label!r}: config", ExperimentError)
             arms[spec.label] = Arm(spec.label, config, spec.model or preset.model, "preset", preset.name, **_arm_training(spec))
     for spec in suite.arms:
         if spec.preset is not None:
@@ -104,7 +104,8 @@ def resolve_arms(suite: Suite) -> list[Arm]:
             raise ExperimentError(
                 f"arm {spec.label!r}: a control needs control: dense|low_rank, base: PRESET and match: LABEL of a preset arm"
             )
-        base = KPhi3Config(**with_overrides(load_preset(spec.base).config, spec.config))
+        base = build_config(with_overrides(load_preset(spec.base).config, spec.config), f"arm {spec.label!r}: config",
+                            ExperimentError)
         target = non_embedding(arms[spec.match].config)
         if spec.control == "dense":
             config = dense_control(base, target)

@@ -177,18 +177,11 @@ def check_model_config(settings: TrainSettings, config: KPhi3Config | None = Non
         return
     import inspect
 
-    from huggingface_hub.errors import StrictDataclassError
-
     from ..modeling.configuration_kphi3 import LEGACY_PROJECTION_FIELDS
+    from ..presets import build_config
     from ..sources.auto import KPhi3Config
 
-    try:
-        built = KPhi3Config(**model_config_fields(settings, config))
-    except AttributeError as err:  # a key naming a read-only property of the config (use_return_dict)
-        raise TrainError(f"--config-overrides: {err}; it is derived from other fields, not set") from None
-    except (TypeError, ValueError, StrictDataclassError) as err:
-        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
-        raise TrainError(f"--config-overrides: {cause}") from None
+    built = build_config(model_config_fields(settings, config), "--config-overrides", TrainError)
     fields = set(inspect.signature(KPhi3Config.__init__).parameters) | set(LEGACY_PROJECTION_FIELDS)
     fields.add("attn_implementation")  # taken by transformers' base config, kept as _attn_implementation
     folded = set(built.rope_parameters or {})  # rope_theta, partial_rotary_factor: RoPE settings it folds in
