@@ -22,8 +22,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.evaluate import format_eval_table, run_eval
 
     _quiet_transformers()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    reports = run_eval(args.models, texts=args.text, data=args.data, tasks=tasks, context=args.context,
+    reports = run_eval(args.models, texts=args.text, data=args.data, tasks=args.tasks, context=args.context,
                        stride=args.stride, limit=args.limit, max_bytes=args.max_bytes,
                        progress=not (args.quiet or args.json))
     if args.json:
@@ -115,6 +114,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _names(text: str) -> list[str]:
+    """An argparse type for comma-separated names: an empty item (``"a,,b"``, ``""``) is a typo, refused rather
+    than dropped (dropping ``""`` would turn "these" into "all")."""
+    names = [name.strip() for name in text.split(",")]
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"has an empty item in {text!r}; separate the names by single commas")
+    return names
+
+
 def _log(args: argparse.Namespace):
     """``print``, or nothing with ``--quiet``."""
     return (lambda *a, **k: None) if args.quiet else print
@@ -136,13 +144,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     _single_process("compare")
     from .experiments.compare import CompareError, format_table, run_compare
-    from .experiments.suites import load_suite, parse_arm_labels, parse_counts, parse_learning_rates
+    from .experiments.suites import load_suite, parse_counts, parse_learning_rates
 
     suite = load_suite(args.suite)
     options = dict(
         seeds=args.seeds, data=args.data, max_tokens=args.max_tokens, progress=not args.quiet, log=_log(args),
         learning_rates=parse_learning_rates(args.learning_rates) if args.learning_rates is not None else None,
-        only_arms=parse_arm_labels(args.arms) if args.arms is not None else None, wait=not args.no_wait,
+        only_arms=args.arms, wait=not args.no_wait,
     )
     out = args.out or f"runs/compare-{suite.name}"
     series = bool(args.budgets is not None or suite.budgets or suite.budgets_per_parameter)
@@ -384,7 +392,7 @@ def _eval_command(sub, command: str | None) -> None:
                    help="a .txt file (one document) or .jsonl file (a 'text' per line); repeatable "
                         "(default: kphi's held-out English text)")
     p.add_argument("--data", metavar="PREPARED", help="also score a prepared corpus's validation split (the model's tokenizer)")
-    p.add_argument("--tasks", metavar="NAME,...", help="lm-evaluation-harness tasks, e.g. kphi_next_sentence (needs kphi[eval])")
+    p.add_argument("--tasks", type=_names, metavar="NAME,...", help="lm-evaluation-harness tasks, e.g. kphi_next_sentence (needs kphi[eval])")
     p.add_argument("--limit", type=_whole_number(1), metavar="N", help="at most N examples per lm_eval task")
     p.add_argument("--max-bytes", type=_whole_number(1), metavar="N", help="score only the first N bytes of each text (a quick look)")
     p.add_argument("--context", type=_whole_number(1), help="tokens per window (default: min(1024, the model's context))")
@@ -473,7 +481,7 @@ def _compare_command(sub, command: str | None) -> None:
                    help="train every arm at each of these peak rates and report each arm at its best (e.g. 1e-3,2e-3,4e-3)")
     p.add_argument("--budgets", metavar="TOKENS,TOKENS,...",
                    help="a budget series: every arm at each of these token budgets (e.g. 716800,3e6), one comparison each")
-    p.add_argument("--arms", metavar="LABEL,LABEL,...",
+    p.add_argument("--arms", type=_names, metavar="LABEL,LABEL,...",
                    help="train and report only these arms of the suite (the others still size its controls)")
     look = p.add_mutually_exclusive_group()
     look.add_argument("--dry-run", action="store_true",
@@ -589,7 +597,7 @@ def _convert_command(sub, command: str | None) -> None:
     )
     p.add_argument("src", metavar="SRC", help="the dense model: directory (config.json, and model.safetensors to fit), .gguf file, known model (smollm2-135m) or hub id")
     p.add_argument("--out", required=True, help="output model directory (new, empty or a previous conversion)")
-    p.add_argument("--targets", type=lambda s: [t for t in s.split(",") if t], metavar="NAME,NAME,...",
+    p.add_argument("--targets", type=_names, metavar="NAME,NAME,...",
                    help="modules to replace, as PEFT's target_modules: a name suffix (down_proj, layers.0.mlp.down_proj) "
                    "or a regular expression over the full name (default: the architecture's attention and MLP projections)")
     p.add_argument("--override", action="append", metavar="TARGETS=KIND[:FIELD=VALUE,...]",

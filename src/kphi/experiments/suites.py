@@ -93,12 +93,6 @@ def parse_learning_rates(text: str) -> list[float]:
     return positive_rates(_list_items(text, "--learning-rates"), "--learning-rates")
 
 
-def parse_arm_labels(text: str) -> list[str]:
-    """``"phi-3, kphi-3"`` -> ``["phi-3", "kphi-3"]`` (the ``--arms`` flag); whether each names an arm of the suite
-    is checked where the suite's arms are known (:func:`kphi.experiments.compare.select_arms`)."""
-    return _list_items(text, "--arms")
-
-
 def _list_items(text: str, flag: str) -> list[str]:
     """The items of a comma-separated flag value. An empty item (``"1e-3,,2e-3"``, ``""``) is a typo, not a
     request for the default, so it is refused rather than dropped."""
