@@ -128,7 +128,7 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
     for width in suite.widths:  # fail before training when a width cannot build every family
         try:
             resolve_arms(suite.suite_at(width))
-        except (ValueError, TypeError, StrictDataclassError) as err:
+        except (CompareError, ValueError, TypeError, StrictDataclassError) as err:
             cause = getattr(err, "__cause__", None) or err
             raise CompareError(f"suite {path}: width {width} does not build: {cause}") from None
     return suite
