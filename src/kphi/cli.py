@@ -92,26 +92,20 @@ def _as_whole_number(text: str) -> int | None:
     return int(number) if number.is_integer() else None
 
 
-def _positive_number(text: str) -> float:
-    """An argparse type for rates: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
-    return value
+def _number_between(low: float, high: float = float("inf")):
+    """An argparse type for rates and shares: a number strictly between ``low`` and ``high`` (finite when ``high``
+    is infinite), anything else refused by argparse before any work starts."""
+    words = f"above {low:g}" if high == float("inf") else f"strictly between {low:g} and {high:g}"
 
-
-def _fraction(text: str) -> float:
-    """An argparse type for shares of a whole: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text!r}")
-    return value
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(f"must be a number {words}, got {text!r}")
+        return value
+    return parse
 
 
 def _names(text: str) -> list[str]:
@@ -607,7 +601,7 @@ def _convert_command(sub, command: str | None) -> None:
                    "with SRC's tokenizer; needed by --fit activations, and reports calibration errors for any fit")
     p.add_argument("--heldout-bytes", type=_whole_number(0), default=8192, metavar="N",
                    help="report bits per byte before and after on N bytes of held-out text (default 8192; 0: skip)")
-    p.add_argument("--keep", type=_fraction, metavar="F", help="choose each projection's kind and size from --candidates so "
+    p.add_argument("--keep", type=_number_between(0, 1), metavar="F", help="choose each projection's kind and size from --candidates so "
                    "that OUT keeps at most this fraction of SRC's non-embedding parameters (instead of --kind)")
     p.add_argument("--allocate", default="sensitivity", choices=("sensitivity", "uniform"),
                    help="with --keep: sensitivity (default) spends the parameters where structuring costs most bits "
@@ -620,7 +614,7 @@ def _convert_command(sub, command: str | None) -> None:
     p.add_argument("--reconstruct-steps", type=_whole_number(0), default=0, metavar="N",
                    help="after the fit, train each decoder layer N steps to reproduce the source's outputs on "
                    "--calibration-data (default 0: off)")
-    p.add_argument("--reconstruct-lr", type=_positive_number, default=1e-3, metavar="LR", help="Adam learning rate of the reconstruction (default 1e-3)")
+    p.add_argument("--reconstruct-lr", type=_number_between(0), default=1e-3, metavar="LR", help="Adam learning rate of the reconstruction (default 1e-3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if command in (None, "convert"):  # flags whose choices and defaults are the model code's (imports torch)
         from .convert import CALIBRATION_TOKENS, FITS
