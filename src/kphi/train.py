@@ -340,6 +340,38 @@ def _main_process_first(is_main: bool, on_main, on_others=None):
     return verdict[1] if is_main or on_others is None else on_others(verdict[1])
 
 
+def _fit(trainer, checkpoint: str | None, watch: _RunWatch, out: Path, found_before: set[Path] | None) -> float:
+    """Run ``trainer`` to its last step (from ``checkpoint`` when given) and evaluate there; returns the run's
+    wall-clock seconds, earlier invocations of a resumed run included.
+
+    An error before the first step is explained (:func:`_before_first_step`, which removes what this call
+    created when ``found_before`` lists what was there); a loss that became nan/inf is a :class:`DivergedError`
+    naming the last good checkpoint.
+    """
+    start = time.perf_counter()
+    try:
+        with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
+        if watch.steps_begun.begun:
+            raise
+        raise _before_first_step(err, checkpoint, out, found_before) from err
+    wall = watch.csv_logger.resumed_seconds + time.perf_counter() - start
+
+    if watch.guard.diverged_at is not None:
+        last_good = _newest_complete_checkpoint(out)
+        raise DivergedError(
+            f"training loss became {watch.guard.value} at step {watch.guard.diverged_at}; stopped. "
+            + (f"The last good checkpoint is {last_good}." if last_good else "No checkpoint was saved before it.")
+            + " Lower the learning rate or use fp32."
+        )
+
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
+        trainer.evaluate()
+    return wall
+
+
 def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | None = None) -> TrainResult:
     """Train one model as ``settings`` say; returns the run directory and its metrics.
 
@@ -388,27 +420,7 @@ def train(settings: TrainSettings, resume: bool = False, config: KPhi3Config | N
 
     watch = _RunWatch(out, step_tokens, settings.max_minutes)
     trainer = _make_trainer(settings, model, teacher, args, train_rows, eval_rows, watch, step_tokens)
-    start = time.perf_counter()
-    try:
-        with _without_hub_progress_bars():  # "Writing model shards" at every checkpoint
-            trainer.train(resume_from_checkpoint=checkpoint)
-    except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:
-        if watch.steps_begun.begun:
-            raise
-        raise _before_first_step(err, checkpoint, out, found_before if is_main else None) from err
-    wall = watch.csv_logger.resumed_seconds + time.perf_counter() - start  # earlier invocations included
-
-    if watch.guard.diverged_at is not None:
-        last_good = _newest_complete_checkpoint(out)
-        raise DivergedError(
-            f"training loss became {watch.guard.value} at step {watch.guard.diverged_at}; stopped. "
-            + (f"The last good checkpoint is {last_good}." if last_good else "No checkpoint was saved before it.")
-            + " Lower the learning rate or use fp32."
-        )
-
-    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if not evals or evals[-1]["step"] != trainer.state.global_step:  # Trainer evaluates at the last step itself
-        trainer.evaluate()
+    wall = _fit(trainer, checkpoint, watch, out, found_before if is_main else None)
 
     state_dict = full_state_dict(trainer.model_wrapped, trainer.accelerator)  # every process: gathering is collective
     metrics: dict[str, Any] = {}

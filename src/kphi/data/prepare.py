@@ -372,10 +372,15 @@ def _split(samples: list[str], validation_rows: int, seed: int):
     return datasets.DatasetDict(train=parts["train"].flatten_indices(), validation=parts["test"].flatten_indices())
 
 
-def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, progress: bool) -> dict[str, Any]:
+def _filtered_split(settings: PrepareSettings, source: PairSource, progress: bool):
+    """Read the source's samples, drop those the filters match, and split the rest into train / validation.
+
+    Returns ``(split, pairs_read, per_source, filtered)``: ``split`` a ``DatasetDict`` of ``text`` columns,
+    ``per_source`` each source's pair and malformed-row counts, ``filtered`` the filter result (its ``dropped``
+    counts; its ``kept`` list emptied, the texts now living in ``split``).
+    """
     from tqdm import tqdm
 
-    started = time.monotonic()
     samples, pairs_read = _read_samples(source, settings, progress)
     per_source = {name: {"pairs": c.pairs, "malformed": c.malformed} for name, c in source.counts.items()}
     if not samples:
@@ -396,14 +401,12 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
                         f"lower validation_rows (or raise max_rows)")
     split = _split(kept, settings.validation_rows, settings.seed)
     filtered.kept = []
-    del kept
+    return split, pairs_read, per_source, filtered
 
-    from .tokenizers import build_tokenizer  # as above; its TokenizerError is a KphiError
 
-    tokenizer = build_tokenizer(settings.tokenizer, training_texts=split["train"]["text"] if settings.tokenizer == "bpe" else None,
-                                vocab_size=settings.vocab_size)
-    ids = _special_ids(tokenizer, settings.tokenizer)
-
+def _pack_and_save(split, tokenizer: Any, ids: _TokenIds, settings: PrepareSettings, work: Path) -> dict[str, _SplitStats]:
+    """Pack each split into rows of ``context_length`` token ids and save it as ``work/<split>``; returns each
+    split's counts. A non-empty split too small for one row is an error."""
     split_stats = {}
     for name in ("train", "validation"):
         scratch = work / f".{name}.arrow"
@@ -415,10 +418,14 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
         del packed
         scratch.unlink(missing_ok=True)
         split_stats[name] = st
+    return split_stats
 
-    tokenizer.save_pretrained(str(work / "tokenizer"))
+
+def _stats_record(settings: PrepareSettings, source: PairSource, pairs_read: int, per_source: dict[str, Any],
+                  filtered, split_stats: dict[str, _SplitStats], vocab_size: int, seconds: float) -> dict[str, Any]:
+    """The prepared corpus's ``stats.json``: what was read, dropped and packed, per split."""
     tr, va = split_stats["train"], split_stats["validation"]
-    stats: dict[str, Any] = {
+    return {
         "source": settings.source,
         "pairs_read": pairs_read,
         "malformed": source.malformed,
@@ -442,9 +449,25 @@ def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, 
         "packing": settings.packing,
         "loss_on": settings.loss_on,
         "tokenizer": settings.tokenizer,
-        "vocab_size": len(tokenizer),
-        "seconds": round(time.monotonic() - started, 2),
+        "vocab_size": vocab_size,
+        "seconds": round(seconds, 2),
     }
+
+
+def _build(settings: PrepareSettings, source: PairSource, key: str, work: Path, progress: bool) -> dict[str, Any]:
+    """Prepare an instruction-pair source into ``work``: filter, split, train or load the tokenizer, pack each
+    split, and write ``tokenizer/``, ``settings.json`` and ``stats.json`` beside the two splits."""
+    started = time.monotonic()
+    split, pairs_read, per_source, filtered = _filtered_split(settings, source, progress)
+
+    from .tokenizers import build_tokenizer  # as above; its TokenizerError is a KphiError
+
+    tokenizer = build_tokenizer(settings.tokenizer, training_texts=split["train"]["text"] if settings.tokenizer == "bpe" else None,
+                                vocab_size=settings.vocab_size)
+    split_stats = _pack_and_save(split, tokenizer, _special_ids(tokenizer, settings.tokenizer), settings, work)
+    tokenizer.save_pretrained(str(work / "tokenizer"))
+    stats = _stats_record(settings, source, pairs_read, per_source, filtered, split_stats, len(tokenizer),
+                          time.monotonic() - started)
     meta = settings.to_dict()
     meta.update(cache_key=key, source_fingerprint=source.fingerprint, format_version=FORMAT_VERSION)
     (work / "settings.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
