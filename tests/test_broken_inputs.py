@@ -36,6 +36,14 @@ def _write(name, text):
     return lambda d: (d / name).write_text(text)
 
 
+def _edit_json(name, edit):
+    def mutate(d: Path):
+        value = json.loads((d / name).read_text())
+        edit(value)
+        (d / name).write_text(json.dumps(value))
+    return mutate
+
+
 def _remove(name):
     return lambda d: (d / name).unlink()
 
@@ -49,7 +57,9 @@ DAMAGE = {
     "config empty": (_write("config.json", ""), "config.json", True),
     "config truncated": (_truncate("config.json"), "config.json", True),
     "config wrong type": (_write("config.json", "[1, 2]"), "config.json", True),
+    "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{}"), "config.json", True),
     "config impossible shape": (_set_config(hidden_size=30), "hidden_size (30)", True),
+    "config no key-value heads": (_set_config(num_key_value_heads=0), "num_key_value_heads must be a positive integer", True),
     "config unknown projection kind": (_set_config(projection={"kind": "sparse"}), "unknown projection kind 'sparse'", True),
     "weights missing": (_remove("model.safetensors"), "model.safetensors is missing", False),
     "weights empty": (_write("model.safetensors", ""), "model.safetensors", False),
@@ -57,7 +67,13 @@ DAMAGE = {
     "weights wrong type": (_write("model.safetensors", "not tensors at all"), "model.safetensors", False),
     "weights wrong shape": (_set_config(intermediate_size=64), "wrong shape", False),
     "weights of a smaller model": (_set_config(num_hidden_layers=3), "tensors missing", False),
+    "weight index not a map": (_write("model.safetensors.index.json", '{"weight_map": ["model.safetensors"]}'), "weight_map", False),
+    "weight index outside the directory": (_write("model.safetensors.index.json", '{"weight_map": {"w": "../model.safetensors"}}'),
+                                           "weight_map", False),
     "tokenizer truncated": (_truncate("tokenizer.json"), "tokenizer.json", False),
+    "tokenizer without added tokens": (_edit_json("tokenizer.json", lambda t: t.pop("added_tokens")), "missing key 'added_tokens'", False),
+    "tokenizer vocabulary wrong type": (_edit_json("tokenizer.json", lambda t: t["model"].__setitem__("vocab", 5)),
+                                        "cannot load the tokenizer", False),
     "tokenizer config wrong type": (_write("tokenizer_config.json", "7"), "tokenizer_config.json", False),
     "generation config truncated": (_truncate("generation_config.json"), "generation_config.json", False),
 }

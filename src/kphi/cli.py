@@ -211,7 +211,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .experiments.compress import format_compress_table, load_compress_suite, run_compress
 
     _single_process("compress")
-    if (read_suite_yaml(args.suite)[1] or {}).get("kind") == "structure":  # a pretrained model, fitted, no training
+    parsed = read_suite_yaml(args.suite)[1]
+    if isinstance(parsed, dict) and parsed.get("kind") == "structure":  # a pretrained model, fitted, no training
         from .experiments.structure import format_structure_table, load_structure_suite, run_structure
 
         structure = load_structure_suite(args.suite)

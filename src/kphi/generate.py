@@ -58,6 +58,11 @@ class GenerationError(KphiError, ValueError):
 REPORT_SAMPLING = {"do_sample": True, "top_p": 0.5, "repetition_penalty": 1.2, "max_new_tokens": 128}
 
 
+#: The lowest sampling temperature taken; below it sampling is greedy in all but name, and ``logits / t``
+#: overflows to inf as ``t`` nears 0.
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass
 class SamplingSettings:
     """How replies are sampled: every field left ``None`` comes from the model's ``generation_config``."""
@@ -78,6 +83,9 @@ class SamplingSettings:
         problem = invalid_setting(self)
         if problem:
             raise GenerationError(problem)
+        if self.temperature and self.temperature < MIN_TEMPERATURE:  # logits / t overflows as t nears 0
+            raise GenerationError(f"temperature must be 0 (greedy decoding) or at least {MIN_TEMPERATURE:g}, "
+                                  f"got {self.temperature!r}")
 
     def resolve(self, model_config) -> "SamplingSettings":
         """Every field filled: this object's values over the model's ``generation_config`` (``model_config``)."""

@@ -74,11 +74,15 @@ def build_config(fields: dict[str, Any], what: str, error: type[KphiError] = Pre
 
 def _read_yaml(path: Path) -> Preset:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise PresetError(f"cannot read preset {path}: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise PresetError(f"preset {path} must be a mapping with a 'config' mapping")
+    if not isinstance(data.get("training") or {}, dict):
+        raise PresetError(f"preset {path}: 'training' must be a mapping of training settings")
+    if not isinstance(data.get("baseline"), (str, type(None))):
+        raise PresetError(f"preset {path}: 'baseline' must be a preset name")
     return Preset(
         name=str(data.get("name", path.stem)),
         config=build_config(dict(data["config"]), f"invalid model configuration in {path}"),
@@ -114,8 +118,8 @@ def resolve_config(spec: str | Path) -> Preset:
         if not path.is_file():
             raise PresetError(f"config file not found: {path}")
         try:
-            fields = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PresetError(f"cannot read {path}: {err}") from None
         if not isinstance(fields, dict):
             raise PresetError(f"{path} must hold a JSON object")

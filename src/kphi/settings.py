@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import math
 import textwrap
 import typing
 
@@ -50,7 +51,7 @@ def _requirement(kind, meta) -> str:
 def _valid(value, kind, meta) -> bool:
     if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
         return False
-    if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool) or value != value):
+    if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
         return False
     if kind in (str, bool) and not isinstance(value, kind):
         return False

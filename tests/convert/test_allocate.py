@@ -151,6 +151,14 @@ def test_bad_candidate_files_are_one_clear_error(tmp_path, text, message):
         load_candidates("missing-list")
 
 
+@pytest.mark.fast
+def test_a_candidate_file_that_is_not_text_is_one_clear_error(tmp_path):
+    path = tmp_path / "candidates.yaml"
+    path.write_bytes(b"\xff\xfe- {kind: low_rank}")
+    with pytest.raises(ConvertError, match="cannot read it as UTF-8 text"):
+        load_candidates(path)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny Llama directory with the prepared data's tokenizer, and the prepared data (calibration)."""

@@ -279,6 +279,9 @@ def test_other_kinds_convert_too(sources, tmp_path):
     (["--fit", "activations"], "needs calibration data"),
     (["--kind", "monarch", "--fit", "activations", "--calibration-data", "PREPARED"], "no closed-form activation-aware fit"),
     (["--targets", "nothing_here"], "no projection of the source matches"),
+    (["--targets", "(["], "target '([' is not a valid regular expression"),
+    (["--override", "(v_proj=dense"], "target '(v_proj' is not a valid regular expression"),
+    (["--override", "v_proj=low_rank:fraction=[0.5"], "the value of fraction is not valid"),
     (["--calibration-data", "/nonexistent"], "--calibration-data /nonexistent"),
 ])
 def test_bad_conversions_fail_with_one_line_and_write_nothing(args, message, sources, prepared, tmp_path):

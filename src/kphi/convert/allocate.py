@@ -66,7 +66,10 @@ def load_candidates(name_or_path: str | Path = "low-rank") -> list[Candidate]:
             raise ConvertError(f"--candidates {name_or_path}: no such bundled list (low-rank, grouped) or YAML file")
         text = bundled.read_text()
     elif path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConvertError(f"--candidates {name_or_path}: cannot read it as UTF-8 text ({err})") from None
     else:
         raise ConvertError(f"--candidates {name_or_path}: no such file")
     try:

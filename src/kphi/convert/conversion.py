@@ -140,12 +140,7 @@ def convert(
         fit = "frobenius" if dense is not None else "none"
     if fit != "none" and dense is None:
         raise ConvertError(f"--fit {fit} needs a source with weights; this one is a config only (use --fit none)")
-    try:
-        config, target_names = target_config(source_config, kind, targets, overrides)
-    except (ValueError, TypeError) as err:
-        if isinstance(err, ConvertError):
-            raise
-        raise ConvertError(f"cannot build the converted config: {err}") from None
+    config, target_names = target_config(source_config, kind, targets, overrides)
     model = AutoModelForCausalLM.from_config(config)
     result = ConvertResult(model=model, kind=kind.to_dict(), targets=target_names, fit=fit)
     result.non_embedding_after = non_embedding_parameters(model)

@@ -6,6 +6,7 @@ import re
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 
 from ..errors import ConvertError
 from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
@@ -17,8 +18,19 @@ __all__ = ["layer_projection_names", "override_dicts", "parse_override", "target
 
 
 def target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None = None):
-    """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``."""
+    """The structured config for ``source_config``'s architecture, with ``kind`` and ``targets``, and the names
+    it targets; a config that cannot be built (a field, a target pattern, an override) is one :class:`ConvertError`."""
+    try:
+        return _target_config(source_config, kind, targets, overrides)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        if isinstance(err, ConvertError):
+            raise
+        # a strict dataclass wraps its validator's error (the cause), whose message names the field
+        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
+        raise ConvertError(f"cannot build the converted config: {cause}") from None
 
+
+def _target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None):
     model_type = source_config.model_type
     if model_type == "kphi3":
         if overrides:
@@ -61,7 +73,10 @@ def parse_override(text: str) -> dict:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConvertError(f"--override {text!r}: {item!r} is not FIELD=VALUE")
-        projection[key] = yaml.safe_load(value)
+        try:
+            projection[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConvertError(f"--override {text!r}: the value of {key} is not valid ({str(err).splitlines()[0]})") from None
     return {"targets": [targets], "projection": projection}
 
 

@@ -157,8 +157,8 @@ def open_corpus(spec: str, wheel_dir: Path | None = None) -> TextCorpus:
     else:
         try:
             text = Path(spec).expanduser().read_text(encoding="utf-8")
-        except OSError as err:
-            raise DataError(f"corpus file {spec!r} cannot be read ({err.strerror or err})") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"corpus file {spec!r} cannot be read ({getattr(err, 'strerror', None) or err})") from None
     try:
         data = yaml.safe_load(text)
         packages = [PinnedWheel(str(p["requirement"]), str(p["sha256"]), str(p.get("licence", "")))

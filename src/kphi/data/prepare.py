@@ -600,7 +600,8 @@ def load_prepared(path: str | os.PathLike):
     if stats is None:
         raise DataError(f"{str(p)!r} is not a prepared dataset: stats.json is unreadable")
     import datasets
-    from transformers import AutoTokenizer
+
+    from ..sources.model_dir import pretrained_tokenizer
 
     try:
         train = datasets.load_from_disk(str(p / "train"))
@@ -610,10 +611,7 @@ def load_prepared(path: str | os.PathLike):
     for name, ds in (("train", train), ("validation", validation)):
         if not isinstance(ds, datasets.Dataset) or not {"input_ids", "labels"} <= set(ds.column_names):
             raise DataError(f"{str(p / name)!r} is not a split of a prepared dataset (no input_ids/labels)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(p / "tokenizer"))
-    except Exception as exc:
-        raise DataError(f"cannot load the tokenizer in {str(p / 'tokenizer')!r}: {exc}") from exc
+    tokenizer = pretrained_tokenizer(p / "tokenizer", DataError)
     return train, validation, tokenizer, stats
 
 

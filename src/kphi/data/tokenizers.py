@@ -46,6 +46,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from ..errors import KphiError
 from ..files import atomic_write_bytes, cache_root, pip_download, refuse_foreign_dir, staged_dir
 from ..sources import known_models, resolve_model_dir
+from ..sources.model_dir import pretrained_tokenizer
 from .recipe import DEFAULT_VOCAB_SIZE, END, format_sample
 from .sources import datasets_bars, open_source
 
@@ -364,10 +365,7 @@ def build_tokenizer(
 
     if spec.strip() and (path.is_dir() or spec in known_models()):
         directory = resolve_model_dir(spec)  # a model directory, or a known model (smollm2-135m)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        except (OSError, ValueError) as exc:
-            raise TokenizerError(f"could not load a tokenizer from directory {directory}: {exc}") from exc
+        tokenizer = pretrained_tokenizer(directory, TokenizerError)
         return tokenizer if _keeps_own_template(tokenizer) else _with_chat_template(tokenizer)
     raise TokenizerError(
         f"unknown tokenizer spec {spec!r}: expected one of {', '.join(repr(s) for s in TOKENIZER_SPECS)}, "

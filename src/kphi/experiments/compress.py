@@ -35,7 +35,7 @@ from ..train import resolve_settings, trainer_arguments
 from ..training.train_settings import training_value
 from .plots import plot_compress
 from .runs import command_line, converged, get_or_train, write_results
-from .suites import read_suite_yaml, suite_training
+from .suites import read_suite_yaml, suite_data, suite_training
 
 __all__ = ["CompressSuite", "load_compress_suite", "run_compress", "format_compress_table"]
 
@@ -68,9 +68,11 @@ def load_compress_suite(name_or_path: str) -> CompressSuite:
     except TypeError as err:
         raise ExperimentError(f"compress suite {path}: {err}") from None
     suite.training = suite_training(suite.training, f"compress suite {path}")
-    if not suite.compressions or not all(isinstance(c, dict) and c.get("label") and c.get("kind") for c in suite.compressions):
+    suite.data = suite_data(suite.data, f"compress suite {path}")
+    if (not isinstance(suite.compressions, list) or not suite.compressions
+            or not all(isinstance(c, dict) and c.get("label") and c.get("kind") for c in suite.compressions)):
         raise ExperimentError(f"compress suite {path}: every compression needs a label and a kind")
-    if not {"preset", "tokens", "learning_rate"} <= set(suite.teacher):
+    if not isinstance(suite.teacher, dict) or not {"preset", "tokens", "learning_rate"} <= set(suite.teacher):
         raise ExperimentError(f"compress suite {path}: teacher needs preset, tokens and learning_rate")
     return suite
 

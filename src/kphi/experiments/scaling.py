@@ -46,7 +46,8 @@ from .arms import non_embedding, resolve_arms
 from .compare import CompareError, Comparison, run_plan, training_at_budget
 from .plots import plot_scaling
 from .runs import command_line, write_results
-from .suites import ArmSpec, Suite, arm_specs, positive_rates, read_suite_yaml, suite_training, unknown_keys
+from .suites import (ArmSpec, Suite, arm_specs, positive_rates, read_suite_yaml, suite_data, suite_training,
+                     unknown_keys, whole_number)
 
 __all__ = ["ScalingSuite", "plan_scaling", "format_dry_run", "load_scaling_suite", "run_scaling", "fit_power_law", "savings_factor", "format_scaling_table"]
 
@@ -109,6 +110,9 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
     needed = ("reference_width", "reference_tokens")
     if not isinstance(budget, dict) or not all(isinstance(budget.get(k), (int, float)) and budget[k] > 0 for k in needed):
         raise CompareError(f"suite {path}: 'budget' needs positive reference_width and reference_tokens (and an exponent)")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in budget.values()):
+        raise CompareError(f"suite {path}: every value of 'budget' must be a number, got {budget!r}")
+    budget = {k: float(v) for k, v in budget.items()}
     labels = [f.label for f in families]
     reference = data.get("reference", labels[0])
     if reference not in labels or len(set(labels)) != len(labels):
@@ -119,11 +123,11 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
         families=families,
         reference=reference,
         widths=sorted(widths),
-        budget={k: float(v) for k, v in budget.items()},
-        data=dict(data.get("data") or {}),
+        budget=budget,
+        data=suite_data(data.get("data"), f"suite {path}"),
         training=suite_training(data.get("training"), f"suite {path}"),
         learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
-        seeds=int(data.get("seeds", 1)),
+        seeds=whole_number(data.get("seeds", 1), f"suite {path}: seeds", 1),
     )
     for width in suite.widths:  # fail before training when a width cannot build every family
         try:

@@ -54,7 +54,7 @@ from ..train import TrainError, resolve_settings
 from .heal_curve import bytes_per_predicted_token, heal_curve, validation_bits_per_byte
 from .plots import plot_heal_curves, plot_structure
 from .runs import command_line, converged, get_or_train, write_results
-from .suites import read_suite_yaml, suite_training
+from .suites import DATA_KEYS, read_suite_yaml, suite_data, suite_training
 
 __all__ = ["StructureSuite", "load_structure_suite", "run_structure", "format_structure_table"]
 
@@ -81,20 +81,28 @@ def load_structure_suite(name_or_path: str) -> StructureSuite:
         suite = StructureSuite(**{k: v for k, v in data.items() if k != "kind"})
     except TypeError as err:
         raise ExperimentError(f"structure suite {path}: {err}") from None
-    labels = [f.get("label") for f in suite.fits if isinstance(f, dict)]
-    if len(labels) != len(suite.fits) or not all(labels) or len(set(labels)) != len(labels):
+    data_keys = DATA_KEYS | {"context_length"}  # no training settings here: the context is the data's own
+    suite.data = suite_data(suite.data, f"structure suite {path}", data_keys)
+    fits = suite.fits if isinstance(suite.fits, list) else []
+    labels = [f.get("label") for f in fits if isinstance(f, dict)]
+    if not fits or len(labels) != len(fits) or not all(labels) or len(set(labels)) != len(labels):
         raise ExperimentError(f"structure suite {path}: every fit needs a unique label")
     for spec in suite.fits:
         if spec.get("fit", "frobenius") not in ("frobenius", "activations") or ("kind" in spec) == ("keep" in spec):
             raise ExperimentError(f"structure suite {path}: fit {spec['label']!r} needs a kind or a keep (not both) and fit "
                                "frobenius|activations")
+    if suite.heal is not None and not isinstance(suite.heal, dict):
+        raise ExperimentError(f"structure suite {path}: heal must be a mapping (fits, tokens, learning_rate, ...)")
     if suite.heal:
         unknown = set(suite.heal) - {"fits", "tokens", "learning_rate", "training", "data"}
         if unknown or not {"fits", "tokens", "learning_rate"} <= set(suite.heal):
             raise ExperimentError(f"structure suite {path}: heal takes fits, tokens, learning_rate, training and data"
                                f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}")
         suite_training(suite.heal.get("training"), f"structure suite {path}: heal")
-        missing = [label for label in suite.heal["fits"] if label not in labels]
+        suite_data(suite.heal.get("data"), f"structure suite {path}: heal", data_keys)
+        if not isinstance(suite.heal["fits"], list):
+            raise ExperimentError(f"structure suite {path}: heal: fits must be a list of fit labels")
+        missing = [str(label) for label in suite.heal["fits"] if label not in labels]
         if missing:
             raise ExperimentError(f"structure suite {path}: heal names fits that are not in fits: {', '.join(missing)}")
     return suite

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..data.prepare import PrepareSettings
 from ..errors import ExperimentError
 from ..training.train_settings import unknown_training_keys
 
@@ -120,8 +121,8 @@ def read_suite_yaml(name_or_path: str) -> tuple[Path, Any]:
     elif not path.is_file():
         raise ExperimentError(f"suite file not found: {path}")
     try:
-        return path, yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+        return path, yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ExperimentError(f"cannot read suite {path}: {err}") from None
 
 
@@ -154,13 +155,14 @@ def load_suite(name_or_path: str) -> Suite:
         description=str(data.get("description", "")),
         arms=arm_specs(data["arms"], f"suite {path}"),
         baseline=baseline,
-        data=dict(data.get("data") or {}),
+        data=suite_data(data.get("data"), f"suite {path}"),
         training=suite_training(data.get("training"), f"suite {path}"),
-        seeds=int(data.get("seeds", 1)),
+        seeds=whole_number(data.get("seeds", 1), f"suite {path}: seeds", 1),
         learning_rates=positive_rates(data.get("learning_rates"), f"suite {path}"),
         budgets=_positive_budgets(data.get("budgets"), f"suite {path}"),
-        seeds_at_largest=data.get("seeds_at_largest"),
-        seeded_budgets=int(data.get("seeded_budgets", 1)),
+        seeds_at_largest=None if data.get("seeds_at_largest") is None
+        else whole_number(data["seeds_at_largest"], f"suite {path}: seeds_at_largest", 1),
+        seeded_budgets=whole_number(data.get("seeded_budgets", 1), f"suite {path}: seeded_budgets", 1),
         budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
         extend_grid=_count(data.get("extend_grid", 0), f"suite {path}: extend_grid"),
     )
@@ -195,6 +197,29 @@ def suite_training(section: Any, where: str) -> dict[str, Any]:
     if unknown:
         raise ExperimentError(f"{where}: training has no setting {', '.join(map(repr, unknown))} (see kphi train --help)")
     return dict(section)
+
+
+#: What a suite's ``data:`` section may set: the settings of ``kphi data prepare`` (:class:`PrepareSettings`),
+#: but for ``context_length``, which the suite's training settings give.
+DATA_KEYS = frozenset(f.name for f in dataclasses.fields(PrepareSettings)) - {"context_length"}
+
+
+def suite_data(section: Any, where: str, keys: frozenset[str] = DATA_KEYS) -> dict[str, Any]:
+    """A suite's ``data:`` section (a partial :class:`PrepareSettings`); a key that names no setting is an error
+    before anything is prepared or trained."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ExperimentError(f"{where}: data must be a mapping of data settings, got {section!r}")
+    unknown_keys(section, keys, f"{where}: data", "data")
+    return dict(section)
+
+
+def whole_number(value: Any, where: str, least: int) -> int:
+    """A suite's whole-number setting (``seeds``, ``seeded_budgets``): an integer of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ExperimentError(f"{where} must be a whole number of at least {least}, got {value!r}")
+    return value
 
 
 def _count(value, where: str) -> int:

@@ -157,8 +157,10 @@ class KPhi3Config(Phi3Config):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.embed_size is not None and self.embed_size <= 0:
-            raise ValueError(f"embed_size must be a positive integer, got {self.embed_size!r}")
+        for name in ("embed_size", "num_key_value_heads"):  # optional: None means "as hidden_size" / "as heads"
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"

@@ -27,7 +27,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from .projections import PHI3_PROJECTION_TARGETS, matches_target, projection_kind
+from .projections import PHI3_PROJECTION_TARGETS, check_target, matches_target, projection_kind
 
 __all__ = [
     "KphiLlamaConfig",
@@ -79,6 +79,11 @@ class _StructuredConfig:
             not isinstance(self.target_modules, (list, tuple)) or not all(isinstance(t, str) and t for t in self.target_modules)
         ):
             raise ValueError(f"target_modules must be a list of module names, got {self.target_modules!r}")
+        for override in self.projection_overrides or ():
+            for target in override["targets"]:
+                check_target(target)
+        for target in self.target_modules or ():
+            check_target(target)
 
 
 @strict

@@ -80,6 +80,16 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 _PATTERN_CHARACTERS = set("*[]()|?+\\^$")
 
 
+def check_target(target: str) -> None:
+    """Raise ``ValueError`` when ``target`` has regex characters (so :func:`matches_target` reads it as a pattern)
+    but is no valid regular expression."""
+    if _PATTERN_CHARACTERS & set(target):
+        try:
+            re.compile(target)
+        except re.error as err:
+            raise ValueError(f"target {target!r} is not a valid regular expression ({err})") from None
+
+
 def matches_target(name: str, target: str) -> bool:
     """PEFT's ``target_modules`` rule: ``name`` is ``target``, ends with ``"." + target`` (so ``down_proj``,
     ``mlp.down_proj`` and ``layers.0.mlp.down_proj`` all work), or — when ``target`` has regex characters —

@@ -91,7 +91,10 @@ def check_weights(model_dir: str | Path) -> list[Path]:
     path = resolve_model_dir(model_dir)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json_object(index).get("weight_map", {}).values()))
+        weight_map = _read_json_object(index).get("weight_map")
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        if not shards or not all(isinstance(name, str) and name == Path(name).name for name in shards):
+            raise ModelDirError(f"{index} needs a weight_map from tensor names to shard files in {path}")
         files = [path / name for name in shards]
     else:
         files = [path / "model.safetensors"]
@@ -147,10 +150,20 @@ def load_model(model_dir: str | Path, *, dtype: Any = None, trust_remote_code: b
     return model.eval()
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The tokenizer saved in ``model_dir``; :class:`ModelDirError` when there is none or it is damaged."""
+def pretrained_tokenizer(path: str | Path, error: type[Exception] = ModelDirError):
+    """``AutoTokenizer.from_pretrained(path)``, or one ``error`` naming ``path`` and the cause. Every exception is
+    caught: the Rust ``tokenizers`` library raises a bare ``Exception`` for a malformed ``tokenizer.json``."""
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        detail = f"missing key {err}" if isinstance(err, KeyError) else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise error(f"cannot load the tokenizer in {path}: {detail}") from None
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer saved in ``model_dir``; :class:`ModelDirError` when there is none or it is damaged."""
     path = resolve_model_dir(model_dir)
     load_config(path)
     if not has_tokenizer(path):
@@ -161,7 +174,4 @@ def load_tokenizer(model_dir: str | Path):
     for name in JSON_FILES[1:]:
         if (path / name).is_file():
             _read_json_object(path / name)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise ModelDirError(f"cannot load the tokenizer in {path}: {err}") from None
+    return pretrained_tokenizer(path)

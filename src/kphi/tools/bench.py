@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import KphiError
 from ..modeling.block import GroupedPointwiseBlock, group_count
 from ..presets import load_preset
 from ..sources.auto import KPhi3ForCausalLM
@@ -209,9 +210,29 @@ def bench_end_to_end(repeats: int = 5, batch: int = 4, context: int = 256, new_t
     }
 
 
+class BenchError(KphiError, ValueError):
+    """A benchmark cannot run as asked (a device this machine does not have)."""
+
+
+def bench_device(device: str | None) -> str:
+    """``device`` (``cpu``, ``cuda``, ``cuda:1``, ...) checked against what torch reads and this machine has;
+    ``None`` is cuda when available, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise BenchError(f"--device {device!r} is not a device torch knows ({str(err).splitlines()[0]})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {device}: this machine has no CUDA device")
+    if kind not in ("cpu", "cuda"):
+        raise BenchError(f"--device {device}: kphi bench times cpu or cuda")
+    return device
+
+
 def run_bench(quick: bool = False, dtype: str = "float32", device: str | None = None, progress=print) -> dict:
     """All shapes plus the end-to-end comparison; ``quick`` uses fewer repeats and 512 tokens."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(device)
     torch_dtype = getattr(torch, dtype)
     tokens, repeats = (512, 3) if quick else (2048, 5)
     shapes = []

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bench import PHI3_SHAPES, alternating_medians
+from .bench import PHI3_SHAPES, alternating_medians, bench_device
 from ..modeling.block import FORMULATIONS
 
 __all__ = ["FormulationResult", "bench_formulations", "run_formulations", "format_formulations"]
@@ -97,7 +97,7 @@ def bench_formulations(in_features: int, out_features: int, groups: int, *, toke
 
 def run_formulations(quick: bool = False, device: str | None = None, compile: bool = True, progress=print) -> dict:
     """Every phi-3 shape in float32 and bf16 autocast (``quick``: 512 rows, 3 repeats, float32 only)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(device)
     tokens, repeats = (512, 3) if quick else (2048, 5)
     rows = []
     for precision in ("float32",) if quick else ("float32", "bf16-autocast"):
