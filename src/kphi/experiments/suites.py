@@ -164,7 +164,7 @@ def load_suite(name_or_path: str) -> Suite:
         else whole_number(data["seeds_at_largest"], f"suite {path}: seeds_at_largest", 1),
         seeded_budgets=whole_number(data.get("seeded_budgets", 1), f"suite {path}: seeded_budgets", 1),
         budgets_per_parameter=positive_rates(data.get("budgets_per_parameter"), f"suite {path}", "budgets_per_parameter"),
-        extend_grid=_count(data.get("extend_grid", 0), f"suite {path}: extend_grid"),
+        extend_grid=whole_number(data.get("extend_grid", 0), f"suite {path}: extend_grid", 0),
     )
 
 
@@ -216,15 +216,10 @@ def suite_data(section: Any, where: str, keys: frozenset[str] = DATA_KEYS) -> di
 
 
 def whole_number(value: Any, where: str, least: int) -> int:
-    """A suite's whole-number setting (``seeds``, ``seeded_budgets``): an integer of at least ``least``."""
+    """A suite's whole-number setting (``seeds``, ``seeded_budgets``, ``extend_grid``): an integer of at least
+    ``least``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ExperimentError(f"{where} must be a whole number of at least {least}, got {value!r}")
-    return value
-
-
-def _count(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ExperimentError(f"{where} must be a whole number of rates, 0 or more, got {value!r}")
     return value
 
 
