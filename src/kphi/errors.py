@@ -10,7 +10,21 @@ to raise. Anything else that escapes is a bug in kphi.
 
 from __future__ import annotations
 
-__all__ = ["ConvertError", "EvalError", "ExperimentError", "KphiError"]
+__all__ = ["ConvertError", "EvalError", "ExperimentError", "KphiError", "first_line", "validator_cause"]
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its type's name when the message is empty: what a one-line
+    ``kphi: error:`` shows of an error raised by a library."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def validator_cause(err: BaseException) -> BaseException:
+    """The validator's own error inside a strict dataclass's ``StrictDataclassError`` (its ``__cause__``, whose
+    message names the field); ``err`` itself otherwise."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
 
 
 class KphiError(Exception):

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from .errors import KphiError
+from .errors import KphiError, validator_cause
 from .modeling.configuration_kphi3 import KPhi3Config, config_fields
 
 __all__ = ["Preset", "PresetError", "build_config", "list_presets", "load_preset", "resolve_config"]
@@ -67,9 +67,7 @@ def build_config(fields: dict[str, Any], what: str, error: type[KphiError] = Pre
     try:
         return KPhi3Config(**fields)
     except (TypeError, ValueError, StrictDataclassError) as err:
-        # a strict dataclass wraps the validator's own error (its cause), whose message names the field
-        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
-        raise error(f"{what}: {cause}") from None
+        raise error(f"{what}: {validator_cause(err)}") from None
 
 
 def _read_yaml(path: Path) -> Preset:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
 from .data.prepare import CorpusSettings, PrepareSettings, load_prepared, prepare_dataset
 from .export import registered_for_auto_classes
 from .files import atomic_write_text, refuse_foreign_dir
@@ -478,12 +479,11 @@ def _before_first_step(err: Exception, checkpoint: str | None, out: Path, found_
     """The one-line error for a run that failed before its first step: a resume whose checkpoint would not load,
     or a new run that could not start, whose files are taken back (:func:`_release_run_dir`, on the main process:
     ``found_before`` given) so the same ``--out`` can be used again."""
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if checkpoint is not None:  # Trainer was still loading the checkpoint
-        return TrainError(f"cannot resume from {checkpoint}: {first_line}")
+        return TrainError(f"cannot resume from {checkpoint}: {first_line(err)}")
     if found_before is not None:
         _release_run_dir(out, found_before)
-    return TrainError(f"cannot start training: {first_line}")
+    return TrainError(f"cannot start training: {first_line(err)}")
 
 
 def _release_run_dir(out: Path, found_before: set[Path]) -> None:

@@ -8,7 +8,7 @@ import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from ..errors import ConvertError
+from ..errors import ConvertError, first_line, validator_cause
 from ..modeling.configuration_kphi3 import BOOKKEEPING_KEYS, KPhi3Config, config_fields
 from ..modeling.modeling_kphi3 import PROJECTION_TARGETS
 from ..modeling.projections import is_dense_projection, projection_kind
@@ -25,9 +25,7 @@ def target_config(source_config, kind, targets: list[str] | None, overrides: lis
     except (ValueError, TypeError, StrictDataclassError) as err:
         if isinstance(err, ConvertError):
             raise
-        # a strict dataclass wraps its validator's error (the cause), whose message names the field
-        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ is not None else err
-        raise ConvertError(f"cannot build the converted config: {cause}") from None
+        raise ConvertError(f"cannot build the converted config: {validator_cause(err)}") from None
 
 
 def _target_config(source_config, kind, targets: list[str] | None, overrides: list[dict] | None):
@@ -76,7 +74,7 @@ def parse_override(text: str) -> dict:
         try:
             projection[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ConvertError(f"--override {text!r}: the value of {key} is not valid ({str(err).splitlines()[0]})") from None
+            raise ConvertError(f"--override {text!r}: the value of {key} is not valid ({first_line(err)})") from None
     return {"targets": [targets], "projection": projection}
 
 

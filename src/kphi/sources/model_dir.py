@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import KphiError
+from ..errors import KphiError, first_line
 from . import auto, resolve_model_dir
 
 __all__ = [
@@ -158,7 +158,7 @@ def pretrained_tokenizer(path: str | Path, error: type[Exception] = ModelDirErro
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # noqa: BLE001 - see the docstring
-        detail = f"missing key {err}" if isinstance(err, KeyError) else (str(err).strip().splitlines() or [type(err).__name__])[0]
+        detail = f"missing key {err}" if isinstance(err, KeyError) else first_line(err)
         raise error(f"cannot load the tokenizer in {path}: {detail}") from None
 
 

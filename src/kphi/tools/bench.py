@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import KphiError
+from ..errors import KphiError, first_line
 from ..modeling.block import GroupedPointwiseBlock, group_count
 from ..presets import load_preset
 from ..sources.auto import KPhi3ForCausalLM
@@ -222,7 +222,7 @@ def bench_device(device: str | None) -> str:
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
-        raise BenchError(f"--device {device!r} is not a device torch knows ({str(err).splitlines()[0]})") from None
+        raise BenchError(f"--device {device!r} is not a device torch knows ({first_line(err)})") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {device}: this machine has no CUDA device")
     if kind not in ("cpu", "cuda"):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .bench import PHI3_SHAPES, alternating_medians, bench_device
+from ..errors import first_line
 from ..modeling.block import FORMULATIONS
 
 __all__ = ["FormulationResult", "bench_formulations", "run_formulations", "format_formulations"]
@@ -77,7 +78,7 @@ def bench_formulations(in_features: int, out_features: int, groups: int, *, toke
             try:
                 compiled()  # compile now, so a failure is reported rather than timed
             except Exception as err:  # noqa: BLE001 - any compiler failure is a result to report
-                errors[(name, True)] = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                errors[(name, True)] = first_line(err)[:200]
                 torch._dynamo.reset()
             else:
                 candidates.append((name, True, compiled))
