@@ -398,7 +398,7 @@ def _eval_command(sub, command: str | None) -> None:
 
 
 def _data_command(sub, command: str | None) -> None:
-    p = sub.add_parser("data", help="prepare instruction corpora")
+    p = sub.add_parser("data", help="prepare a training corpus: instruction pairs or text (tokenize, split, pack)")
     data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     d = data_sub.add_parser("prepare", help="format, filter, split, tokenize and pack a corpus")
     from .data.prepare import PrepareSettings

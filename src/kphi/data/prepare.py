@@ -67,7 +67,7 @@ class CorpusSettings:
     validation_rows: int = setting(5000, minimum=0)
     """Instruction/response pairs held out for validation (a text corpus holds out its own files instead)."""
     max_rows: int | None = setting(None, minimum=1)
-    """Read at most this many pairs from the source, before filtering (quick runs); ``None`` reads everything."""
+    """Read at most this many pairs from the source, before filtering (quick runs); unset (``None``): all of them."""
 
 
 @dataclass
