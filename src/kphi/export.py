@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._version import __version__
-from .errors import KphiError
+from .errors import KphiError, first_line
 from .files import refuse_foreign_dir, staged_dir
 from .sources import resolve_model_dir
 from .sources.model_dir import has_tokenizer, load_model, load_tokenizer, read_model_config
@@ -388,7 +388,7 @@ def push_to_hub(
                 ignore_patterns=[EXPORT_MARKER],
             )
         except (HfHubHTTPError, OSError, httpx2.HTTPError) as err:
-            raise ExportError(f"upload to the hub repository {repo_id} failed: {str(err).splitlines()[0]}") from None
+            raise ExportError(f"upload to the hub repository {repo_id} failed: {first_line(err)}") from None
         result.url = str(repo)
         if out is None:
             result.out = None

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .errors import first_line
 from .data.prepare import CorpusSettings, PrepareSettings, load_prepared, prepare_dataset
+from .errors import first_line
 from .export import registered_for_auto_classes
 from .files import atomic_write_text, refuse_foreign_dir
 from .generate import REPORT_SAMPLING, stop_token_ids

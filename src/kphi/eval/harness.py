@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import EvalError
+from ..errors import EvalError, first_line
 from ..sources import auto as _registers_kphi_models  # noqa: F401  (kphi's model types with the Auto classes)
 from ..sources import resolve_model_dir
 
@@ -84,8 +84,7 @@ def run_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size
             tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False,
         )
     except (OSError, ValueError) as err:  # a dataset or model lm_eval cannot reach or read
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EvalError(f"lm_eval could not run {', '.join(tasks)} on {model}: {first}") from None
+        raise EvalError(f"lm_eval could not run {', '.join(tasks)} on {model}: {first_line(err)}") from None
     return {task: _numbers(metrics) for task, metrics in results["results"].items()}
 
 

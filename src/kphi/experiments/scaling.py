@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from huggingface_hub.errors import StrictDataclassError
 
+from ..errors import validator_cause
 from ..presets import load_preset
 from ..sources.auto import config_fields
 from ..training.train_settings import whole_steps
@@ -133,8 +134,7 @@ def load_scaling_suite(name_or_path: str) -> ScalingSuite:
         try:
             resolve_arms(suite.suite_at(width))
         except (CompareError, ValueError, TypeError, StrictDataclassError) as err:
-            cause = getattr(err, "__cause__", None) or err
-            raise CompareError(f"suite {path}: width {width} does not build: {cause}") from None
+            raise CompareError(f"suite {path}: width {width} does not build: {validator_cause(err)}") from None
     return suite
 
 

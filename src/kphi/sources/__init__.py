@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import KphiError
+from ..errors import KphiError, first_line
 from ..files import cache_root, pip_download, slug, staged_dir
 
 __all__ = ["SourceError", "known_models", "resolve_model_dir", "gguf_to_model_dir", "describe_source"]
@@ -104,8 +104,7 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, gated: all one answer for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SourceError(f"{repo_id} is no local path, and fetching it from the Hugging Face hub failed: {first}") from None
+        raise SourceError(f"{repo_id} is no local path, and fetching it from the Hugging Face hub failed: {first_line(err)}") from None
 
 
 def gguf_to_model_dir(gguf: Path, target: Path) -> Path:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import KphiError, first_line
+from ..errors import KphiError, first_line, validator_cause
 from . import auto, resolve_model_dir
 
 __all__ = [
@@ -74,8 +74,7 @@ def load_config(model_dir: str | Path):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as err:
-        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ else err
-        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        lines = [line.strip() for line in str(validator_cause(err)).strip().splitlines() if line.strip()]
         raise ModelDirError(f"{path / 'config.json'} does not describe a model: {lines[-1] if lines else type(err).__name__}") from None
 
 
@@ -132,8 +131,7 @@ def load_model(model_dir: str | Path, *, dtype: Any = None, trust_remote_code: b
             output_loading_info=True, ignore_mismatched_sizes=True,  # reported below, with the tensor's name
         )
     except (OSError, ValueError, TypeError, RuntimeError, KeyError, SafetensorError, StrictDataclassError) as err:
-        cause = err.__cause__ if isinstance(err, StrictDataclassError) and err.__cause__ else err
-        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        lines = [line.strip() for line in str(validator_cause(err)).strip().splitlines() if line.strip()]
         raise ModelDirError(f"cannot load the model in {path}: {lines[0] if lines else type(err).__name__}") from None
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(info.get("missing_keys") or []) - tied)

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bench import PHI3_SHAPES, alternating_medians, bench_device
 from ..errors import first_line
 from ..modeling.block import FORMULATIONS
+from .bench import PHI3_SHAPES, alternating_medians, bench_device
 
 __all__ = ["FormulationResult", "bench_formulations", "run_formulations", "format_formulations"]
 
